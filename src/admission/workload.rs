@@ -1,0 +1,1 @@
+//! Which kind of pod this is, and which containers receive secrets.

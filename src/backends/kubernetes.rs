@@ -1,0 +1,1 @@
+//! Watch cache of the Kubernetes secret stores (key names only).

@@ -1,0 +1,120 @@
+//! Command line (clap). Every serve flag can also come from the environment (`env =`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "secrets-webhook", version, about = "Injects secrets by reference into Spark and Jupyter pods")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve admission over HTTPS (and the admin port over HTTP).
+    Serve(ServeArgs),
+    /// Run one Pod or AdmissionReview (JSON or YAML) through the webhook and print the response.
+    Review(ReviewArgs),
+    /// Create a CA and a serving certificate for the webhook's Service.
+    Certs(crate::certs::CertsArgs),
+    /// Vault integration tools.
+    #[command(subcommand)]
+    Vault(VaultCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Test Connection: log in, check the mount is KV v2, read the path; one line per step.
+    Check {
+        /// The Vault config's name.
+        name: String,
+        /// Local config file holding `vaultConfigs`.
+        #[arg(long, env = "SECRETS_WEBHOOK_CONFIG", default_value = "examples/dev-config.yaml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTPS address for admission (`POST /mutate`).
+    #[arg(long, env = "SECRETS_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// Plain-HTTP admin address (/livez, /readyz, /metrics).
+    #[arg(long, env = "SECRETS_WEBHOOK_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub admin_listen: SocketAddr,
+    /// Serving certificate chain (PEM); reloaded when it changes.
+    #[arg(long, env = "SECRETS_WEBHOOK_TLS_CERT", default_value = "/etc/secrets-webhook/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// Serving key (PEM); reloaded when it changes.
+    #[arg(long, env = "SECRETS_WEBHOOK_TLS_KEY", default_value = "/etc/secrets-webhook/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// Data-plane namespace that holds the secret stores.
+    #[arg(long, env = "SECRETS_WEBHOOK_NAMESPACE", default_value = "iomete-system")]
+    pub namespace: String,
+    /// Run without a cluster: generate a development certificate and read the local config file.
+    #[arg(long, env = "SECRETS_WEBHOOK_DEV")]
+    pub dev: bool,
+    /// Where `--dev` writes its CA and serving certificate.
+    #[arg(long, env = "SECRETS_WEBHOOK_DEV_CERT_DIR", default_value = ".dev-certs")]
+    pub dev_cert_dir: PathBuf,
+    /// Local config file standing in for the cluster objects (used with `--dev`).
+    #[arg(long, env = "SECRETS_WEBHOOK_CONFIG", default_value = "examples/dev-config.yaml")]
+    pub config: PathBuf,
+    /// Largest admission request body accepted, in bytes.
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_BODY", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Seconds allowed for a TLS handshake and for reading request headers.
+    #[arg(long, env = "SECRETS_WEBHOOK_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds SIGTERM waits for in-flight requests before exiting.
+    #[arg(long, env = "SECRETS_WEBHOOK_DRAIN", default_value_t = 20)]
+    pub drain_secs: u64,
+    /// The product's `features.secretsV2.enabled`: when false, pods pass untouched (the guard still runs).
+    #[arg(long, env = "SECRETS_WEBHOOK_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+    /// Log format: `json` (default) or `text`.
+    #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReviewArgs {
+    /// A Pod or an AdmissionReview, JSON or YAML (`-` for standard input).
+    pub file: PathBuf,
+    /// Local config file standing in for the cluster objects.
+    #[arg(long, env = "SECRETS_WEBHOOK_CONFIG", default_value = "examples/dev-config.yaml")]
+    pub config: PathBuf,
+    /// Submitting user when FILE is a bare Pod (an AdmissionReview carries its own userInfo).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Submitting user's groups when FILE is a bare Pod.
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
+    /// The owner driver pod (as the webhook admitted it), standing in for the API lookup of executors.
+    #[arg(long)]
+    pub owner: Option<PathBuf>,
+    /// Treat the request as a dry run.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the decoded JSON Patch instead of the AdmissionReview.
+    #[arg(long, conflicts_with = "pod")]
+    pub patch: bool,
+    /// Print the mutated pod instead of the AdmissionReview.
+    #[arg(long)]
+    pub pod: bool,
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => crate::server::run_serve(args),
+        Command::Review(args) => crate::review::run(args),
+        Command::Certs(args) => crate::certs::run(args),
+        Command::Vault(VaultCommand::Check { name, config }) => {
+            crate::backends::vault::run_check(&name, &config)
+        }
+    }
+}
