@@ -13,7 +13,7 @@ use kube::core::DynamicObject;
 
 use crate::authz::Authorizer;
 use crate::backends::{StoreIndex, VaultSource};
-use crate::config::Settings;
+use crate::config::{LocalConfig, Settings};
 use crate::metrics::Metrics;
 
 /// Everything the engine consults, shared by all requests.
@@ -25,7 +25,35 @@ pub struct Webhook {
     pub metrics: Arc<Metrics>,
 }
 
+/// Why the engine could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{0}")]
+    Config(String),
+}
+
 impl Webhook {
+    /// The embedded default: stores, Vault configs, bundles and trusted controllers from the local
+    /// config file, no cluster.
+    pub fn from_local(
+        settings: Settings,
+        config: &LocalConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        let _ = (settings, config, metrics);
+        Err(BuildError::Config("not implemented yet".into()))
+    }
+
+    /// In a cluster: watch caches through `client` (spawned on the current runtime).
+    pub async fn from_cluster(
+        settings: Settings,
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        let _ = (settings, client, metrics);
+        Err(BuildError::Config("not implemented yet".into()))
+    }
+
     /// Ready to admit: the store cache has its first listing.
     pub fn ready(&self) -> bool {
         self.stores.ready()
