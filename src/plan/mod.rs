@@ -124,12 +124,10 @@ fn placeholder_sites(container: &Container) -> impl Iterator<Item = (String, &st
         let value = e.value.as_deref()?;
         refs::has_placeholder(value).then(|| (format!("env {:?}", e.name), value))
     });
-    let args = container
-        .args
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(i, a)| refs::has_placeholder(a).then(|| (format!("args[{i}]"), a.as_str())));
+    let args = container.args.iter().flatten().enumerate();
+    let args = args
+        .filter(|(_, a)| refs::has_placeholder(a))
+        .map(|(i, a)| (format!("args[{i}]"), a.as_str()));
     env.chain(args)
 }
 
