@@ -1,25 +1,22 @@
 //! A small in-process fake of the Kubernetes API server, for driving the REAL `kube::Client` in
-//! tests over plain HTTP on 127.0.0.1. It speaks the Kubernetes JSON wire format for the endpoints
-//! this project uses and is generic over `{api/v1 | apis/GROUP/VERSION}/[namespaces/NS/]PLURAL[/NAME[/status]]`:
-//! get, list (labelSelector equality/existence, fieldSelector metadata.name/namespace, limit +
-//! continue), watch (history replay from a resourceVersion, 410 Expired after `compact()`,
-//! bookmarks, timeoutSeconds, sendInitialEvents), create, replace (resourceVersion precondition),
-//! patch (merge, strategic-merge treated as merge, apply treated as merge/upsert, json-patch),
-//! delete, the `status` subresource, and `SubjectAccessReview` answered by a test closure.
-//! See `docs/testing.md` for what it does not do.
+//! tests over plain HTTP on 127.0.0.1. It speaks the Kubernetes JSON wire format and is generic
+//! over `/{api/v1 | apis/GROUP/VERSION}/[namespaces/NS/]PLURAL[/NAME[/status]]`: get, list,
+//! watch, create, replace, patch, delete, the `status` subresource, and SubjectAccessReview
+//! answered by a test closure. `docs/testing.md` lists what it implements and what it does not.
 //!
 //! ```ignore
 //! let api = FakeApiServer::start().await;
 //! api.put(secret("iomete-system", "iomete-secret-store", &[("k", "v")]));
-//! let client = api.client();
-//! assert_eq!(api.count("GET", "/api/v1/namespaces/ns/pods/x"), 1);
-//! api.inject(Fault::status("GET", "/api/v1/namespaces/ns/pods", 500).times(1));
+//! let pods: kube::Api<Pod> = kube::Api::namespaced(api.client(), "spark");
+//! assert_eq!(api.count("GET", "/api/v1/namespaces/spark/pods/x"), 1);
+//! api.inject(Fault::status("GET", "/api/v1/namespaces/spark/pods", 500).times(1));
 //! ```
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,11 +29,12 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value as Json, json};
 use tokio::sync::{broadcast, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
-/// Watch history kept for replay; older resourceVersions answer 410 Expired.
+/// Watch history kept for replay; a watch from an older resourceVersion gets 410 Expired.
 const HISTORY: usize = 10_000;
 
-/// One collection of objects: `api/v1` + `secrets`, `apis/secrets.iomete.com/v1alpha1` + `vaultconfigs`.
+/// One collection: `api/v1` + `secrets`, `apis/secrets.iomete.com/v1alpha1` + `vaultconfigs`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Collection {
     /// `api/v1` or `apis/{group}/{version}`.
@@ -45,13 +43,14 @@ pub struct Collection {
 }
 
 impl Collection {
-    /// `api_version` as in objects: `v1`, `secrets.iomete.com/v1alpha1`.
+    /// `api_version` as written in objects: `v1`, `secrets.iomete.com/v1alpha1`.
     pub fn new(api_version: &str, plural: &str) -> Self {
-        let prefix = if api_version.contains('/') {
-            format!("apis/{api_version}")
+        let root = if api_version.contains('/') {
+            "apis"
         } else {
-            format!("api/{api_version}")
+            "api"
         };
+        let prefix = format!("{root}/{api_version}");
         Self {
             prefix,
             plural: plural.to_owned(),
@@ -67,26 +66,24 @@ impl Collection {
         Self::new("v1", "pods")
     }
     pub fn api_version(&self) -> &str {
-        self.prefix
-            .strip_prefix("apis/")
-            .or_else(|| self.prefix.strip_prefix("api/"))
+        let p = &self.prefix;
+        p.strip_prefix("apis/")
+            .or_else(|| p.strip_prefix("api/"))
             .unwrap_or("")
     }
     fn group(&self) -> &str {
-        self.prefix
-            .strip_prefix("apis/")
-            .and_then(|gv| gv.split('/').next())
-            .unwrap_or("")
+        let gv = self.prefix.strip_prefix("apis/");
+        gv.and_then(|gv| gv.split('/').next()).unwrap_or("")
     }
     fn is_core(&self) -> bool {
         self.prefix.starts_with("api/")
     }
-    /// Custom resources (and Pods) have a `status` subresource: main-resource writes through the
-    /// API keep the stored status.
+    /// Custom resources and Pods have a `status` subresource: API writes to the main resource
+    /// keep the stored status, writes to `/status` change only the status.
     fn has_status(&self) -> bool {
         !self.is_core() || self.plural == "pods"
     }
-    /// `secrets`, `vaultconfigs.secrets.iomete.com`: how the API server names it in messages.
+    /// How the API server names it in messages: `secrets`, `vaultconfigs.secrets.iomete.com`.
     fn qualified(&self) -> String {
         match self.group() {
             "" => self.plural.clone(),
@@ -101,6 +98,25 @@ struct Key {
     coll: Collection,
     namespace: String,
     name: String,
+}
+
+impl Key {
+    fn new(coll: &Collection, namespace: Option<&str>, name: &str) -> Self {
+        let (coll, namespace) = (coll.clone(), namespace.unwrap_or("").to_owned());
+        Self {
+            coll,
+            namespace,
+            name: name.to_owned(),
+        }
+    }
+    fn of(coll: &Collection, object: &Json) -> Self {
+        let meta = &object["metadata"];
+        Self::new(
+            coll,
+            meta["namespace"].as_str(),
+            meta["name"].as_str().unwrap_or(""),
+        )
+    }
 }
 
 /// One request as received (body parsed as JSON or YAML when possible).
@@ -140,7 +156,7 @@ enum FaultAction {
 }
 
 impl Fault {
-    /// Answer with `code` and a `Status` body.
+    /// Answer with `code` and a `Status` body. Note kube's client retries 429/503/504 itself.
     pub fn status(method: &str, path_prefix: &str, code: u16) -> Self {
         Self::new(method, path_prefix, FaultAction::Status(code))
     }
@@ -159,19 +175,25 @@ impl Fault {
         }
     }
     /// Only `?watch=true` requests.
-    pub fn watches_only(mut self) -> Self {
-        self.watch = Some(true);
-        self
+    pub fn watches_only(self) -> Self {
+        Self {
+            watch: Some(true),
+            ..self
+        }
     }
     /// Everything but watches (gets, lists, writes).
-    pub fn except_watches(mut self) -> Self {
-        self.watch = Some(false);
-        self
+    pub fn except_watches(self) -> Self {
+        Self {
+            watch: Some(false),
+            ..self
+        }
     }
     /// Apply to the next `n` matching requests only.
-    pub fn times(mut self, n: u32) -> Self {
-        self.remaining = Some(n);
-        self
+    pub fn times(self, n: u32) -> Self {
+        Self {
+            remaining: Some(n),
+            ..self
+        }
     }
     fn matches(&self, method: &Method, path: &str, watch: bool) -> bool {
         (self.method == "*" || self.method == method.as_str())
@@ -195,7 +217,7 @@ struct Inner {
     rv: u64,
     uid: u64,
     objects: BTreeMap<Key, Json>,
-    /// (rv, event) after `floor`; a watch from an rv below `floor` is told 410 Expired.
+    /// (rv, event) newer than `floor`; a watch from below `floor` is told 410 Expired.
     history: VecDeque<(u64, Broadcast)>,
     floor: u64,
     kinds: HashMap<Collection, String>,
@@ -208,7 +230,7 @@ struct Shared {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Broadcast>,
     close: watch::Sender<u64>,
-    open_watches: std::sync::atomic::AtomicUsize,
+    open_watches: AtomicUsize,
 }
 
 impl Shared {
@@ -217,7 +239,7 @@ impl Shared {
     }
 }
 
-/// The running server; dropping it aborts the accept loop and every connection (watches included).
+/// The running server; dropping it aborts the accept loop and every connection (watches too).
 pub struct FakeApiServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -240,43 +262,37 @@ impl FakeApiServer {
             ("namespaces", "Namespace"),
             ("serviceaccounts", "ServiceAccount"),
         ];
-        let kinds = kinds
-            .iter()
-            .map(|(p, k)| (Collection::new("v1", p), k.to_string()));
+        let kinds = kinds.map(|(p, k)| (Collection::new("v1", p), k.to_owned()));
+        let no_responder = "fake API server: no SubjectAccessReview responder set";
         let inner = Inner {
             rv: 1,
             uid: 0,
             objects: BTreeMap::new(),
             history: VecDeque::new(),
             floor: 0,
-            kinds: kinds.collect(),
+            kinds: kinds.into_iter().collect(),
             log: Vec::new(),
             faults: Vec::new(),
-            sar: Arc::new(|_| {
-                SarAnswer::Deny("fake API server: no SubjectAccessReview responder set".into())
-            }),
+            sar: Arc::new(move |_| SarAnswer::Deny(no_responder.into())),
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             events: broadcast::channel(4096).0,
             close: watch::channel(0).0,
-            open_watches: Default::default(),
+            open_watches: AtomicUsize::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = shared.clone();
         let task = tokio::spawn(async move {
-            // Owned here so that aborting this task drops (and aborts) every connection task.
+            // Owned by this task, so aborting it drops (and aborts) every connection task.
             let mut conns = JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
                 while conns.try_join_next().is_some() {}
                 let state = state.clone();
                 let svc = hyper::service::service_fn(move |req| handle(state.clone(), req));
-                conns.spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc);
-                    let _ = conn.await;
-                });
+                let http = hyper::server::conn::http1::Builder::new();
+                conns.spawn(async move { http.serve_connection(TokioIo::new(stream), svc).await });
             }
         });
         Self { addr, shared, task }
@@ -294,22 +310,20 @@ impl FakeApiServer {
 
     // ----- objects -----
 
-    /// Create or replace an object as given (collection from `apiVersion` + `kind`), as if another
-    /// client wrote it: bumps the resourceVersion and emits ADDED / MODIFIED. Returns the stored object.
+    /// Create or replace an object as given (collection from `apiVersion` + `kind`), as another
+    /// client would: bumps the resourceVersion, emits ADDED / MODIFIED, returns the stored object.
     pub fn put(&self, object: Json) -> Json {
         let api_version = object["apiVersion"].as_str().unwrap_or("v1").to_owned();
-        let kind = object["kind"]
-            .as_str()
-            .expect("put: object needs a kind")
-            .to_owned();
-        self.put_in(&Collection::new(&api_version, &plural_of(&kind)), object)
+        let kind = object["kind"].as_str().expect("put: object needs a kind");
+        let coll = Collection::new(&api_version, &plural_of(kind));
+        self.put_in(&coll, object)
     }
 
-    /// Like [`put`](Self::put) for a typed object (`k8s_openapi` or `kube::CustomResource` types).
-    pub fn put_typed<K: kube::Resource<DynamicType = ()> + serde::Serialize>(
-        &self,
-        object: &K,
-    ) -> Json {
+    /// Like [`put`](Self::put) for typed objects (`k8s_openapi` types, `CustomResource` types).
+    pub fn put_typed<K>(&self, object: &K) -> Json
+    where
+        K: kube::Resource<DynamicType = ()> + serde::Serialize,
+    {
         let mut value = serde_json::to_value(object).unwrap();
         value["apiVersion"] = json!(K::api_version(&()));
         value["kind"] = json!(K::kind(&()));
@@ -318,36 +332,26 @@ impl FakeApiServer {
 
     pub fn put_in(&self, coll: &Collection, object: Json) -> Json {
         let mut inner = self.shared.lock();
-        let key = key_of(coll, &object);
+        let key = Key::of(coll, &object);
         let old = inner.objects.get(&key).cloned();
-        inner.store(&self.shared, key, object, old.as_ref())
+        inner.store(&self.shared, key, object, old.as_ref(), false)
     }
 
     /// Delete an object as another client would (emits DELETED). Returns its last state.
     pub fn remove(&self, coll: &Collection, namespace: Option<&str>, name: &str) -> Option<Json> {
-        let key = Key {
-            coll: coll.clone(),
-            namespace: namespace.unwrap_or("").into(),
-            name: name.into(),
-        };
+        let key = Key::new(coll, namespace, name);
         self.shared.lock().delete(&self.shared, &key)
     }
 
     pub fn object(&self, coll: &Collection, namespace: Option<&str>, name: &str) -> Option<Json> {
-        let key = Key {
-            coll: coll.clone(),
-            namespace: namespace.unwrap_or("").into(),
-            name: name.into(),
-        };
+        let key = Key::new(coll, namespace, name);
         self.shared.lock().objects.get(&key).cloned()
     }
 
     pub fn objects(&self, coll: &Collection) -> Vec<Json> {
         let inner = self.shared.lock();
-        inner
-            .objects
-            .iter()
-            .filter(|(k, _)| &k.coll == coll)
+        let all = inner.objects.iter();
+        all.filter(|(k, _)| &k.coll == coll)
             .map(|(_, v)| v.clone())
             .collect()
     }
@@ -363,14 +367,11 @@ impl FakeApiServer {
         self.shared.lock().log.clone()
     }
 
-    /// Requests with exactly this method and path (query ignored), e.g. `("GET", "/api/v1/namespaces/a/pods/p")`.
+    /// Requests with this method and exactly this path (query ignored).
     pub fn count(&self, method: &str, path: &str) -> usize {
         let inner = self.shared.lock();
-        inner
-            .log
-            .iter()
-            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path == path)
-            .count()
+        let same = |r: &&Logged| r.method.eq_ignore_ascii_case(method) && r.path == path;
+        inner.log.iter().filter(same).count()
     }
 
     pub fn clear_log(&self) {
@@ -409,7 +410,7 @@ impl FakeApiServer {
         self.shared.close.send_modify(|n| *n += 1);
     }
 
-    /// Forget the watch history: a watch from any resourceVersion older than now gets 410 Expired.
+    /// Forget the watch history: a watch from any resourceVersion before now gets 410 Expired.
     pub fn compact(&self) {
         let mut inner = self.shared.lock();
         inner.history.clear();
@@ -424,16 +425,14 @@ impl FakeApiServer {
 
     /// Watch streams currently open.
     pub fn open_watches(&self) -> usize {
-        self.shared
-            .open_watches
-            .load(std::sync::atomic::Ordering::SeqCst)
+        self.shared.open_watches.load(SeqCst)
     }
 
     /// Wait until at least `n` watches are open; false on timeout.
     pub async fn wait_for_watches(&self, n: usize, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         while self.open_watches() < n {
-            if tokio::time::Instant::now() >= deadline {
+            if Instant::now() >= deadline {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -444,11 +443,8 @@ impl FakeApiServer {
 
 /// A Secret as JSON with base64-encoded `data`.
 pub fn secret(namespace: &str, name: &str, data: &[(&str, &str)]) -> Json {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let data: serde_json::Map<String, Json> = data
-        .iter()
-        .map(|(k, v)| (k.to_string(), json!(b64.encode(v))))
-        .collect();
+    let b64 = |v: &str| json!(base64::engine::general_purpose::STANDARD.encode(v));
+    let data: serde_json::Map<_, _> = data.iter().map(|(k, v)| (k.to_string(), b64(v))).collect();
     json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
            "metadata": {"name": name, "namespace": namespace}, "data": data})
 }
@@ -462,29 +458,27 @@ pub fn pod(namespace: &str, name: &str) -> Json {
 /// `VaultConfig` → `vaultconfigs`, `Policy` → `policies`.
 fn plural_of(kind: &str) -> String {
     let lower = kind.to_lowercase();
-    if let Some(stem) = lower.strip_suffix('y') {
-        format!("{stem}ies")
-    } else if lower.ends_with('s') {
-        format!("{lower}es")
-    } else {
-        format!("{lower}s")
-    }
-}
-
-fn key_of(coll: &Collection, object: &Json) -> Key {
-    let meta = &object["metadata"];
-    Key {
-        coll: coll.clone(),
-        namespace: meta["namespace"].as_str().unwrap_or("").into(),
-        name: meta["name"].as_str().unwrap_or("").into(),
+    match lower.strip_suffix('y') {
+        Some(stem) => format!("{stem}ies"),
+        None if lower.ends_with('s') => format!("{lower}es"),
+        None => format!("{lower}s"),
     }
 }
 
 fn now() -> String {
     let t = k8s_openapi::jiff::Timestamp::now();
-    k8s_openapi::jiff::Timestamp::from_second(t.as_second())
-        .unwrap_or(t)
-        .to_string()
+    let seconds = k8s_openapi::jiff::Timestamp::from_second(t.as_second());
+    seconds.unwrap_or(t).to_string()
+}
+
+/// The object without server-owned parts, to tell spec changes (which bump `generation`).
+fn spec_of(object: &Json) -> Json {
+    let mut o = object.clone();
+    if let Some(m) = o.as_object_mut() {
+        m.remove("metadata");
+        m.remove("status");
+    }
+    o
 }
 
 impl Inner {
@@ -493,15 +487,8 @@ impl Inner {
             return k.clone();
         }
         let mut chars = coll.plural.trim_end_matches('s').chars();
-        chars
-            .next()
-            .map(|c| c.to_uppercase().chain(chars).collect())
-            .unwrap_or_default()
-    }
-
-    fn bump(&mut self) -> u64 {
-        self.rv += 1;
-        self.rv
+        let first = chars.next().map(|c| c.to_uppercase().to_string());
+        first.unwrap_or_default() + chars.as_str()
     }
 
     fn emit(&mut self, shared: &Shared, rv: u64, event: Broadcast) {
@@ -514,59 +501,46 @@ impl Inner {
         let _ = shared.events.send(event);
     }
 
-    /// Fill server-owned fields of `object` (relative to `old`) without storing it.
+    /// Fill the server-owned fields of `object` (relative to `old`) as of resourceVersion `rv`.
     fn prepare(&mut self, key: &Key, mut object: Json, old: Option<&Json>, rv: u64) -> Json {
         if let Some(kind) = object["kind"].as_str() {
             self.kinds.insert(key.coll.clone(), kind.to_owned());
         }
         object["kind"] = json!(self.kind(&key.coll));
         object["apiVersion"] = json!(key.coll.api_version());
-        if key.coll == Collection::secrets()
-            && let Some(Json::Object(plain)) =
-                object.as_object_mut().and_then(|o| o.remove("stringData"))
-        {
+        // Secrets: the API server folds write-only `stringData` into base64 `data`.
+        let is_secret = key.coll == Collection::secrets();
+        let object_map = object.as_object_mut().filter(|_| is_secret);
+        if let Some(Json::Object(plain)) = object_map.and_then(|o| o.remove("stringData")) {
             let b64 = base64::engine::general_purpose::STANDARD;
             for (k, v) in plain {
                 object["data"][k] = json!(b64.encode(v.as_str().unwrap_or_default()));
             }
         }
-        let old_meta = old.map(|o| o["metadata"].clone()).unwrap_or(Json::Null);
         let meta = &mut object["metadata"];
         meta["name"] = json!(key.name);
+        meta["namespace"] = json!(key.namespace);
         if key.namespace.is_empty() {
             meta.as_object_mut().map(|m| m.remove("namespace"));
-        } else {
-            meta["namespace"] = json!(key.namespace);
         }
         meta["resourceVersion"] = json!(rv.to_string());
-        match old_meta {
-            Json::Null => {
+        match old {
+            None => {
                 self.uid += 1;
                 meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", self.uid));
                 meta["creationTimestamp"] = json!(now());
             }
-            old_meta => {
-                meta["uid"] = old_meta["uid"].clone();
-                meta["creationTimestamp"] = old_meta["creationTimestamp"].clone();
+            Some(old) => {
+                meta["uid"] = old["metadata"]["uid"].clone();
+                meta["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
             }
         }
         if !key.coll.is_core() {
-            // Custom resources count spec changes in metadata.generation.
-            let strip = |o: &Json| {
-                let mut o = o.clone();
-                o.as_object_mut()
-                    .map(|m| (m.remove("metadata"), m.remove("status")));
-                o
-            };
             let generation = match old {
                 None => 1,
                 Some(old) => {
                     let g = old["metadata"]["generation"].as_u64().unwrap_or(1);
-                    if strip(old) == strip(&object) {
-                        g
-                    } else {
-                        g + 1
-                    }
+                    g + u64::from(spec_of(old) != spec_of(&object))
                 }
             };
             object["metadata"]["generation"] = json!(generation);
@@ -574,33 +548,42 @@ impl Inner {
         object
     }
 
-    fn store(&mut self, shared: &Shared, key: Key, object: Json, old: Option<&Json>) -> Json {
-        let rv = self.bump();
-        let object = self.prepare(&key, object, old, rv);
+    /// Store `object` under `key` (or only show what would be stored, for `dryRun`).
+    fn store(
+        &mut self,
+        shared: &Shared,
+        key: Key,
+        object: Json,
+        old: Option<&Json>,
+        dry: bool,
+    ) -> Json {
+        if dry {
+            let rv = self.rv;
+            return self.prepare(&key, object, old, rv);
+        }
+        self.rv += 1;
+        let object = self.prepare(&key, object, old, self.rv);
         self.objects.insert(key.clone(), object.clone());
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        self.emit(
-            shared,
-            rv,
-            Broadcast::Event {
-                key,
-                kind,
-                object: object.clone(),
-            },
-        );
+        let event = Broadcast::Event {
+            key,
+            kind,
+            object: object.clone(),
+        };
+        self.emit(shared, self.rv, event);
         object
     }
 
     fn delete(&mut self, shared: &Shared, key: &Key) -> Option<Json> {
         let mut object = self.objects.remove(key)?;
-        let rv = self.bump();
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let event = Broadcast::Event {
             key: key.clone(),
             kind: "DELETED",
             object: object.clone(),
         };
-        self.emit(shared, rv, event);
+        self.emit(shared, self.rv, event);
         Some(object)
     }
 
@@ -618,49 +601,58 @@ impl Inner {
 
 // ----- HTTP -----
 
-/// Parsed `[namespaces/NS/]PLURAL[/NAME[/SUB]]` below an API prefix.
+/// `[namespaces/NS/]PLURAL[/NAME[/SUB]]` below an API prefix, and `?dryRun=All`.
 struct Target {
     coll: Collection,
     namespace: Option<String>,
     name: Option<String>,
     sub: Option<String>,
+    dry_run: bool,
 }
 
-fn parse_path(path: &str) -> Option<Target> {
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let (prefix, rest) = match segs.as_slice() {
-        ["api", "v1", rest @ ..] => ("api/v1".to_owned(), rest),
-        ["apis", g, v, rest @ ..] => (format!("apis/{g}/{v}"), rest),
-        _ => return None,
-    };
-    let (namespace, rest) = match rest {
-        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
-        rest => (None, rest),
-    };
-    let (plural, name, sub) = match rest {
-        [p] => (p, None, None),
-        [p, n] => (p, Some(n.to_string()), None),
-        [p, n, s] => (p, Some(n.to_string()), Some(s.to_string())),
-        _ => return None,
-    };
-    let coll = Collection {
-        prefix,
-        plural: plural.to_string(),
-    };
-    Some(Target {
-        coll,
-        namespace,
-        name,
-        sub,
-    })
+impl Target {
+    fn parse(path: &str, dry_run: bool) -> Option<Self> {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let (prefix, rest) = match segs.as_slice() {
+            ["api", "v1", rest @ ..] => ("api/v1".to_owned(), rest),
+            ["apis", g, v, rest @ ..] => (format!("apis/{g}/{v}"), rest),
+            _ => return None,
+        };
+        let (namespace, rest) = match rest {
+            ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+            rest => (None, rest),
+        };
+        let (plural, name, sub) = match rest {
+            [p] => (p, None, None),
+            [p, n] => (p, Some(n.to_string()), None),
+            [p, n, s] => (p, Some(n.to_string()), Some(s.to_string())),
+            _ => return None,
+        };
+        let coll = Collection {
+            prefix,
+            plural: plural.to_string(),
+        };
+        Some(Self {
+            coll,
+            namespace,
+            name,
+            sub,
+            dry_run,
+        })
+    }
+
+    fn key(&self) -> Key {
+        let name = self.name.as_deref().unwrap_or("");
+        Key::new(&self.coll, self.namespace.as_deref(), name)
+    }
 }
 
 type Reply = Response<Body>;
 
 fn reply(code: u16, body: &Json) -> Reply {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
+    let response = Response::builder().status(code);
+    let response = response.header("content-type", "application/json");
+    response
         .body(Body::from(body.to_string()))
         .unwrap_or_default()
 }
@@ -672,6 +664,10 @@ fn status_body(code: u16, reason: &str, message: String, details: Json) -> Json 
 
 fn fail(code: u16, reason: &str, message: String) -> Reply {
     reply(code, &status_body(code, reason, message, json!({})))
+}
+
+fn bad_request(message: impl Into<String>) -> Reply {
+    fail(400, "BadRequest", message.into())
 }
 
 fn reason_for(code: u16) -> &'static str {
@@ -704,10 +700,10 @@ fn not_found(key: &Key) -> Reply {
 }
 
 fn conflict(key: &Key) -> Reply {
+    let (what, name) = (key.coll.qualified(), &key.name);
     let message = format!(
-        "Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
-        key.coll.qualified(),
-        key.name
+        "Operation cannot be fulfilled on {what} \"{name}\": the object has been modified; \
+         please apply your changes to the latest version and try again"
     );
     reply(409, &status_body(409, "Conflict", message, details(key)))
 }
@@ -716,9 +712,8 @@ fn parse_body(bytes: &[u8]) -> Option<Json> {
     if bytes.is_empty() {
         return None;
     }
-    serde_json::from_slice(bytes)
-        .ok()
-        .or_else(|| serde_yaml::from_slice(bytes).ok())
+    let json = serde_json::from_slice(bytes).ok();
+    json.or_else(|| serde_yaml::from_slice(bytes).ok())
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, Infallible> {
@@ -728,257 +723,210 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, In
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let path = parts.uri.path().to_owned();
+    let (method, path) = (parts.method, parts.uri.path().to_owned());
     let raw_query = parts.uri.query().unwrap_or("").to_owned();
     let query: HashMap<String, String> = form_urlencoded::parse(raw_query.as_bytes())
         .into_owned()
         .collect();
-    let is_watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let flag = |name: &str| query.get(name).is_some_and(|v| v == "true" || v == "1");
+    let is_watch = flag("watch");
     let body = parse_body(&bytes);
     let fault = {
         let mut inner = shared.lock();
-        let logged = Logged {
-            method: parts.method.to_string(),
-            path: path.clone(),
+        let (m, p, b) = (method.to_string(), path.clone(), body.clone());
+        inner.log.push(Logged {
+            method: m,
+            path: p,
             query: raw_query,
-            body: body.clone(),
-        };
-        inner.log.push(logged);
-        inner.take_fault(&parts.method, &path, is_watch)
+            body: b,
+        });
+        inner.take_fault(&method, &path, is_watch)
     };
     match fault {
         Some(FaultAction::Hang) => std::future::pending::<()>().await,
         Some(FaultAction::Status(code)) => {
-            return Ok(fail(
-                code,
-                reason_for(code),
-                format!("injected fault: HTTP {code}"),
-            ));
+            let message = format!("injected fault: HTTP {code}");
+            return Ok(fail(code, reason_for(code), message));
         }
         None => {}
     }
-    let Some(target) = parse_path(&path) else {
-        return Ok(fail(
-            404,
-            "NotFound",
-            "the server could not find the requested resource".into(),
-        ));
+    let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
+    let Some(target) = Target::parse(&path, dry_run) else {
+        let message = "the server could not find the requested resource";
+        return Ok(fail(404, "NotFound", message.into()));
     };
     let ctype = parts
         .headers
         .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let ctype = ctype.split(';').next().unwrap_or("").trim().to_owned();
-    let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
+        .and_then(|v| v.to_str().ok());
+    let ctype = ctype.unwrap_or("").split(';').next().unwrap_or("").trim();
     let sar = target.coll.prefix == "apis/authorization.k8s.io/v1"
         && target.coll.plural == "subjectaccessreviews";
-    let reply = match (&parts.method, &target.name) {
+    let reply = match (&method, &target.name) {
         (&Method::POST, None) if sar => subject_access_review(&shared, body),
         (&Method::GET, None) if is_watch => start_watch(&shared, &target, &query),
         (&Method::GET, None) => list(&shared, &target, &query),
         (&Method::GET, Some(_)) => get(&shared, &target),
-        (&Method::POST, None) => create(&shared, &target, body, dry_run),
-        (&Method::PUT, Some(_)) => replace(&shared, &target, body, dry_run),
-        (&Method::PATCH, Some(_)) => patch(&shared, &target, &ctype, &bytes, dry_run),
-        (&Method::DELETE, Some(_)) => delete(&shared, &target, dry_run),
+        (&Method::POST, None) => create(&shared, &target, body),
+        (&Method::PUT, Some(_)) => replace(&shared, &target, body),
+        (&Method::PATCH, Some(_)) => patch(&shared, &target, ctype, body),
+        (&Method::DELETE, Some(_)) => delete(&shared, &target),
         _ => fail(
             405,
             "MethodNotAllowed",
-            format!("{} is not supported on {path}", parts.method),
+            format!("{method} is not supported on {path}"),
         ),
     };
     Ok(reply)
 }
 
-fn key_for(target: &Target, name: &str) -> Key {
-    Key {
-        coll: target.coll.clone(),
-        namespace: target.namespace.clone().unwrap_or_default(),
-        name: name.to_owned(),
-    }
-}
-
 fn get(shared: &Shared, target: &Target) -> Reply {
-    let key = key_for(target, target.name.as_deref().unwrap_or(""));
+    let key = target.key();
     match shared.lock().objects.get(&key) {
         Some(object) => reply(200, object),
         None => not_found(&key),
     }
 }
 
-/// Label selectors (equality and existence) and field selectors (equality on any dotted path).
+/// One selector term: `k=v`, `k==v`, `k!=v`, and for labels also `k` and `!k` (value `None`).
+struct Term {
+    key: String,
+    value: Option<String>,
+    equal: bool,
+}
+
+fn parse_terms(selector: Option<&String>) -> Result<Vec<Term>, String> {
+    let terms = selector.map(String::as_str).unwrap_or("").split(',');
+    let term = |t: &str| {
+        let (key, value, equal) = if let Some((k, v)) = t.split_once("!=") {
+            (k, Some(v), false)
+        } else if let Some((k, v)) = t.split_once('=') {
+            (k, Some(v.trim_start_matches('=')), true)
+        } else if let Some(k) = t.strip_prefix('!') {
+            (k, None, false)
+        } else {
+            (t, None, true)
+        };
+        if key.trim().contains([' ', '(']) {
+            return Err(format!(
+                "unsupported selector {t:?} (only =, ==, != and existence)"
+            ));
+        }
+        let value = value.map(|v| v.trim().to_owned());
+        Ok(Term {
+            key: key.trim().to_owned(),
+            value,
+            equal,
+        })
+    };
+    terms.filter(|t| !t.trim().is_empty()).map(term).collect()
+}
+
+/// What a list or watch selects: collection, namespace (if any), label and field selectors.
 struct Filter {
     coll: Collection,
     namespace: Option<String>,
-    labels: Vec<(String, Option<String>, bool)>,
-    fields: Vec<(String, String, bool)>,
+    labels: Vec<Term>,
+    /// Equality on any dotted path (`metadata.name`, `type`, `status.phase`); missing is "".
+    fields: Vec<Term>,
 }
 
 impl Filter {
     fn parse(target: &Target, query: &HashMap<String, String>) -> Result<Self, String> {
-        let bad = |what: &str, s: &str| format!("unsupported {what} selector {s:?}");
-        let mut labels = Vec::new();
-        for term in query
-            .get("labelSelector")
-            .map(String::as_str)
-            .unwrap_or("")
-            .split(',')
-            .filter(|t| !t.is_empty())
-        {
-            let parsed = if let Some((k, v)) = term.split_once("!=") {
-                (k, Some(v), false)
-            } else if let Some((k, v)) = term.split_once('=') {
-                (k, Some(v.trim_start_matches('=')), true)
-            } else if let Some(k) = term.strip_prefix('!') {
-                (k, None, false)
-            } else {
-                (term, None, true)
-            };
-            if parsed.0.contains(' ') || parsed.0.contains('(') {
-                return Err(bad("label", term));
-            }
-            labels.push((
-                parsed.0.trim().to_owned(),
-                parsed.1.map(|v| v.trim().to_owned()),
-                parsed.2,
-            ));
+        let labels = parse_terms(query.get("labelSelector"))?;
+        let fields = parse_terms(query.get("fieldSelector"))?;
+        if fields.iter().any(|f| f.value.is_none()) {
+            return Err("field selectors need a value".into());
         }
-        let mut fields = Vec::new();
-        for term in query
-            .get("fieldSelector")
-            .map(String::as_str)
-            .unwrap_or("")
-            .split(',')
-            .filter(|t| !t.is_empty())
-        {
-            let (k, v, eq) = match term.split_once("!=") {
-                Some((k, v)) => (k, v, false),
-                None => match term.split_once('=') {
-                    Some((k, v)) => (k, v.trim_start_matches('='), true),
-                    None => return Err(bad("field", term)),
-                },
-            };
-            fields.push((k.to_owned(), v.to_owned(), eq));
-        }
+        let (coll, namespace) = (target.coll.clone(), target.namespace.clone());
         Ok(Self {
-            coll: target.coll.clone(),
-            namespace: target.namespace.clone(),
+            coll,
+            namespace,
             labels,
             fields,
         })
     }
 
     fn matches(&self, key: &Key, object: &Json) -> bool {
-        let ns_ok = self
-            .namespace
-            .as_ref()
-            .is_none_or(|ns| ns == &key.namespace);
         let labels = &object["metadata"]["labels"];
-        let label_ok = self
-            .labels
-            .iter()
-            .all(|(k, v, eq)| match (v, labels[k].as_str()) {
-                (None, actual) => actual.is_some() == *eq,
-                (Some(v), actual) => (actual == Some(v.as_str())) == *eq,
-            });
-        // Any dotted field path (`metadata.name`, `type`, `status.phase`); a missing field is "".
-        let field_ok = self.fields.iter().all(|(k, v, eq)| {
-            let actual = k.split('.').fold(object, |o, part| &o[part]);
-            (actual.as_str().unwrap_or("") == v) == *eq
-        });
-        key.coll == self.coll && ns_ok && label_ok && field_ok
+        let label_ok = |t: &Term| match (&t.value, labels[&t.key].as_str()) {
+            (None, actual) => actual.is_some() == t.equal,
+            (Some(v), actual) => (actual == Some(v.as_str())) == t.equal,
+        };
+        let field_ok = |t: &Term| {
+            let actual = t.key.split('.').fold(object, |o, part| &o[part]);
+            (actual.as_str().unwrap_or("") == t.value.as_deref().unwrap_or("")) == t.equal
+        };
+        key.coll == self.coll
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| ns == &key.namespace)
+            && self.labels.iter().all(label_ok)
+            && self.fields.iter().all(field_ok)
     }
 }
 
 fn list(shared: &Shared, target: &Target, query: &HashMap<String, String>) -> Reply {
     let filter = match Filter::parse(target, query) {
         Ok(f) => f,
-        Err(message) => return fail(400, "BadRequest", message),
+        Err(message) => return bad_request(message),
     };
     let inner = shared.lock();
-    let matching: Vec<&Json> = inner
-        .objects
-        .iter()
+    let all = inner.objects.iter();
+    let matching: Vec<&Json> = all
         .filter(|(k, o)| filter.matches(k, o))
         .map(|(_, o)| o)
         .collect();
-    // `continue` is "<offset>"; pages are cut from the current state, not a snapshot.
-    let start: usize = query
-        .get("continue")
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let limit: usize = query
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .filter(|l| *l > 0)
-        .unwrap_or(usize::MAX);
-    let page: Vec<Json> = matching
-        .iter()
-        .skip(start)
-        .take(limit)
-        .map(|o| {
-            let mut o = (*o).clone();
-            // Core lists carry kind/apiVersion only on the list, as the real server sends them.
-            if target.coll.is_core()
-                && let Some(m) = o.as_object_mut()
-            {
-                m.remove("kind");
-                m.remove("apiVersion");
-            }
-            o
-        })
-        .collect();
+    // `continue` is the offset; pages come from the current state, not a snapshot.
+    let number = |name: &str| query.get(name).and_then(|v| v.parse::<usize>().ok());
+    let start = number("continue").unwrap_or(0);
+    let limit = number("limit").filter(|l| *l > 0).unwrap_or(usize::MAX);
+    let item = |o: &&Json| {
+        let mut o = (*o).clone();
+        // Items of core lists carry no kind/apiVersion (only the list does), as on a real server.
+        if let Some(m) = o.as_object_mut().filter(|_| target.coll.is_core()) {
+            m.remove("kind");
+            m.remove("apiVersion");
+        }
+        o
+    };
+    let page: Vec<Json> = matching.iter().skip(start).take(limit).map(item).collect();
     let mut metadata = json!({"resourceVersion": inner.rv.to_string()});
     let next = start.saturating_add(page.len());
     if next < matching.len() {
         metadata["continue"] = json!(next.to_string());
         metadata["remainingItemCount"] = json!(matching.len() - next);
     }
-    let kind = format!("{}List", inner.kind(&target.coll));
-    reply(
-        200,
-        &json!({"kind": kind, "apiVersion": target.coll.api_version(), "metadata": metadata, "items": page}),
-    )
+    let (kind, api_version) = (inner.kind(&target.coll) + "List", target.coll.api_version());
+    let list =
+        json!({"kind": kind, "apiVersion": api_version, "metadata": metadata, "items": page});
+    reply(200, &list)
 }
 
-fn create(shared: &Shared, target: &Target, body: Option<Json>, dry_run: bool) -> Reply {
+fn create(shared: &Shared, target: &Target, body: Option<Json>) -> Reply {
     let Some(mut object) = body.filter(Json::is_object) else {
-        return fail(
-            400,
-            "BadRequest",
-            "the request body is not a JSON object".into(),
-        );
+        return bad_request("the request body is not a JSON object");
     };
     let mut inner = shared.lock();
-    let name = match (
-        object["metadata"]["name"].as_str(),
-        object["metadata"]["generateName"].as_str(),
-    ) {
+    let meta = &object["metadata"];
+    let name = match (meta["name"].as_str(), meta["generateName"].as_str()) {
         (Some(n), _) if !n.is_empty() => n.to_owned(),
         (_, Some(g)) => format!("{g}{:05}", inner.uid + 1),
         _ => {
-            return fail(
-                422,
-                "Invalid",
-                format!("{}: metadata.name: Required value", target.coll.plural),
-            );
+            let message = format!("{}: metadata.name: Required value", target.coll.plural);
+            return fail(422, "Invalid", message);
         }
     };
-    if let (Some(path_ns), Some(body_ns)) =
-        (&target.namespace, object["metadata"]["namespace"].as_str())
-        && path_ns != body_ns
+    if meta["namespace"]
+        .as_str()
+        .is_some_and(|ns| Some(ns) != target.namespace.as_deref())
     {
-        return fail(
-            400,
-            "BadRequest",
-            "the namespace of the provided object does not match the namespace sent on the request"
-                .into(),
-        );
+        return bad_request("the namespace of the object does not match the namespace on the URL");
     }
-    let key = key_for(target, &name);
+    let key = Key::new(&target.coll, target.namespace.as_deref(), &name);
     if inner.objects.contains_key(&key) {
-        let message = format!("{} \"{}\" already exists", key.coll.qualified(), key.name);
+        let message = format!("{} \"{name}\" already exists", key.coll.qualified());
         return reply(
             409,
             &status_body(409, "AlreadyExists", message, details(&key)),
@@ -987,105 +935,67 @@ fn create(shared: &Shared, target: &Target, body: Option<Json>, dry_run: bool) -
     if target.coll.has_status() && !target.coll.is_core() {
         object.as_object_mut().map(|m| m.remove("status"));
     }
-    let stored = if dry_run {
-        let rv = inner.rv;
-        inner.prepare(&key, object, None, rv)
-    } else {
-        inner.store(shared, key, object, None)
-    };
-    reply(201, &stored)
+    reply(201, &inner.store(shared, key, object, None, target.dry_run))
 }
 
-/// Write `new` (a full object) over the stored `old`, honouring the status subresource split.
-fn update(
-    shared: &Shared,
-    inner: &mut Inner,
-    key: Key,
-    sub: Option<&str>,
-    mut new: Json,
-    old: &Json,
-    dry_run: bool,
-) -> Reply {
+/// Write the full object `new` over the stored `old`, honouring the status subresource split
+/// and a resourceVersion precondition.
+fn update(shared: &Shared, inner: &mut Inner, target: &Target, mut new: Json, old: &Json) -> Reply {
+    let key = target.key();
     let expected = new["metadata"]["resourceVersion"]
         .as_str()
         .filter(|v| !v.is_empty());
     if expected.is_some_and(|v| Some(v) != old["metadata"]["resourceVersion"].as_str()) {
         return conflict(&key);
     }
-    if sub == Some("status") {
-        let mut merged = old.clone();
-        merged["status"] = new["status"].take();
-        new = merged;
+    if target.sub.as_deref() == Some("status") {
+        let status = new["status"].take();
+        new = old.clone();
+        new["status"] = status;
     } else if key.coll.has_status() {
         new["status"] = old["status"].clone();
         if new["status"].is_null() {
             new.as_object_mut().map(|m| m.remove("status"));
         }
     }
-    let stored = if dry_run {
-        let rv = inner.rv;
-        inner.prepare(&key, new, Some(old), rv)
-    } else {
-        inner.store(shared, key, new, Some(old))
-    };
-    reply(200, &stored)
+    reply(
+        200,
+        &inner.store(shared, key, new, Some(old), target.dry_run),
+    )
 }
 
-fn replace(shared: &Shared, target: &Target, body: Option<Json>, dry_run: bool) -> Reply {
+fn replace(shared: &Shared, target: &Target, body: Option<Json>) -> Reply {
     let Some(object) = body.filter(Json::is_object) else {
-        return fail(
-            400,
-            "BadRequest",
-            "the request body is not a JSON object".into(),
-        );
+        return bad_request("the request body is not a JSON object");
     };
-    let key = key_for(target, target.name.as_deref().unwrap_or(""));
+    let key = target.key();
     if object["metadata"]["name"]
         .as_str()
         .is_some_and(|n| n != key.name)
     {
-        return fail(
-            400,
-            "BadRequest",
-            "the name of the object does not match the name on the URL".into(),
-        );
+        return bad_request("the name of the object does not match the name on the URL");
     }
     let mut inner = shared.lock();
     let Some(old) = inner.objects.get(&key).cloned() else {
         return not_found(&key);
     };
-    update(
-        shared,
-        &mut inner,
-        key,
-        target.sub.as_deref(),
-        object,
-        &old,
-        dry_run,
-    )
+    update(shared, &mut inner, target, object, &old)
 }
 
-fn patch(shared: &Shared, target: &Target, ctype: &str, bytes: &[u8], dry_run: bool) -> Reply {
-    let key = key_for(target, target.name.as_deref().unwrap_or(""));
-    let Some(patch) = parse_body(bytes) else {
-        return fail(
-            400,
-            "BadRequest",
-            "the patch body is not JSON or YAML".into(),
-        );
+/// Merge, strategic merge (as merge), server-side apply (as merge, creating if absent), JSON patch.
+fn patch(shared: &Shared, target: &Target, ctype: &str, body: Option<Json>) -> Reply {
+    let Some(patch) = body else {
+        return bad_request("the patch body is not JSON or YAML");
     };
     let mut inner = shared.lock();
-    let old = inner.objects.get(&key).cloned();
-    let apply = ctype == "application/apply-patch+yaml";
-    let (mut doc, old) = match old {
-        Some(old) => (old.clone(), old),
-        // Server-side apply creates what does not exist.
-        None if apply && target.sub.is_none() => {
+    let Some(old) = inner.objects.get(&target.key()).cloned() else {
+        if ctype == "application/apply-patch+yaml" && target.sub.is_none() {
             drop(inner);
-            return create(shared, target, Some(patch), dry_run);
+            return create(shared, target, Some(patch));
         }
-        None => return not_found(&key),
+        return not_found(&target.key());
     };
+    let mut doc = old.clone();
     match ctype {
         "application/merge-patch+json"
         | "application/strategic-merge-patch+json"
@@ -1093,78 +1003,63 @@ fn patch(shared: &Shared, target: &Target, ctype: &str, bytes: &[u8], dry_run: b
         "application/json-patch+json" => {
             let ops: json_patch::Patch = match serde_json::from_value(patch) {
                 Ok(ops) => ops,
-                Err(e) => return fail(400, "BadRequest", format!("invalid JSON patch: {e}")),
+                Err(e) => return bad_request(format!("invalid JSON patch: {e}")),
             };
             if let Err(e) = json_patch::patch(&mut doc, &ops) {
                 return fail(
                     422,
                     "Invalid",
-                    format!("the JSON patch could not be applied: {e}"),
+                    format!("the JSON patch cannot be applied: {e}"),
                 );
             }
         }
         other => {
-            return fail(
-                415,
-                "UnsupportedMediaType",
-                format!(
-                    "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"
-                ),
-            );
+            let message = format!("the body of the request was in an unknown format: {other:?}");
+            return fail(415, "UnsupportedMediaType", message);
         }
     }
-    update(
-        shared,
-        &mut inner,
-        key,
-        target.sub.as_deref(),
-        doc,
-        &old,
-        dry_run,
-    )
+    if !doc.is_object() {
+        return fail(
+            422,
+            "Invalid",
+            "the patched object is not a JSON object".into(),
+        );
+    }
+    update(shared, &mut inner, target, doc, &old)
 }
 
-fn delete(shared: &Shared, target: &Target, dry_run: bool) -> Reply {
-    let key = key_for(target, target.name.as_deref().unwrap_or(""));
+fn delete(shared: &Shared, target: &Target) -> Reply {
+    let key = target.key();
     let mut inner = shared.lock();
-    let deleted = if dry_run {
-        inner.objects.get(&key).cloned()
-    } else {
-        inner.delete(shared, &key)
+    let deleted = match target.dry_run {
+        true => inner.objects.get(&key).cloned(),
+        false => inner.delete(shared, &key),
     };
     match deleted {
         None => not_found(&key),
         // Custom resources answer with the deleted object, core resources with a Success Status.
         Some(object) if !key.coll.is_core() => reply(200, &object),
         Some(object) => {
-            let mut d = details(&key);
-            d["uid"] = object["metadata"]["uid"].clone();
-            reply(
-                200,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "details": d}),
-            )
+            let mut details = details(&key);
+            details["uid"] = object["metadata"]["uid"].clone();
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Success", "details": details});
+            reply(200, &status)
         }
     }
 }
 
 fn subject_access_review(shared: &Shared, body: Option<Json>) -> Reply {
     let Some(mut review) = body.filter(Json::is_object) else {
-        return fail(
-            400,
-            "BadRequest",
-            "the request body is not a JSON object".into(),
-        );
+        return bad_request("the request body is not a JSON object");
     };
     let responder = shared.lock().sar.clone();
     let status = match responder(&review) {
         SarAnswer::Allow => json!({"allowed": true}),
         SarAnswer::Deny(reason) => json!({"allowed": false, "denied": true, "reason": reason}),
         SarAnswer::Error(code) => {
-            return fail(
-                code,
-                reason_for(code),
-                format!("SubjectAccessReview failed: HTTP {code}"),
-            );
+            let message = format!("SubjectAccessReview failed: HTTP {code}");
+            return fail(code, reason_for(code), message);
         }
     };
     review["kind"] = json!("SubjectAccessReview");
@@ -1178,11 +1073,11 @@ fn subject_access_review(shared: &Shared, body: Option<Json>) -> Reply {
 
 struct WatchStream {
     backlog: VecDeque<Bytes>,
-    /// Stop once the backlog is sent (410 Expired).
+    /// End once the backlog is sent (after a 410 Expired).
     finished: bool,
     rx: broadcast::Receiver<Broadcast>,
     close: watch::Receiver<u64>,
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<Instant>,
     filter: Filter,
     bookmarks: bool,
     types: Json,
@@ -1194,9 +1089,7 @@ struct OpenWatch(Arc<Shared>);
 
 impl Drop for OpenWatch {
     fn drop(&mut self) {
-        self.0
-            .open_watches
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.open_watches.fetch_sub(1, SeqCst);
     }
 }
 
@@ -1213,44 +1106,35 @@ fn bookmark(types: &Json, rv: u64, annotations: Json) -> Bytes {
 fn start_watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, String>) -> Reply {
     let filter = match Filter::parse(target, query) {
         Ok(f) => f,
-        Err(message) => return fail(400, "BadRequest", message),
+        Err(message) => return bad_request(message),
     };
     let flag = |name: &str| query.get(name).is_some_and(|v| v == "true" || v == "1");
     let (bookmarks, initial) = (flag("allowWatchBookmarks"), flag("sendInitialEvents"));
-    let deadline = query
-        .get("timeoutSeconds")
-        .and_then(|t| t.parse().ok())
-        .map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok());
+    let deadline = timeout.map(|s| Instant::now() + Duration::from_secs(s));
+    let from = query
+        .get("resourceVersion")
+        .filter(|v| !v.is_empty() && *v != "0");
     let inner = shared.lock();
     let types = json!({"kind": inner.kind(&target.coll), "apiVersion": target.coll.api_version()});
     let mut backlog = VecDeque::new();
     let mut finished = false;
-    match query
-        .get("resourceVersion")
-        .map(String::as_str)
-        .filter(|v| !v.is_empty() && *v != "0")
-    {
+    match from {
         Some(rv) if !initial => {
             let Ok(from) = rv.parse::<u64>() else {
-                return fail(
-                    400,
-                    "BadRequest",
-                    format!("invalid resource version {rv:?}"),
-                );
+                return bad_request(format!("invalid resource version {rv:?}"));
             };
             if from < inner.floor {
                 let message = format!("too old resource version: {from} ({})", inner.floor + 1);
-                backlog.push_back(line(
-                    "ERROR",
-                    &status_body(410, "Expired", message, json!({})),
-                ));
+                let expired = status_body(410, "Expired", message, json!({}));
+                backlog.push_back(line("ERROR", &expired));
                 finished = true;
             }
-            let replay = inner
+            for (_, event) in inner
                 .history
                 .iter()
-                .filter(|(rv, _)| *rv > from && !finished);
-            for (_, event) in replay {
+                .filter(|(rv, _)| *rv > from && !finished)
+            {
                 if let Broadcast::Event { key, kind, object } = event
                     && filter.matches(key, object)
                 {
@@ -1258,29 +1142,22 @@ fn start_watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, St
                 }
             }
         }
-        // No resourceVersion (or "0", or sendInitialEvents): synthetic ADDED for the current state.
+        // No resourceVersion, "0", or sendInitialEvents: synthetic ADDED for the current state.
         _ => {
-            for (key, object) in &inner.objects {
-                if filter.matches(key, object) {
-                    backlog.push_back(line("ADDED", object));
-                }
-            }
+            let current = inner.objects.iter().filter(|(k, o)| filter.matches(k, o));
+            backlog.extend(current.map(|(_, o)| line("ADDED", o)));
             if initial && bookmarks {
-                backlog.push_back(bookmark(
-                    &types,
-                    inner.rv,
-                    json!({"k8s.io/initial-events-end": "true"}),
-                ));
+                let end = json!({"k8s.io/initial-events-end": "true"});
+                backlog.push_back(bookmark(&types, inner.rv, end));
             }
         }
     }
-    // Subscribing under the lock: every later event has a higher resourceVersion than the backlog.
+    // Subscribed under the lock: every later event is newer than the backlog.
     let rx = shared.events.subscribe();
     drop(inner);
-    shared
-        .open_watches
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    shared.open_watches.fetch_add(1, SeqCst);
     let close = shared.close.subscribe();
+    let _open = OpenWatch(shared.clone());
     let state = WatchStream {
         backlog,
         finished,
@@ -1290,7 +1167,7 @@ fn start_watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, St
         filter,
         bookmarks,
         types,
-        _open: OpenWatch(shared.clone()),
+        _open,
     };
     let stream = futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -1311,20 +1188,23 @@ fn start_watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, St
                 _ = st.close.changed() => return None,
                 _ = timeout => return None,
                 msg = st.rx.recv() => match msg {
-                    Ok(Broadcast::Event { key, kind, object }) if st.filter.matches(&key, &object) => {
-                        st.backlog.push_back(line(kind, &object));
+                    Ok(Broadcast::Event { key, kind, object }) => {
+                        if st.filter.matches(&key, &object) {
+                            st.backlog.push_back(line(kind, &object));
+                        }
                     }
-                    Ok(Broadcast::Bookmark(rv)) if st.bookmarks => st.backlog.push_back(bookmark(&st.types, rv, json!({}))),
-                    Ok(_) => {}
-                    // Lagged or closed: end the watch, as a real server does for a slow watcher.
+                    Ok(Broadcast::Bookmark(rv)) => {
+                        if st.bookmarks {
+                            st.backlog.push_back(bookmark(&st.types, rv, json!({})));
+                        }
+                    }
+                    // Lagged or closed: end the watch, as a real server does with a slow watcher.
                     Err(_) => return None,
                 },
             }
         }
     });
-    Response::builder()
-        .status(200)
-        .header("content-type", "application/json")
-        .body(Body::from_stream(stream))
-        .unwrap_or_default()
+    let response = Response::builder().status(200);
+    let response = response.header("content-type", "application/json");
+    response.body(Body::from_stream(stream)).unwrap_or_default()
 }
