@@ -234,6 +234,7 @@ async fn relists_after_410_expired_and_drops_stores_deleted_meanwhile() {
     // deletion is only visible through a relist.
     api.inject(Fault::status("GET", "/api/v1/namespaces", 500).watches_only());
     api.close_watches();
+    eventually("watch closed", || api.open_watches() == 0).await;
     api.remove(
         &Collection::secrets(),
         Some(NS),
@@ -614,4 +615,110 @@ async fn fake_faults_fail_hang_and_clear() {
     );
     api.clear_faults();
     assert!(pods.get("p").await.is_ok());
+}
+
+#[tokio::test]
+async fn fake_serves_streaming_lists_and_watch_options() {
+    use kube::runtime::watcher::{Config, Event, watcher};
+    let api = FakeApiServer::start().await;
+    api.put(secret("ns", "a", &[]));
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "ns");
+    // sendInitialEvents: ADDED for the current state, then the initial-events-end bookmark.
+    let mut events = watcher(secrets.clone(), Config::default().streaming_lists()).boxed();
+    let mut seen = Vec::new();
+    while let Some(event) = tokio::time::timeout(WAIT, events.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        match event {
+            Event::Init => seen.push("init".to_owned()),
+            Event::InitApply(s) => seen.push(s.metadata.name.unwrap()),
+            Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["init", "a"]);
+    let lists = api
+        .requests()
+        .iter()
+        .filter(|r| !r.query.contains("watch=true"))
+        .count();
+    assert_eq!(lists, 0, "no list call with streaming lists");
+
+    // timeoutSeconds ends the stream; a label selector filters live events.
+    let wp = WatchParams::default().timeout(1).labels("team=x");
+    let rv = api.resource_version().to_string();
+    let mut watch = secrets.watch(&wp, &rv).await.unwrap().boxed();
+    let mut labelled = secret("ns", "b", &[]);
+    labelled["metadata"]["labels"] = json!({"team": "x"});
+    api.put(secret("ns", "c", &[]));
+    api.put(labelled);
+    match watch.try_next().await.unwrap() {
+        Some(WatchEvent::Added(s)) => assert_eq!(s.metadata.name.as_deref(), Some("b")),
+        other => panic!("unexpected {other:?}"),
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(3), watch.try_next()).await;
+    assert!(ended.unwrap().unwrap().is_none(), "ended by timeoutSeconds");
+}
+
+#[tokio::test]
+async fn fake_patch_preconditions_dry_run_and_custom_resource_delete() {
+    let api = FakeApiServer::start().await;
+    api.put(secret("ns", "s", &[("a", "1")]));
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "ns");
+    let stale =
+        Patch::Merge(json!({"metadata": {"resourceVersion": "1"}, "stringData": {"b": "2"}}));
+    assert!(
+        api_error(
+            secrets
+                .patch("s", &PatchParams::default(), &stale)
+                .await
+                .unwrap_err()
+        )
+        .is_conflict()
+    );
+
+    let dry = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let new: Secret = serde_json::from_value(secret("ns", "dry", &[])).unwrap();
+    let before = api.resource_version();
+    assert_eq!(
+        secrets
+            .create(&dry, &new)
+            .await
+            .unwrap()
+            .metadata
+            .name
+            .as_deref(),
+        Some("dry")
+    );
+    assert!(
+        api.object(&Collection::secrets(), Some("ns"), "dry")
+            .is_none()
+    );
+    assert_eq!(api.resource_version(), before, "dry run writes nothing");
+
+    let bundles = Collection::new("secrets.iomete.com/v1alpha1", "resourcebundles");
+    api.put(
+        json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+                   "metadata": {"name": "b", "namespace": "ns"}, "spec": {}}),
+    );
+    assert_eq!(api.objects(&bundles).len(), 1);
+    let ar = ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("secrets.iomete.com", "v1alpha1", "ResourceBundle"),
+        "resourcebundles",
+    );
+    let api_bundles: Api<DynamicObject> = Api::namespaced_with(api.client(), "ns", &ar);
+    let deleted = api_bundles
+        .delete("b", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        deleted.is_left(),
+        "custom resources answer with the deleted object"
+    );
+    assert!(api.objects(&bundles).is_empty());
 }

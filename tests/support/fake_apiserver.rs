@@ -1184,7 +1184,9 @@ fn start_watch(shared: &Arc<Shared>, target: &Target, query: &HashMap<String, St
                     None => std::future::pending().await,
                 }
             };
+            // Biased: once `close_watches` returns, no further event goes out on this stream.
             tokio::select! {
+                biased;
                 _ = st.close.changed() => return None,
                 _ = timeout => return None,
                 msg = st.rx.recv() => match msg {
