@@ -142,6 +142,18 @@ impl Metrics {
             "Seconds until the serving certificate expires (negative once expired)",
             cert_expiry.clone(),
         );
+        // Known series start at zero, so rates and alerts work before the first event.
+        for workload in WORKLOADS {
+            let _ = durations.get_or_create(&WorkloadLabels {
+                workload: (*workload).to_owned(),
+            });
+            for outcome in OUTCOMES {
+                let _ = admissions.get_or_create(&AdmissionLabels {
+                    workload: (*workload).to_owned(),
+                    outcome: (*outcome).to_owned(),
+                });
+            }
+        }
         Self {
             registry,
             admissions,
@@ -233,6 +245,7 @@ mod tests {
         for line in [
             "secrets_webhook_admissions_total{workload=\"spark-driver\",outcome=\"patched\"} 1",
             "secrets_webhook_admissions_total{workload=\"jupyter\",outcome=\"denied\"} 1",
+            "secrets_webhook_admissions_total{workload=\"none\",outcome=\"allowed\"} 0",
             "secrets_webhook_patches_total 1",
             "secrets_webhook_denials_total{reason=\"missing-key\"} 1",
             "secrets_webhook_cache_requests_total{cache=\"vault\",result=\"hit\"} 1",
@@ -256,6 +269,6 @@ mod tests {
         );
         assert!(text.contains("reason=\"other\""), "{text}");
         assert!(!text.contains("db_password"), "{text}");
-        assert!(!text.contains("secrets_webhook_patches_total 1"), "{text}");
+        assert!(text.contains("secrets_webhook_patches_total 0"), "{text}");
     }
 }

@@ -125,8 +125,10 @@ fn timeout_from_query(query: &str) -> Option<Duration> {
 /// A Go `time.Duration` string as the API server writes it (`10s`, `1m30s`, `500ms`, `1.5s`).
 /// Negative or malformed values give `None`.
 pub(crate) fn parse_go_duration(text: &str) -> Option<Duration> {
-    if text == "0" {
-        return Some(Duration::ZERO);
+    match text {
+        "" => return None,
+        "0" => return Some(Duration::ZERO),
+        _ => {}
     }
     let mut rest = text;
     let mut total = 0f64;
