@@ -398,6 +398,9 @@ async fn slow_and_silent_clients_are_disconnected_and_do_not_block_others() {
         started.elapsed() < timeout,
         "served while others were silent"
     );
+    // An idle keep-alive connection is closed after the same time.
+    let idle = time_until_closed(&mut conn, limit).await;
+    assert!(idle >= timeout / 2, "idle connection closed after {idle:?}");
     // ...and are dropped once the handshake time is over.
     for tcp in &mut silent {
         let waited = time_until_closed(tcp, limit).await;

@@ -90,11 +90,7 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
     let initial = tls::load_pair(&options.tls).await?;
     let metrics = webhook.metrics.clone();
     if let Some(not_after) = initial.not_after {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        metrics.cert_expiry(not_after as f64 - now);
+        metrics.cert_expiry(tls::seconds_until(not_after));
     }
     let resolver = Arc::new(CertResolver::new(initial.certified.clone()));
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));

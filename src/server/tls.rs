@@ -170,7 +170,8 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<ServerConfig, TlsErr
     Ok(config)
 }
 
-fn seconds_until(not_after: i64) -> f64 {
+/// Seconds from now until `not_after` (Unix seconds); negative once past.
+pub(crate) fn seconds_until(not_after: i64) -> f64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
