@@ -488,8 +488,7 @@ async fn shutdown_turns_not_ready_stops_accepting_and_lets_in_flight_requests_fi
     assert_eq!(answer.json()["response"]["uid"], "uid-in-flight");
     tokio::time::timeout(Duration::from_secs(5), server.finished())
         .await
-        .expect("serve returns once drained")
-        .unwrap();
+        .expect("serve returns once drained");
 }
 
 #[tokio::test]
@@ -514,8 +513,7 @@ async fn drain_is_bounded_when_a_request_never_finishes() {
     server.begin_shutdown();
     tokio::time::timeout(Duration::from_secs(5), server.finished())
         .await
-        .expect("serve returns after the drain time")
-        .unwrap();
+        .expect("serve returns after the drain time");
     assert!(started.elapsed() >= Duration::from_millis(400));
     time_until_closed(&mut conn, Duration::from_secs(5)).await;
 }

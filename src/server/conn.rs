@@ -48,7 +48,7 @@ pub(crate) async fn accept_loop(
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(ended) = connections.join_next(), if !connections.is_empty() => log_panic(ended),
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _peer)) => {
                     connections.spawn(serve_connection(tcp, how.clone(), stop.clone()));
@@ -62,7 +62,9 @@ pub(crate) async fn accept_loop(
     }
     drop(listener);
     let drained = tokio::time::timeout(how.drain, async {
-        while connections.join_next().await.is_some() {}
+        while let Some(ended) = connections.join_next().await {
+            log_panic(ended);
+        }
     })
     .await;
     if drained.is_err() {
@@ -71,6 +73,14 @@ pub(crate) async fn accept_loop(
             "drain time is over; closing the remaining connections"
         );
         connections.shutdown().await;
+    }
+}
+
+fn log_panic(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        tracing::error!(error = %e, "a connection task panicked");
     }
 }
 

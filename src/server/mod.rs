@@ -68,8 +68,6 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("a server task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 /// Both ports bound and the certificate loaded; nothing is served until [`Bound::serve`].
@@ -145,8 +143,11 @@ impl Bound {
 
     /// Serves until `shutdown` completes; then reports not-ready, stops accepting, lets in-flight
     /// admission requests finish within the drain time, stops the admin port, and returns.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    /// Dropping the future stops everything at once.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let Bound {
+            addr,
+            admin_addr,
             listener,
             admin_listener,
             acceptor,
@@ -154,23 +155,26 @@ impl Bound {
             initial,
             state,
             options,
-            ..
         } = self;
         let (stop, stopped) = watch::channel(false);
         let (admin_stop, admin_stopped) = watch::channel(false);
-        let reload_stopped = stopped.clone();
-        let reload = tokio::spawn(async move { reloader.run(&initial, reload_stopped).await });
-        let admission = tokio::spawn(conn::accept_loop(
-            listener,
-            conn::Listener {
-                tls: Some(acceptor),
-                router: http::admission_router(state.clone()),
-                header_timeout: options.header_timeout,
-                drain: options.drain,
-            },
-            stopped,
-        ));
-        let admin = tokio::spawn(conn::accept_loop(
+        let reload = reloader.run(&initial, stopped.clone());
+        let admission = async {
+            conn::accept_loop(
+                listener,
+                conn::Listener {
+                    tls: Some(acceptor),
+                    router: http::admission_router(state.clone()),
+                    header_timeout: options.header_timeout,
+                    drain: options.drain,
+                },
+                stopped,
+            )
+            .await;
+            // The admin port outlives the drain, so /readyz keeps saying "draining" meanwhile.
+            admin_stop.send_replace(true);
+        };
+        let admin = conn::accept_loop(
             admin_listener,
             conn::Listener {
                 tls: None,
@@ -179,22 +183,16 @@ impl Bound {
                 drain: ADMIN_DRAIN,
             },
             admin_stopped,
-        ));
-        tracing::info!(admission = %options.listen, admin = %options.admin_listen, "serving");
-
-        shutdown.await;
-        tracing::info!(drain = ?options.drain, "shutting down: not ready, no new connections, draining");
-        state.draining.store(true, Ordering::SeqCst);
-        stop.send_replace(true);
-        let admission_result = admission.await;
-        admin_stop.send_replace(true);
-        let admin_result = admin.await;
-        let reload_result = reload.await;
-        admission_result?;
-        admin_result?;
-        reload_result?;
+        );
+        let control = async {
+            tracing::info!(admission = %addr, admin = %admin_addr, "serving");
+            shutdown.await;
+            tracing::info!(drain = ?options.drain, "shutting down: not ready, no new connections, draining");
+            state.draining.store(true, Ordering::SeqCst);
+            stop.send_replace(true);
+        };
+        tokio::join!(control, admission, admin, reload);
         tracing::info!("drained; exiting");
-        Ok(())
     }
 }
 
@@ -264,7 +262,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
             admin = bound.admin_addr(),
         );
     }
-    bound.serve(shutdown_signal()).await?;
+    bound.serve(shutdown_signal()).await;
     Ok(())
 }
 

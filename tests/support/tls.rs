@@ -20,7 +20,7 @@ use secrets_webhook::authz::{Authorizer, Decision, Identity, Resource};
 use secrets_webhook::backends::{StoreCheck, StoreIndex};
 use secrets_webhook::config::Settings;
 use secrets_webhook::metrics::Metrics;
-use secrets_webhook::server::{ServerError, ServerOptions, bind};
+use secrets_webhook::server::{ServerOptions, bind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -164,7 +164,7 @@ pub struct TestServer {
     pub admin_addr: SocketAddr,
     pub stores: Arc<StoresGate>,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServerError>>>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl TestServer {
@@ -201,7 +201,7 @@ impl TestServer {
     }
 
     /// Waits for `serve` to return.
-    pub async fn finished(&mut self) -> Result<(), ServerError> {
+    pub async fn finished(&mut self) {
         self.task.take().unwrap().await.unwrap()
     }
 
