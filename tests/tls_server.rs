@@ -40,6 +40,8 @@ async fn admission_review_is_answered_with_its_uid_over_h2_and_http1() {
         "application/json"
     );
     let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(body["kind"], "AdmissionReview");
     assert_eq!(body["response"]["uid"], "0c1d2e3f-h2");
     assert_eq!(body["response"]["allowed"], true);
 
@@ -360,6 +362,8 @@ async fn admin_port_reports_liveness_readiness_and_metrics() {
         "# TYPE secrets_webhook_admission_duration_seconds histogram",
         "# TYPE secrets_webhook_patches counter",
         "secrets_webhook_patches_total 0",
+        "secrets_webhook_admissions_total{workload=\"none\",outcome=\"allowed\"} 1",
+        "secrets_webhook_admission_duration_seconds_count{workload=\"none\"} 1",
     ] {
         assert!(text.contains(name), "missing {name:?} in:\n{text}");
     }

@@ -9,16 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
 };
 use rustls::ClientConfig;
 use rustls::pki_types::{CertificateDer, ServerName};
 use secrets_webhook::admission::Webhook;
-use secrets_webhook::authz::{Authorizer, Decision, Identity, Resource};
+use secrets_webhook::backends::local::LocalStores;
 use secrets_webhook::backends::{StoreCheck, StoreIndex};
-use secrets_webhook::config::Settings;
+use secrets_webhook::config::{LocalConfig, Settings};
 use secrets_webhook::metrics::Metrics;
 use secrets_webhook::server::{ServerOptions, bind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -121,41 +120,35 @@ impl CertDir {
     }
 }
 
-/// Test double: allows every `Use` check (the server tests do not exercise authorization).
-pub struct AllowAll;
-
-#[async_trait]
-impl Authorizer for AllowAll {
-    async fn check_use(&self, _who: &Identity, _what: &Resource, _deadline: Instant) -> Decision {
-        Decision::Allow
-    }
-}
-
-/// Test double: an empty store index whose readiness the test switches.
-#[derive(Default)]
+/// The store index `Webhook::from_local` builds, behind a readiness switch the test flips (stands in
+/// for a watch cache that has not listed yet).
 pub struct StoresGate {
     pub ready: AtomicBool,
+    inner: LocalStores,
 }
 
 impl StoreIndex for StoresGate {
     fn ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.inner.ready()
     }
 
-    fn check(&self, _store: &str, _key: &str) -> StoreCheck {
-        StoreCheck::MissingStore
+    fn check(&self, store: &str, key: &str) -> StoreCheck {
+        self.inner.check(store, key)
     }
 }
 
-/// The engine the server tests run against (the one place to switch to `Webhook::from_local`).
-pub fn test_webhook(stores: Arc<StoresGate>) -> Arc<Webhook> {
-    Arc::new(Webhook {
-        settings: Settings::default(),
-        stores,
-        vault: None,
-        authz: Arc::new(AllowAll),
-        metrics: Arc::new(Metrics::new()),
-    })
+/// The engine the server tests run against: the local-config engine (default settings, an
+/// empty config), with its store index behind a [`StoresGate`].
+pub fn test_webhook() -> (Arc<Webhook>, Arc<StoresGate>) {
+    let settings = Settings::default();
+    let config = LocalConfig::default();
+    let gate = Arc::new(StoresGate {
+        ready: AtomicBool::new(true),
+        inner: LocalStores::new(&config, &settings.naming),
+    });
+    let mut webhook = Webhook::from_local(settings, &config, Arc::new(Metrics::new())).unwrap();
+    webhook.stores = gate.clone();
+    (Arc::new(webhook), gate)
 }
 
 /// A running server on 127.0.0.1:0; dropped = aborted.
@@ -175,10 +168,8 @@ impl TestServer {
         let mut options = ServerOptions::new(loopback, loopback, dir.cert(), dir.key());
         options.reload_interval = Duration::from_millis(100);
         tune(&mut options);
-        let stores = Arc::new(StoresGate {
-            ready: AtomicBool::new(true),
-        });
-        let bound = bind(options, test_webhook(stores.clone())).await.unwrap();
+        let (webhook, stores) = test_webhook();
+        let bound = bind(options, webhook).await.unwrap();
         let (addr, admin_addr) = (bound.addr(), bound.admin_addr());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(bound.serve(async move {
