@@ -521,3 +521,78 @@ async fn drain_is_bounded_when_a_request_never_finishes() {
     assert!(started.elapsed() >= Duration::from_millis(400));
     time_until_closed(&mut conn, Duration::from_secs(5)).await;
 }
+
+/// `secrets-webhook serve --dev` as a real process: prints where it serves and the development CA,
+/// admits over TLS trusted by that CA, reports ready, and exits 0 on SIGTERM.
+#[tokio::test]
+#[ignore = "needs certs::ensure_dev_certs (certs branch); run with --ignored once merged"]
+async fn serve_dev_process_admits_and_exits_0_on_sigterm() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.yaml");
+    std::fs::write(&config, "stores:\n  global: [api_token]\n").unwrap();
+    let certs = tmp.path().join("dev-certs");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_secrets-webhook"))
+        .args(["serve", "--dev", "--log-format", "text"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .arg("--dev-cert-dir")
+        .arg(&certs)
+        .arg("--config")
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut port, mut admin) = (None, None);
+    while port.is_none() || admin.is_none() {
+        let line = lines.recv_timeout(Duration::from_secs(20)).unwrap();
+        if let Some(rest) = line.split("https://localhost:").nth(1) {
+            port = rest.split('/').next().and_then(|p| p.parse::<u16>().ok());
+        }
+        if let Some(rest) = line.split("admin: http://").nth(1) {
+            admin = rest.split('/').next().map(str::to_owned);
+        }
+    }
+    let ca = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let response = https_client(&ca)
+        .post(format!("https://localhost:{}/mutate", port.unwrap()))
+        .body(review("uid-dev-process"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["response"]["uid"], "uid-dev-process");
+    let ready = http_client()
+        .get(format!("http://{}/readyz", admin.unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "still running after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}

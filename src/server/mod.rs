@@ -217,7 +217,9 @@ fn init_tracing(format: &str) -> anyhow::Result<()> {
             let _ = builder.json().try_init();
         }
         "text" => {
-            let _ = builder.try_init();
+            let _ = builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .try_init();
         }
         other => anyhow::bail!("--log-format must be `json` or `text`, not `{other}`"),
     }
