@@ -126,7 +126,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(how.header_timeout)
-        .max_concurrent_streams(64);
+        .max_concurrent_streams(250);
     // The protocol is known (ALPN, or plain HTTP/1.1 on the admin port): no sniffing, which would
     // wait for bytes without a timeout.
     let builder = if h2 {
