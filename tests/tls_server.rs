@@ -49,6 +49,9 @@ async fn admission_review_is_answered_with_its_uid_over_h2_and_http1() {
         .await
         .unwrap();
     assert_eq!(presented_leaf(&conn), pair.leaf_der);
+    let chain = conn.get_ref().1.peer_certificates().unwrap();
+    assert_eq!(chain.len(), 2, "the whole chain from tls.crt is served");
+    assert_eq!(chain[1], pki.ca_der());
     let answer = exchange(&mut conn, &post("/mutate", review("uid-http1").as_bytes()))
         .await
         .unwrap();
