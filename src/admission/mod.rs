@@ -238,8 +238,7 @@ impl Webhook {
             return Ok(Outcome::default());
         }
         let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
-            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            Denial::new("malformed", text.join("\n"))
+            Denial::new("malformed", lines(errors.iter().map(ToString::to_string)))
         })?;
         let workload = workload::classify(pod, &self.settings.selectors)
             .map_err(|e| Denial::new("malformed", e.to_string()))?;
@@ -371,7 +370,7 @@ impl Webhook {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Denial::new("missing-key", problems.join("\n")))
+            Err(Denial::new("missing-key", lines(problems)))
         }
     }
 
@@ -445,7 +444,7 @@ impl Webhook {
         if denials.is_empty() {
             Ok(())
         } else {
-            Err(Denial::new("forbidden", denials.join("\n")))
+            Err(Denial::new("forbidden", lines(denials)))
         }
     }
 
@@ -500,7 +499,7 @@ impl Webhook {
         if problems.is_empty() {
             Ok(out)
         } else {
-            Err(Denial::new("vault", problems.join("\n")))
+            Err(Denial::new("vault", lines(problems)))
         }
     }
 
@@ -557,6 +556,24 @@ fn stamps(identity: &Identity, refs: &[Reference]) -> BTreeMap<String, String> {
             granted.into_iter().collect::<Vec<_>>().join(","),
         ),
     ])
+}
+
+/// Problems one per line; a pod with thousands of bad references gets the first few and a count.
+fn lines(problems: impl IntoIterator<Item = String>) -> String {
+    const SHOWN: usize = 10;
+    let mut out = Vec::with_capacity(SHOWN + 1);
+    let mut more = 0usize;
+    for problem in problems {
+        if out.len() < SHOWN {
+            out.push(problem);
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(format!("… and {more} more"));
+    }
+    out.join("\n")
 }
 
 fn outcome_label(response: &AdmissionResponse) -> &'static str {
