@@ -260,7 +260,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
             "secrets-webhook --dev: https://localhost:{port}/mutate (development CA: {ca})\n\
              admin: http://{admin}/readyz\n\
              try:\n  curl --cacert {ca} -H 'content-type: application/json' \
-             --data @tests/fixtures/review-spark-driver.json https://localhost:{port}/mutate",
+             --data @examples/review-spark-driver.json https://localhost:{port}/mutate",
             admin = bound.admin_addr(),
         );
     }
