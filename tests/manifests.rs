@@ -605,6 +605,21 @@ fn filter_lets_through_reference_annotations_on_any_pod() {
         );
         assert!(admitted_by_filter(&pod), "{key}");
     }
+    // The real pods without their workload labels: the annotation alone is enough.
+    for name in ["spark35-driver-submit", "jupyterhub-singleuser-z2jh"] {
+        let mut pod = fixture(name);
+        pod["metadata"]["labels"] = json!({});
+        assert!(!admitted_by_filter(&pod), "{name} without labels");
+        let pod = with(
+            pod,
+            "/metadata/annotations/env.secrets.iomete.com~1DB_PASSWORD",
+            json!("kubernetes:finance/db_password"),
+        );
+        assert!(
+            admitted_by_filter(&pod),
+            "{name} with a reference annotation"
+        );
+    }
 }
 
 #[test]
@@ -694,4 +709,31 @@ fn filter_lets_through_direct_references_to_managed_secrets_for_the_guard() {
         json!({"name": "S", "valueFrom": {"secretKeyRef": {"key": "k"}}}),
     );
     assert!(!admitted_by_filter(&unnamed));
+}
+
+#[test]
+fn vaultconfig_crd_rule_requires_exactly_one_auth_method() {
+    let crd = &documents("manifests/base/crds/vaultconfigs.yaml")[0];
+    let auth = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["auth"];
+    let rule = auth["x-kubernetes-validations"][0]["rule"]
+        .as_str()
+        .unwrap();
+    let program = cel::Program::compile(rule).unwrap();
+    let holds = |value: &Value| {
+        let mut context = cel::Context::default();
+        context.add_variable_from_value("self", cel::to_value(value).unwrap());
+        program.execute(&context).unwrap() == cel::Value::Bool(true)
+    };
+    let example = object(
+        "examples/vaultconfig.yaml",
+        "VaultConfig",
+        "vault-prod-finance",
+    );
+    assert!(holds(&example["spec"]["auth"]));
+    let token = json!({"token": {"secretRef": {"name": "t", "key": "token"}}});
+    assert!(holds(&token));
+    let both = json!({"token": token["token"], "appRole": example["spec"]["auth"]["appRole"]});
+    assert!(!holds(&both));
+    assert!(!holds(&json!({})));
 }
