@@ -118,7 +118,7 @@ pub fn ensure_dev_certs(dir: &Path) -> Result<DevCerts, CertError> {
         }
     }
     let ca = new_ca(DEV_CA_COMMON_NAME, DEV_DAYS)?;
-    let leaf = new_leaf(&ca, &names, DEV_DAYS)?;
+    let leaf = new_leaf(&ca, "localhost", &names, DEV_DAYS)?;
     write_file(&files.key, leaf.key_pem.as_bytes(), true)?;
     write_file(&files.cert, leaf.chain_pem(&ca).as_bytes(), false)?;
     write_file(&files.ca, ca.cert_pem.as_bytes(), false)?;
@@ -224,13 +224,18 @@ pub fn issue(args: &CertsArgs) -> Result<Issued, CertError> {
         new_ca(CA_COMMON_NAME, args.ca_days)?
     };
     let names = service_names(&args.service, &args.namespace);
-    let leaf = new_leaf(&ca, &names, args.days)?;
+    let common_name = format!("{}.{}.svc", args.service, args.namespace);
+    let leaf = new_leaf(&ca, &common_name, &names, args.days)?;
     let chain_pem = leaf.chain_pem(&ca);
     // Check with a real TLS verifier before handing anything out.
     verify_chain(&ca.cert_der, &leaf.chain(&ca), &names, SystemTime::now())
         .map_err(|(name, reason)| CertError::Verify { name, reason })?;
     if !args.reuse_ca {
-        write_file(&ca_key_path, ca.key.serialize_pem().as_bytes(), true)?;
+        write_file(
+            &ca_key_path,
+            ca.issuer.key().serialize_pem().as_bytes(),
+            true,
+        )?;
         write_file(&ca_path, ca.cert_pem.as_bytes(), false)?;
     }
     write_file(&dir.join("tls.key"), leaf.key_pem.as_bytes(), true)?;
@@ -302,7 +307,7 @@ struct Ca {
     cert_pem: String,
     cert_der: CertificateDer<'static>,
     not_after: OffsetDateTime,
-    key: KeyPair,
+    /// The CA's key and subject, as rcgen signs with them.
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -346,13 +351,11 @@ fn new_ca(common_name: &str, days: u32) -> Result<Ca, CertError> {
     (params.not_before, params.not_after) = validity(days);
     let not_after = params.not_after;
     let cert = params.self_signed(&key)?;
-    let signing_key = KeyPair::from_pem(&key.serialize_pem())?;
     Ok(Ca {
         cert_pem: cert.pem(),
         cert_der: cert.der().clone(),
         not_after,
-        key,
-        issuer: Issuer::new(params, signing_key),
+        issuer: Issuer::new(params, key),
     })
 }
 
@@ -382,12 +385,11 @@ fn load_ca(cert_path: &Path, key_path: &Path) -> Result<Ca, CertError> {
         return Err(bad(format!("{} is not its key", key_path.display())));
     }
     let not_after = parsed.validity().not_after.to_datetime();
-    let issuer = Issuer::from_ca_cert_der(&cert_der, KeyPair::from_pem(&key_text)?)?;
+    let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
     Ok(Ca {
         cert_pem: pem_of(&cert_der),
         cert_der,
         not_after,
-        key,
         issuer,
     })
 }
@@ -403,23 +405,22 @@ fn pem_of(der: &CertificateDer<'_>) -> String {
     out
 }
 
-fn new_leaf(ca: &Ca, names: &[String], days: u32) -> Result<Leaf, CertError> {
-    new_leaf_valid(ca, names, validity(days))
+/// A serving certificate for `names` (DNS names or IP addresses) signed by `ca`. Clients check the
+/// SANs; the common name is only for people reading the certificate.
+fn new_leaf(ca: &Ca, common_name: &str, names: &[String], days: u32) -> Result<Leaf, CertError> {
+    new_leaf_valid(ca, common_name, names, validity(days))
 }
 
 fn new_leaf_valid(
     ca: &Ca,
+    common_name: &str,
     names: &[String],
     (not_before, not_after): (OffsetDateTime, OffsetDateTime),
 ) -> Result<Leaf, CertError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    // Clients use the SANs; the CN is for people reading the certificate.
-    dn.push(
-        DnType::CommonName,
-        names.get(2).or(names.first()).map_or("", String::as_str),
-    );
+    dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     params.subject_alt_names = names
         .iter()
@@ -742,6 +743,29 @@ mod tests {
     }
 
     #[test]
+    fn reuse_ca_refuses_a_leaf_or_a_foreign_key_as_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let issued = issue(&args(dir.path())).unwrap();
+        let mut again = args(dir.path());
+        again.reuse_ca = true;
+        // Someone else's key next to our CA.
+        let ca_key = dir.path().join("ca.key");
+        std::fs::write(&ca_key, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let err = issue(&again).unwrap_err();
+        assert!(err.to_string().contains("is not its key"), "{err}");
+        // The serving certificate and its key in place of the CA.
+        std::fs::write(dir.path().join("ca.pem"), &issued.chain_pem).unwrap();
+        std::fs::write(&ca_key, &issued.key_pem).unwrap();
+        let err = issue(&again).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+        // The failed attempts wrote nothing.
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("tls.crt")).unwrap(),
+            issued.chain_pem
+        );
+    }
+
+    #[test]
     fn reuse_ca_refuses_a_leaf_outliving_the_ca() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = args(dir.path());
@@ -831,7 +855,7 @@ mod tests {
     ) -> Vec<u8> {
         let ca = new_ca(DEV_CA_COMMON_NAME, 30).unwrap();
         let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
-        let leaf = new_leaf_valid(&ca, &names, valid).unwrap();
+        let leaf = new_leaf_valid(&ca, "localhost", &names, valid).unwrap();
         std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
         std::fs::write(dir.join("tls.crt"), leaf.chain_pem(&ca)).unwrap();
         std::fs::write(dir.join("tls.key"), &leaf.key_pem).unwrap();
