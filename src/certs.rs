@@ -68,6 +68,10 @@ pub enum CertError {
         "{what} {value:?} is not a valid DNS label (lowercase letters, digits and '-', at most 63)"
     )]
     InvalidName { what: &'static str, value: String },
+    #[error(
+        "{dir} already holds a CA: pass --reuse-ca to sign a new serving certificate with it, or --new-ca to replace it (then update caBundle)"
+    )]
+    CaExists { dir: PathBuf },
     #[error("--days and --ca-days must be between 2 and 3650, got {0}")]
     InvalidDays(u32),
     #[error(
@@ -144,8 +148,11 @@ pub struct CertsArgs {
     #[arg(long, default_value_t = 3650)]
     pub ca_days: u32,
     /// Sign a new serving certificate with the CA already in --out-dir (rotation keeps the caBundle).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "new_ca")]
     pub reuse_ca: bool,
+    /// Replace a CA already in --out-dir (the webhook's caBundle must then be updated).
+    #[arg(long)]
+    pub new_ca: bool,
     /// Print a `kubernetes.io/tls` Secret manifest on stdout (the files are written as well).
     #[arg(long)]
     pub secret_yaml: bool,
@@ -221,6 +228,10 @@ pub fn issue(args: &CertsArgs) -> Result<Issued, CertError> {
         }
         ca
     } else {
+        // Replacing a CA silently would break the installed caBundle.
+        if !args.new_ca && (ca_path.exists() || ca_key_path.exists()) {
+            return Err(CertError::CaExists { dir: dir.clone() });
+        }
         new_ca(CA_COMMON_NAME, args.ca_days)?
     };
     let names = service_names(&args.service, &args.namespace);
@@ -601,6 +612,7 @@ mod tests {
             days: 365,
             ca_days: 3650,
             reuse_ca: false,
+            new_ca: false,
             secret_yaml: false,
             secret_name: "secrets-webhook-tls".into(),
         }
@@ -730,6 +742,27 @@ mod tests {
             "secrets-webhook.iomete-system.svc",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn an_existing_ca_is_replaced_only_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = issue(&args(dir.path())).unwrap();
+        let err = issue(&args(dir.path())).unwrap_err();
+        assert!(matches!(err, CertError::CaExists { .. }), "{err}");
+        assert!(err.to_string().contains("--reuse-ca"));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.pem")).unwrap(),
+            first.ca_pem
+        );
+        let mut replace = args(dir.path());
+        replace.new_ca = true;
+        let second = issue(&replace).unwrap();
+        assert_ne!(second.ca_pem, first.ca_pem);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.pem")).unwrap(),
+            second.ca_pem
+        );
     }
 
     #[test]
