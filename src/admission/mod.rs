@@ -8,8 +8,8 @@ pub mod workload;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionResponse, AdmissionReview};
+use kube::core::DynamicObject;
 
 use crate::authz::Authorizer;
 use crate::backends::{StoreIndex, VaultSource};
