@@ -9,11 +9,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use secrets_webhook::backends::vault::{VaultBackend, VaultConfigSpec, VaultOptions, data_key};
+use secrets_webhook::backends::vault::spec::{
+    ClusterAppRole, ClusterAuth, ClusterToken, SecretKeyRef,
+};
+use secrets_webhook::backends::vault::{
+    VaultBackend, VaultConfig, VaultConfigResourceSpec, VaultConfigSpec, VaultOptions, data_key,
+};
 use secrets_webhook::backends::{KeyRef, VaultSource, VaultWant};
 use secrets_webhook::config::{LocalConfig, Naming};
 use secrets_webhook::refs::{SecretObject, Source, SourceType};
 use serde_json::json;
+use support::fake_apiserver::{Collection, FakeApiServer, secret as k8s_secret};
 use support::openbao::{OpenBao, ROOT_TOKEN, require_bao};
 
 const CANARY: &str = "canary-9f3b7d-db-password";
@@ -431,4 +437,176 @@ vaultConfigs:
         )
     );
     assert!(elapsed >= budget && elapsed < budget + Duration::from_millis(500), "{elapsed:?}");
+}
+
+fn vault_config(name: &str, host: &str, path: &str, auth: ClusterAuth) -> VaultConfig {
+    let mut config = VaultConfig::new(
+        name,
+        VaultConfigResourceSpec {
+            resource_bundle: "finance-bundle".into(),
+            host: host.into(),
+            path: path.into(),
+            namespace: None,
+            ca_cert: None,
+            auth,
+        },
+    );
+    config.metadata.namespace = Some("iomete-system".into());
+    config
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn secret_data(api: &FakeApiServer, namespace: &str, name: &str) -> Option<serde_json::Value> {
+    api.object(&Collection::secrets(), Some(namespace), name)
+}
+
+fn decoded(object: &serde_json::Value, key: &str) -> Option<String> {
+    use base64::Engine;
+    let b64 = object["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn ready_condition(api: &FakeApiServer, name: &str) -> Option<serde_json::Value> {
+    let object = api.object(&Collection::of::<VaultConfig>(), Some("iomete-system"), name)?;
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_configs_materialize_into_managed_secrets() {
+    let logs = captured_logs();
+    let Some(bin) = require_bao("in_cluster_configs_materialize_into_managed_secrets") else {
+        return;
+    };
+    let bao = OpenBao::start(&bin).await;
+    bao.put_kv2(None, "secret", "production", json!({"db_password": CANARY, "user": "app"}))
+        .await;
+    bao.policy("reader", r#"path "secret/data/production*" { capabilities = ["read"] }"#)
+        .await;
+    let (role_id, secret_id) = bao.approle("finance", &["reader"], "1h").await;
+    bao.api("POST", "sys/mounts/kv1", Some(json!({"type": "kv", "options": {"version": "1"}})))
+        .await;
+
+    let api = FakeApiServer::start().await;
+    api.put(k8s_secret(
+        "iomete-system",
+        "vault-prod-finance-credentials",
+        &[("secret-id", &secret_id)],
+    ));
+    api.put(k8s_secret("iomete-system", "root-token", &[("token", ROOT_TOKEN)]));
+    let approle = ClusterAuth {
+        app_role: Some(ClusterAppRole {
+            role_id: role_id.clone(),
+            secret_id_ref: SecretKeyRef {
+                name: "vault-prod-finance-credentials".into(),
+                key: "secret-id".into(),
+            },
+            mount: None,
+        }),
+        token: None,
+    };
+    let root = ClusterAuth {
+        app_role: None,
+        token: Some(ClusterToken {
+            secret_ref: SecretKeyRef {
+                name: "root-token".into(),
+                key: "token".into(),
+            },
+        }),
+    };
+    api.put_typed(&vault_config("vault-prod-finance", &bao.addr, "/v1/secret/data/production", approle));
+    api.put_typed(&vault_config("vault-kv1", &bao.addr, "/v1/kv1/production", root));
+    // A same-named Secret someone else owns must not be taken over.
+    api.put(k8s_secret("squatter", "iomete-vault-vault-prod-finance", &[("x", "y")]));
+
+    let options = VaultOptions {
+        cache_ttl: Duration::ZERO,
+        ..VaultOptions::default()
+    };
+    let backend = VaultBackend::in_cluster(api.client(), Naming::default(), options);
+    eventually("the VaultConfig listing", || backend.ready()).await;
+    assert_eq!(backend.bundle_of("vault-prod-finance").as_deref(), Some("finance-bundle"));
+
+    // Test Connection results land in status.conditions (type Ready).
+    eventually("Ready conditions", || {
+        ready_condition(&api, "vault-prod-finance").is_some() && ready_condition(&api, "vault-kv1").is_some()
+    })
+    .await;
+    let ready = ready_condition(&api, "vault-prod-finance").unwrap();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("Connected")), "{ready}");
+    assert_eq!(ready["observedGeneration"], 1);
+    let kv1 = ready_condition(&api, "vault-kv1").unwrap();
+    assert_eq!((kv1["status"].as_str(), kv1["reason"].as_str()), (Some("False"), Some("KvV1Unsupported")), "{kv1}");
+
+    let writes = |api: &FakeApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/api/v1/") && r.path.contains("/secrets") && matches!(r.method.as_str(), "POST" | "PATCH" | "PUT"))
+            .count()
+    };
+    let managed = "iomete-vault-vault-prod-finance";
+
+    // dryRun: read and check, write nothing.
+    let dry = deliver(&backend, &[("vault-prod-finance", "db_password")], true, Duration::from_secs(4)).await;
+    assert!(dry[0].is_ok(), "{dry:?}");
+    assert_eq!(writes(&api), 0);
+    assert!(secret_data(&api, "spark-apps", managed).is_none());
+
+    // The pod's reference: the managed Secret is created, labelled, holds the value read from Vault.
+    let out = one(&backend, "vault-prod-finance", "db_password").await;
+    assert_eq!(out, Ok(KeyRef { secret: managed.into(), key: "db_password".into() }));
+    let object = secret_data(&api, "spark-apps", managed).expect("managed Secret written");
+    assert_eq!(decoded(&object, "db_password").as_deref(), Some(CANARY));
+    assert_eq!(object["metadata"]["labels"]["app.kubernetes.io/managed-by"], "secrets-webhook");
+    assert_eq!(object["metadata"]["labels"]["secrets.iomete.com/vault-config"], "vault-prod-finance");
+    assert_eq!(object["data"].as_object().unwrap().len(), 1, "only the keys in use");
+    assert_eq!(writes(&api), 1);
+
+    // Same value again: no write. A new key: merged in, the old one kept.
+    assert!(one(&backend, "vault-prod-finance", "db_password").await.is_ok());
+    assert_eq!(writes(&api), 1);
+    assert!(one(&backend, "vault-prod-finance", "user").await.is_ok());
+    assert_eq!(writes(&api), 2);
+    let object = secret_data(&api, "spark-apps", managed).unwrap();
+    assert_eq!(decoded(&object, "user").as_deref(), Some("app"));
+    assert_eq!(decoded(&object, "db_password").as_deref(), Some(CANARY));
+
+    // A changed value in Vault is written once.
+    bao.put_kv2(None, "secret", "production", json!({"db_password": "rotated-value", "user": "app"}))
+        .await;
+    assert!(one(&backend, "vault-prod-finance", "db_password").await.is_ok());
+    assert!(one(&backend, "vault-prod-finance", "db_password").await.is_ok());
+    assert_eq!(writes(&api), 3);
+    let object = secret_data(&api, "spark-apps", managed).unwrap();
+    assert_eq!(decoded(&object, "db_password").as_deref(), Some("rotated-value"));
+
+    // Denials in a cluster: KV v1, and a Secret the webhook does not manage.
+    assert!(err_of(one(&backend, "vault-kv1", "a").await).contains("KV version 1"));
+    let objects = [vault_ref("vault-prod-finance", "user")];
+    let wants = [VaultWant { secret: &objects[0] }];
+    let squatted = backend
+        .deliver("squatter", &wants, false, Instant::now() + Duration::from_secs(4))
+        .await;
+    assert_eq!(
+        squatted[0].as_ref().unwrap_err(),
+        "vault config vault-prod-finance: Secret squatter/iomete-vault-vault-prod-finance exists but is not managed by secrets-webhook; delete or rename it so the webhook can manage it"
+    );
+
+    // Deleting the VaultConfig removes it.
+    api.remove(&Collection::of::<VaultConfig>(), Some("iomete-system"), "vault-kv1");
+    eventually("the deletion", || backend.bundle_of("vault-kv1").is_none()).await;
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(!logs.contains(CANARY) && !logs.contains("rotated-value"), "a secret value reached the logs");
 }
