@@ -124,19 +124,41 @@ async fn reads_deliver_and_deny_clearly() {
     let bao = OpenBao::start(&bin).await;
 
     // Seed: KV v2 secrets (live, nested, deleted, destroyed), a KV v1 mount, a namespace.
-    bao.put_kv2(None, "secret", "production", json!({"db_password": CANARY, "user": "app", "port": 5432}))
+    bao.put_kv2(
+        None,
+        "secret",
+        "production",
+        json!({"db_password": CANARY, "user": "app", "port": 5432}),
+    )
+    .await;
+    bao.put_kv2(
+        None,
+        "secret",
+        "production/team/db",
+        json!({"password": CANARY_NESTED}),
+    )
+    .await;
+    bao.put_kv2(None, "secret", "production/child", json!({"x": "1"}))
         .await;
-    bao.put_kv2(None, "secret", "production/team/db", json!({"password": CANARY_NESTED}))
+    bao.put_kv2(None, "secret", "production/gone", json!({"a": "1"}))
         .await;
-    bao.put_kv2(None, "secret", "production/child", json!({"x": "1"})).await;
-    bao.put_kv2(None, "secret", "production/gone", json!({"a": "1"})).await;
     bao.api("DELETE", "secret/data/production/gone", None).await;
-    bao.put_kv2(None, "secret", "production/burned", json!({"a": "1"})).await;
-    bao.api("POST", "secret/destroy/production/burned", Some(json!({"versions": [1]})))
+    bao.put_kv2(None, "secret", "production/burned", json!({"a": "1"}))
         .await;
-    bao.api("POST", "sys/mounts/kv1", Some(json!({"type": "kv", "options": {"version": "1"}})))
+    bao.api(
+        "POST",
+        "secret/destroy/production/burned",
+        Some(json!({"versions": [1]})),
+    )
+    .await;
+    bao.api(
+        "POST",
+        "sys/mounts/kv1",
+        Some(json!({"type": "kv", "options": {"version": "1"}})),
+    )
+    .await;
+    bao.api("POST", "kv1/production", Some(json!({"a": "b"})))
         .await;
-    bao.api("POST", "kv1/production", Some(json!({"a": "b"}))).await;
     bao.api("POST", "sys/namespaces/team-a", None).await;
     let (status, _) = bao
         .api_ns(
@@ -147,8 +169,13 @@ async fn reads_deliver_and_deny_clearly() {
         )
         .await;
     assert_eq!(status, 204);
-    bao.put_kv2(Some("team-a"), "secret", "app", json!({"api_key": "in-namespace"}))
-        .await;
+    bao.put_kv2(
+        Some("team-a"),
+        "secret",
+        "app",
+        json!({"api_key": "in-namespace"}),
+    )
+    .await;
     bao.policy(
         "reader",
         r#"path "secret/data/production" { capabilities = ["read"] }
@@ -157,8 +184,11 @@ async fn reads_deliver_and_deny_clearly() {
            path "secret/metadata/production/*" { capabilities = ["read", "list"] }"#,
     )
     .await;
-    bao.policy("lister", r#"path "secret/metadata/*" { capabilities = ["list"] }"#)
-        .await;
+    bao.policy(
+        "lister",
+        r#"path "secret/metadata/*" { capabilities = ["list"] }"#,
+    )
+    .await;
     let (role_id, secret_id) = bao.approle("finance", &["reader"], "1h").await;
     let secret_id_file = bao.file("secret-id", &format!("{secret_id}\n"));
     let reader_token = bao.file("reader-token", &bao.token(&["reader"], None, false).await);
@@ -191,8 +221,12 @@ vaultConfigs:
     );
     let config_file = bao.file("config.yaml", &config_yaml);
     let specs = parse_configs(&config_yaml);
-    let backend = VaultBackend::from_local(&specs, Naming::default(), VaultOptions::default()).unwrap();
-    assert_eq!(backend.bundle_of("vault-prod-finance").as_deref(), Some("finance-bundle"));
+    let backend =
+        VaultBackend::from_local(&specs, Naming::default(), VaultOptions::default()).unwrap();
+    assert_eq!(
+        backend.bundle_of("vault-prod-finance").as_deref(),
+        Some("finance-bundle")
+    );
 
     // Done means: AppRole login, the field at the path and one below it, each with its KeyRef.
     let out = deliver(
@@ -210,16 +244,38 @@ vaultConfigs:
     assert_eq!(
         out,
         vec![
-            Ok(KeyRef { secret: secret.clone(), key: "db_password".into() }),
-            Ok(KeyRef { secret: secret.clone(), key: data_key("team/db#password") }),
-            Ok(KeyRef { secret: secret.clone(), key: "port".into() }),
+            Ok(KeyRef {
+                secret: secret.clone(),
+                key: "db_password".into()
+            }),
+            Ok(KeyRef {
+                secret: secret.clone(),
+                key: data_key("team/db#password")
+            }),
+            Ok(KeyRef {
+                secret: secret.clone(),
+                key: "port".into()
+            }),
         ]
     );
-    let writes: Vec<String> = backend.take_would_be_writes().iter().map(ToString::to_string).collect();
+    let writes: Vec<String> = backend
+        .take_would_be_writes()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(writes.len(), 3, "{writes:?}");
-    assert!(writes.contains(&format!("Secret spark-apps/{secret} key db_password")), "{writes:?}");
+    assert!(
+        writes.contains(&format!("Secret spark-apps/{secret} key db_password")),
+        "{writes:?}"
+    );
     // dryRun reads and checks, and writes nothing.
-    let dry = deliver(&backend, &[("vault-prod-finance", "user")], true, Duration::from_secs(4)).await;
+    let dry = deliver(
+        &backend,
+        &[("vault-prod-finance", "user")],
+        true,
+        Duration::from_secs(4),
+    )
+    .await;
     assert!(dry[0].is_ok());
     assert!(backend.take_would_be_writes().is_empty());
 
@@ -259,7 +315,8 @@ vaultConfigs:
     let login = err_of(one(&backend, "vault-bad-secret-id", "db_password").await);
     assert!(
         login.starts_with("vault config vault-bad-secret-id: AppRole login at ")
-            && login.contains("failed: invalid role or secret ID; check the role ID and the secret ID"),
+            && login
+                .contains("failed: invalid role or secret ID; check the role ID and the secret ID"),
         "{login}"
     );
     assert!(err_of(one(&backend, "vault-prod-finance", "a/b").await).contains("sub/path#field"));
@@ -271,7 +328,10 @@ vaultConfigs:
     // Key listing: fields, `child#field` one level down, folders; never values.
     let keys = backend.list_keys("vault-prod-finance").await.unwrap();
     for expected in ["db_password", "port", "user", "child#x", "team/"] {
-        assert!(keys.iter().any(|k| k == expected), "{expected} missing from {keys:?}");
+        assert!(
+            keys.iter().any(|k| k == expected),
+            "{expected} missing from {keys:?}"
+        );
     }
     assert!(!keys.iter().any(|k| k.contains("canary")), "{keys:?}");
 
@@ -279,14 +339,18 @@ vaultConfigs:
     let logins_before = bao.requests_to("auth/approle/login");
     let reads_before = bao.requests_to("secret/data/production");
     let nested_before = bao.requests_to("secret/data/production/team/db");
-    let fresh = VaultBackend::from_local(&specs, Naming::default(), VaultOptions::default()).unwrap();
+    let fresh =
+        VaultBackend::from_local(&specs, Naming::default(), VaultOptions::default()).unwrap();
     let burst = 300;
     let results = futures::future::join_all((0..burst).map(|_| {
         let fresh = fresh.clone();
         tokio::spawn(async move {
             deliver(
                 &fresh,
-                &[("vault-prod-finance", "db_password"), ("vault-prod-finance", "team/db#password")],
+                &[
+                    ("vault-prod-finance", "db_password"),
+                    ("vault-prod-finance", "team/db#password"),
+                ],
                 false,
                 Duration::from_secs(4),
             )
@@ -298,7 +362,10 @@ vaultConfigs:
         assert!(r.unwrap().iter().all(Result::is_ok));
     }
     assert_eq!(bao.requests_to("secret/data/production") - reads_before, 1);
-    assert_eq!(bao.requests_to("secret/data/production/team/db") - nested_before, 1);
+    assert_eq!(
+        bao.requests_to("secret/data/production/team/db") - nested_before,
+        1
+    );
     assert_eq!(bao.requests_to("auth/approle/login") - logins_before, 1);
     // And later admissions within the TTL are served from the cache.
     assert!(one(&fresh, "vault-prod-finance", "user").await.is_ok());
@@ -317,16 +384,29 @@ vaultConfigs:
     }
     let (ok, out) = vault_check("vault-kv1", &config_file);
     assert!(!ok, "{out}");
-    assert!(out.contains("verdict: FAILED: vault config vault-kv1: mount kv1/ is a KV version 1"), "{out}");
+    assert!(
+        out.contains("verdict: FAILED: vault config vault-kv1: mount kv1/ is a KV version 1"),
+        "{out}"
+    );
     let (ok, out) = vault_check("vault-denied", &config_file);
-    assert!(!ok && out.contains("read production ... FAILED: vault config vault-denied: permission denied"), "{out}");
+    assert!(
+        !ok && out
+            .contains("read production ... FAILED: vault config vault-denied: permission denied"),
+        "{out}"
+    );
     assert!(!out.contains(CANARY));
 
     // No value in any log line (all crates, TRACE), while values did flow.
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(!logs.is_empty());
-    assert!(!logs.contains(CANARY) && !logs.contains(CANARY_NESTED), "a secret value reached the logs");
-    assert!(!logs.contains(&secret_id), "the AppRole secret ID reached the logs");
+    assert!(
+        !logs.contains(CANARY) && !logs.contains(CANARY_NESTED),
+        "a secret value reached the logs"
+    );
+    assert!(
+        !logs.contains(&secret_id),
+        "the AppRole secret ID reached the logs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,8 +417,11 @@ async fn tokens_expire_renew_and_log_in_again() {
     };
     let bao = OpenBao::start(&bin).await;
     bao.put_kv2(None, "secret", "app", json!({"k": "v"})).await;
-    bao.policy("reader", r#"path "secret/data/app" { capabilities = ["read"] }"#)
-        .await;
+    bao.policy(
+        "reader",
+        r#"path "secret/data/app" { capabilities = ["read"] }"#,
+    )
+    .await;
     let (role_id, secret_id) = bao.approle("short", &["reader"], "2s").await;
     let renewable = bao.token(&["reader"], Some("3s"), true).await;
     let fixed = bao.token(&["reader"], Some("2s"), false).await;
@@ -355,7 +438,8 @@ vaultConfigs:
         bao.file("fixed", &fixed).display(),
         h = bao.addr,
     );
-    let backend = VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
+    let backend =
+        VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
 
     for name in ["short", "renewed", "fixed"] {
         assert!(one(&backend, name, "k").await.is_ok(), "{name}");
@@ -372,11 +456,15 @@ vaultConfigs:
     // A token that cannot be renewed ends; that is a clear denial, not a hang.
     assert_eq!(
         err_of(one(&backend, "fixed", "k").await),
-        format!("vault config fixed: Vault at {} rejected the token (invalid, expired or revoked); put a valid token into the credentials Secret", bao.addr)
+        format!(
+            "vault config fixed: Vault at {} rejected the token (invalid, expired or revoked); put a valid token into the credentials Secret",
+            bao.addr
+        )
     );
 
     // A token revoked behind our back: 403, one fresh login, then the read succeeds.
-    bao.api("POST", "sys/leases/revoke-prefix/auth/approle/login", None).await;
+    bao.api("POST", "sys/leases/revoke-prefix/auth/approle/login", None)
+        .await;
     let logins = bao.requests_to("auth/approle/login");
     assert!(one(&backend, "short", "k").await.is_ok());
     assert_eq!(bao.requests_to("auth/approle/login"), logins + 1);
@@ -403,7 +491,8 @@ vaultConfigs:
         token = bao.file("root", ROOT_TOKEN).display(),
     );
     let config_file = bao.file("config.yaml", &yaml);
-    let backend = VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
+    let backend =
+        VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
     assert!(one(&backend, "v", "k").await.is_ok());
 
     bao.api("PUT", "sys/seal", None).await;
@@ -411,9 +500,16 @@ vaultConfigs:
     let sealed = err_of(one(&backend, "v", "k").await);
     assert_eq!(
         sealed,
-        format!("vault config v: Vault at {} is sealed; ask the Vault operators to unseal it", bao.addr)
+        format!(
+            "vault config v: Vault at {} is sealed; ask the Vault operators to unseal it",
+            bao.addr
+        )
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     let (ok, out) = vault_check("v", &config_file);
     assert!(!ok && out.contains("is sealed"), "{out}");
 
@@ -421,11 +517,17 @@ vaultConfigs:
     let started = Instant::now();
     let down = err_of(one(&backend, "v", "k").await);
     assert!(
-        down.starts_with(&format!("vault config v: Vault at {} is unreachable (", bao.addr))
-            && down.contains("onnection refused"),
+        down.starts_with(&format!(
+            "vault config v: Vault at {} is unreachable (",
+            bao.addr
+        )) && down.contains("onnection refused"),
         "{down}"
     );
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
 
     let started = Instant::now();
     let budget = Duration::from_millis(1500);
@@ -436,7 +538,10 @@ vaultConfigs:
             "did not answer within the admission time budget; try again, and check Vault's health if it persists"
         )
     );
-    assert!(elapsed >= budget && elapsed < budget + Duration::from_millis(500), "{elapsed:?}");
+    assert!(
+        elapsed >= budget && elapsed < budget + Duration::from_millis(500),
+        "{elapsed:?}"
+    );
 }
 
 fn vault_config(name: &str, host: &str, path: &str, auth: ClusterAuth) -> VaultConfig {
@@ -458,7 +563,10 @@ fn vault_config(name: &str, host: &str, path: &str, auth: ClusterAuth) -> VaultC
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
     while !check() {
-        assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -475,7 +583,11 @@ fn decoded(object: &serde_json::Value, key: &str) -> Option<String> {
 }
 
 fn ready_condition(api: &FakeApiServer, name: &str) -> Option<serde_json::Value> {
-    let object = api.object(&Collection::of::<VaultConfig>(), Some("iomete-system"), name)?;
+    let object = api.object(
+        &Collection::of::<VaultConfig>(),
+        Some("iomete-system"),
+        name,
+    )?;
     object["status"]["conditions"]
         .as_array()?
         .iter()
@@ -490,13 +602,25 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         return;
     };
     let bao = OpenBao::start(&bin).await;
-    bao.put_kv2(None, "secret", "production", json!({"db_password": CANARY, "user": "app"}))
-        .await;
-    bao.policy("reader", r#"path "secret/data/production*" { capabilities = ["read"] }"#)
-        .await;
+    bao.put_kv2(
+        None,
+        "secret",
+        "production",
+        json!({"db_password": CANARY, "user": "app"}),
+    )
+    .await;
+    bao.policy(
+        "reader",
+        r#"path "secret/data/production*" { capabilities = ["read"] }"#,
+    )
+    .await;
     let (role_id, secret_id) = bao.approle("finance", &["reader"], "1h").await;
-    bao.api("POST", "sys/mounts/kv1", Some(json!({"type": "kv", "options": {"version": "1"}})))
-        .await;
+    bao.api(
+        "POST",
+        "sys/mounts/kv1",
+        Some(json!({"type": "kv", "options": {"version": "1"}})),
+    )
+    .await;
 
     let api = FakeApiServer::start().await;
     api.put(k8s_secret(
@@ -504,7 +628,11 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         "vault-prod-finance-credentials",
         &[("secret-id", &secret_id)],
     ));
-    api.put(k8s_secret("iomete-system", "root-token", &[("token", ROOT_TOKEN)]));
+    api.put(k8s_secret(
+        "iomete-system",
+        "root-token",
+        &[("token", ROOT_TOKEN)],
+    ));
     let approle = ClusterAuth {
         app_role: Some(ClusterAppRole {
             role_id: role_id.clone(),
@@ -525,10 +653,24 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
             },
         }),
     };
-    api.put_typed(&vault_config("vault-prod-finance", &bao.addr, "/v1/secret/data/production", approle));
-    api.put_typed(&vault_config("vault-kv1", &bao.addr, "/v1/kv1/production", root));
+    api.put_typed(&vault_config(
+        "vault-prod-finance",
+        &bao.addr,
+        "/v1/secret/data/production",
+        approle,
+    ));
+    api.put_typed(&vault_config(
+        "vault-kv1",
+        &bao.addr,
+        "/v1/kv1/production",
+        root,
+    ));
     // A same-named Secret someone else owns must not be taken over.
-    api.put(k8s_secret("squatter", "iomete-vault-vault-prod-finance", &[("x", "y")]));
+    api.put(k8s_secret(
+        "squatter",
+        "iomete-vault-vault-prod-finance",
+        &[("x", "y")],
+    ));
 
     let options = VaultOptions {
         cache_ttl: Duration::ZERO,
@@ -536,45 +678,87 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     };
     let backend = VaultBackend::in_cluster(api.client(), Naming::default(), options);
     eventually("the VaultConfig listing", || backend.ready()).await;
-    assert_eq!(backend.bundle_of("vault-prod-finance").as_deref(), Some("finance-bundle"));
+    assert_eq!(
+        backend.bundle_of("vault-prod-finance").as_deref(),
+        Some("finance-bundle")
+    );
 
     // Test Connection results land in status.conditions (type Ready).
     eventually("Ready conditions", || {
-        ready_condition(&api, "vault-prod-finance").is_some() && ready_condition(&api, "vault-kv1").is_some()
+        ready_condition(&api, "vault-prod-finance").is_some()
+            && ready_condition(&api, "vault-kv1").is_some()
     })
     .await;
     let ready = ready_condition(&api, "vault-prod-finance").unwrap();
-    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("Connected")), "{ready}");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("Connected")),
+        "{ready}"
+    );
     assert_eq!(ready["observedGeneration"], 1);
     let kv1 = ready_condition(&api, "vault-kv1").unwrap();
-    assert_eq!((kv1["status"].as_str(), kv1["reason"].as_str()), (Some("False"), Some("KvV1Unsupported")), "{kv1}");
+    assert_eq!(
+        (kv1["status"].as_str(), kv1["reason"].as_str()),
+        (Some("False"), Some("KvV1Unsupported")),
+        "{kv1}"
+    );
 
     let writes = |api: &FakeApiServer| {
         api.requests()
             .iter()
-            .filter(|r| r.path.starts_with("/api/v1/") && r.path.contains("/secrets") && matches!(r.method.as_str(), "POST" | "PATCH" | "PUT"))
+            .filter(|r| {
+                r.path.starts_with("/api/v1/")
+                    && r.path.contains("/secrets")
+                    && matches!(r.method.as_str(), "POST" | "PATCH" | "PUT")
+            })
             .count()
     };
     let managed = "iomete-vault-vault-prod-finance";
 
     // dryRun: read and check, write nothing.
-    let dry = deliver(&backend, &[("vault-prod-finance", "db_password")], true, Duration::from_secs(4)).await;
+    let dry = deliver(
+        &backend,
+        &[("vault-prod-finance", "db_password")],
+        true,
+        Duration::from_secs(4),
+    )
+    .await;
     assert!(dry[0].is_ok(), "{dry:?}");
     assert_eq!(writes(&api), 0);
     assert!(secret_data(&api, "spark-apps", managed).is_none());
 
     // The pod's reference: the managed Secret is created, labelled, holds the value read from Vault.
     let out = one(&backend, "vault-prod-finance", "db_password").await;
-    assert_eq!(out, Ok(KeyRef { secret: managed.into(), key: "db_password".into() }));
+    assert_eq!(
+        out,
+        Ok(KeyRef {
+            secret: managed.into(),
+            key: "db_password".into()
+        })
+    );
     let object = secret_data(&api, "spark-apps", managed).expect("managed Secret written");
     assert_eq!(decoded(&object, "db_password").as_deref(), Some(CANARY));
-    assert_eq!(object["metadata"]["labels"]["app.kubernetes.io/managed-by"], "secrets-webhook");
-    assert_eq!(object["metadata"]["labels"]["secrets.iomete.com/vault-config"], "vault-prod-finance");
-    assert_eq!(object["data"].as_object().unwrap().len(), 1, "only the keys in use");
+    assert_eq!(
+        object["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "secrets-webhook"
+    );
+    assert_eq!(
+        object["metadata"]["labels"]["secrets.iomete.com/vault-config"],
+        "vault-prod-finance"
+    );
+    assert_eq!(
+        object["data"].as_object().unwrap().len(),
+        1,
+        "only the keys in use"
+    );
     assert_eq!(writes(&api), 1);
 
     // Same value again: no write. A new key: merged in, the old one kept.
-    assert!(one(&backend, "vault-prod-finance", "db_password").await.is_ok());
+    assert!(
+        one(&backend, "vault-prod-finance", "db_password")
+            .await
+            .is_ok()
+    );
     assert_eq!(writes(&api), 1);
     assert!(one(&backend, "vault-prod-finance", "user").await.is_ok());
     assert_eq!(writes(&api), 2);
@@ -583,20 +767,43 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     assert_eq!(decoded(&object, "db_password").as_deref(), Some(CANARY));
 
     // A changed value in Vault is written once.
-    bao.put_kv2(None, "secret", "production", json!({"db_password": "rotated-value", "user": "app"}))
-        .await;
-    assert!(one(&backend, "vault-prod-finance", "db_password").await.is_ok());
-    assert!(one(&backend, "vault-prod-finance", "db_password").await.is_ok());
+    bao.put_kv2(
+        None,
+        "secret",
+        "production",
+        json!({"db_password": "rotated-value", "user": "app"}),
+    )
+    .await;
+    assert!(
+        one(&backend, "vault-prod-finance", "db_password")
+            .await
+            .is_ok()
+    );
+    assert!(
+        one(&backend, "vault-prod-finance", "db_password")
+            .await
+            .is_ok()
+    );
     assert_eq!(writes(&api), 3);
     let object = secret_data(&api, "spark-apps", managed).unwrap();
-    assert_eq!(decoded(&object, "db_password").as_deref(), Some("rotated-value"));
+    assert_eq!(
+        decoded(&object, "db_password").as_deref(),
+        Some("rotated-value")
+    );
 
     // Denials in a cluster: KV v1, and a Secret the webhook does not manage.
     assert!(err_of(one(&backend, "vault-kv1", "a").await).contains("KV version 1"));
     let objects = [vault_ref("vault-prod-finance", "user")];
-    let wants = [VaultWant { secret: &objects[0] }];
+    let wants = [VaultWant {
+        secret: &objects[0],
+    }];
     let squatted = backend
-        .deliver("squatter", &wants, false, Instant::now() + Duration::from_secs(4))
+        .deliver(
+            "squatter",
+            &wants,
+            false,
+            Instant::now() + Duration::from_secs(4),
+        )
         .await;
     assert_eq!(
         squatted[0].as_ref().unwrap_err(),
@@ -604,9 +811,16 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     );
 
     // Deleting the VaultConfig removes it.
-    api.remove(&Collection::of::<VaultConfig>(), Some("iomete-system"), "vault-kv1");
+    api.remove(
+        &Collection::of::<VaultConfig>(),
+        Some("iomete-system"),
+        "vault-kv1",
+    );
     eventually("the deletion", || backend.bundle_of("vault-kv1").is_none()).await;
 
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
-    assert!(!logs.contains(CANARY) && !logs.contains("rotated-value"), "a secret value reached the logs");
+    assert!(
+        !logs.contains(CANARY) && !logs.contains("rotated-value"),
+        "a secret value reached the logs"
+    );
 }

@@ -111,7 +111,12 @@ impl OpenBao {
         };
         let started = Instant::now();
         loop {
-            if let Ok(r) = bao.http.get(format!("{}/v1/sys/health", bao.addr)).send().await {
+            if let Ok(r) = bao
+                .http
+                .get(format!("{}/v1/sys/health", bao.addr))
+                .send()
+                .await
+            {
                 if r.status().as_u16() == 200 {
                     break;
                 }
@@ -172,14 +177,23 @@ impl OpenBao {
     /// Writes a KV v2 secret (`mount` is e.g. `secret`).
     pub async fn put_kv2(&self, namespace: Option<&str>, mount: &str, path: &str, data: Value) {
         let (status, value) = self
-            .api_ns(namespace, "POST", &format!("{mount}/data/{path}"), Some(json!({ "data": data })))
+            .api_ns(
+                namespace,
+                "POST",
+                &format!("{mount}/data/{path}"),
+                Some(json!({ "data": data })),
+            )
             .await;
         assert!(status < 300, "write {mount}/{path}: HTTP {status}: {value}");
     }
 
     pub async fn policy(&self, name: &str, hcl: &str) {
-        self.api("POST", &format!("sys/policy/{name}"), Some(json!({ "policy": hcl })))
-            .await;
+        self.api(
+            "POST",
+            &format!("sys/policy/{name}"),
+            Some(json!({ "policy": hcl })),
+        )
+        .await;
     }
 
     /// A token with `policies`; `ttl`/`renewable` as Vault takes them.
@@ -189,13 +203,20 @@ impl OpenBao {
             body["ttl"] = json!(ttl);
             body["explicit_max_ttl"] = json!("0");
         }
-        let v = self.api("POST", "auth/token/create-orphan", Some(body)).await;
+        let v = self
+            .api("POST", "auth/token/create-orphan", Some(body))
+            .await;
         v["auth"]["client_token"].as_str().unwrap().to_string()
     }
 
     /// Enables AppRole (user lockout off, so failed-login tests cannot lock the role) and
     /// creates `role`; returns (role_id, secret_id).
-    pub async fn approle(&self, role: &str, policies: &[&str], token_ttl: &str) -> (String, String) {
+    pub async fn approle(
+        &self,
+        role: &str,
+        policies: &[&str],
+        token_ttl: &str,
+    ) -> (String, String) {
         let (status, _) = self
             .api_ns(None, "GET", "sys/auth/approle/tune", None)
             .await;

@@ -28,12 +28,15 @@ struct Known {
     digests: Digests,
 }
 
+/// The last known state of one Secret, behind a lock that serializes its writes.
+type Slot = Arc<tokio::sync::Mutex<Option<Known>>>;
+
 pub(crate) struct SecretWriter {
     client: kube::Client,
     /// How long a confirmed state spares the next admission a GET (the value cache TTL).
     memo_ttl: Duration,
     /// One lock per Secret: concurrent admissions wait for the first write, then find it done.
-    targets: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<Option<Known>>>>>,
+    targets: Mutex<HashMap<(String, String), Slot>>,
 }
 
 fn digest(value: &[u8]) -> [u8; 32] {

@@ -25,13 +25,9 @@ pub const DEFAULT_APPROLE_MOUNT: &str = "approle";
     status = "VaultConfigStatus",
     shortname = "vaultcfg",
     doc = "A read-only HashiCorp Vault KV v2 integration (the seed's Vault config).",
-    printcolumn(name = "Host", type_ = "string", json_path = ".spec.host"),
-    printcolumn(name = "Path", type_ = "string", json_path = ".spec.path"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    )
+    printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#,
+    printcolumn = r#"{"name":"Path","type":"string","jsonPath":".spec.path"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VaultConfigResourceSpec {
