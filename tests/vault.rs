@@ -824,3 +824,37 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         "a secret value reached the logs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_needs_the_configured_ca() {
+    let _logs = captured_logs();
+    let Some(bin) = require_bao("tls_needs_the_configured_ca") else {
+        return;
+    };
+    let bao = OpenBao::start_tls(&bin).await;
+    assert!(bao.addr.starts_with("https://"));
+    bao.put_kv2(None, "secret", "app", json!({"k": "v"})).await;
+    let yaml = format!(
+        r#"
+vaultConfigs:
+  - {{name: with-ca, host: "{h}", path: /v1/secret/data/app, resourceBundle: b, caCertFile: "{ca}",
+     auth: {{token: {{file: "{token}"}}}}}}
+  - {{name: without-ca, host: "{h}", path: /v1/secret/data/app, resourceBundle: b,
+     auth: {{token: {{file: "{token}"}}}}}}
+"#,
+        h = bao.addr,
+        ca = bao.ca_file().display(),
+        token = bao.file("root", ROOT_TOKEN).display(),
+    );
+    let backend =
+        VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
+    assert!(one(&backend, "with-ca", "k").await.is_ok());
+    let untrusted = err_of(one(&backend, "without-ca", "k").await);
+    assert!(
+        untrusted.starts_with(&format!(
+            "vault config without-ca: Vault at {} is unreachable (",
+            bao.addr
+        )) && untrusted.to_lowercase().contains("certificate"),
+        "{untrusted}"
+    );
+}

@@ -67,6 +67,20 @@ pub struct OpenBao {
 impl OpenBao {
     /// Starts `bao server -dev` with a file audit device (to count requests at the server).
     pub async fn start(bin: &Path) -> Self {
+        Self::start_with(bin, false).await
+    }
+
+    /// As [`OpenBao::start`], over HTTPS with a generated CA (`-dev-tls`); see [`OpenBao::ca_file`].
+    pub async fn start_tls(bin: &Path) -> Self {
+        Self::start_with(bin, true).await
+    }
+
+    /// The dev CA certificate (TLS mode only).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls/vault-ca.pem")
+    }
+
+    async fn start_with(bin: &Path, tls: bool) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let audit_log = dir.path().join("audit.log");
@@ -82,15 +96,22 @@ impl OpenBao {
         let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        let tls_dir = dir.path().join("tls");
+        let mut args = vec![
+            "server".to_string(),
+            "-dev".into(),
+            format!("-dev-listen-address={addr}"),
+            format!("-dev-root-token-id={ROOT_TOKEN}"),
+            "-dev-no-store-token".into(),
+            format!("-config={}", config.display()),
+        ];
+        if tls {
+            std::fs::create_dir(&tls_dir).unwrap();
+            args.push("-dev-tls".into());
+            args.push(format!("-dev-tls-cert-dir={}", tls_dir.display()));
+        }
         let child = Command::new(bin)
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-listen-address={addr}"),
-                &format!("-dev-root-token-id={ROOT_TOKEN}"),
-                "-dev-no-store-token",
-                &format!("-config={}", config.display()),
-            ])
+            .args(&args)
             .env_remove("VAULT_ADDR")
             .env_remove("BAO_ADDR")
             .env("HOME", dir.path())
@@ -98,18 +119,38 @@ impl OpenBao {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap();
+        let mut child = Some(child);
+        let started = Instant::now();
+        let mut http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5));
+        if tls {
+            // The CA appears once the server has generated it.
+            let ca = loop {
+                if let Ok(pem) = std::fs::read(tls_dir.join("vault-ca.pem")) {
+                    if let Ok(ca) = reqwest::Certificate::from_pem(&pem) {
+                        break ca;
+                    }
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    if let Some(mut c) = child.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    panic!("OpenBao wrote no dev CA");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            http = http.add_root_certificate(ca);
+        }
+        let scheme = if tls { "https" } else { "http" };
         let bao = Self {
-            child: Some(child),
-            addr: format!("http://{addr}"),
+            child,
+            addr: format!("{scheme}://{addr}"),
             audit_log,
             dir,
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap(),
+            http: http.build().unwrap(),
         };
-        let started = Instant::now();
         loop {
             if let Ok(r) = bao
                 .http

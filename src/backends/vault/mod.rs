@@ -65,7 +65,7 @@ pub enum VaultError {
     )]
     TokenInvalid { config: String, host: String },
     #[error(
-        "vault config {config}: Vault at {host} is unreachable ({reason}); check the VaultConfig host and the network path to Vault"
+        "vault config {config}: Vault at {host} is unreachable ({reason}); check the VaultConfig host, its CA certificate and the network path to Vault"
     )]
     Unreachable {
         config: String,
