@@ -495,6 +495,30 @@ vaultConfigs:
         VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
     assert!(one(&backend, "v", "k").await.is_ok());
 
+    // Rate limited (429): retried with backoff (100 + 200 + 400 ms), then a clear denial.
+    bao.api(
+        "POST",
+        "sys/quotas/rate-limit/slow",
+        Some(json!({"path": "secret/", "rate": 1, "interval": "30s"})),
+    )
+    .await;
+    let _ = one(&backend, "v", "k").await;
+    let started = Instant::now();
+    let limited = err_of(one(&backend, "v", "k").await);
+    assert_eq!(
+        limited,
+        format!(
+            "vault config v: Vault at {} kept answering HTTP 429 (rate limit or not ready); try again later",
+            bao.addr
+        )
+    );
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(700) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
+    bao.api("DELETE", "sys/quotas/rate-limit/slow", None).await;
+
     bao.api("PUT", "sys/seal", None).await;
     let started = Instant::now();
     let sealed = err_of(one(&backend, "v", "k").await);
@@ -665,6 +689,22 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         "/v1/kv1/production",
         root,
     ));
+    // Credentials may not be taken from a guarded store.
+    let from_store = ClusterAuth {
+        app_role: None,
+        token: Some(ClusterToken {
+            secret_ref: SecretKeyRef {
+                name: "iomete-secret-store-finance".into(),
+                key: "db_password".into(),
+            },
+        }),
+    };
+    api.put_typed(&vault_config(
+        "vault-from-store",
+        &bao.addr,
+        "/v1/secret/data/production",
+        from_store,
+    ));
     // A same-named Secret someone else owns must not be taken over.
     api.put(k8s_secret(
         "squatter",
@@ -808,6 +848,19 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     assert_eq!(
         squatted[0].as_ref().unwrap_err(),
         "vault config vault-prod-finance: Secret squatter/iomete-vault-vault-prod-finance exists but is not managed by secrets-webhook; delete or rename it so the webhook can manage it"
+    );
+
+    assert_eq!(
+        err_of(one(&backend, "vault-from-store", "db_password").await),
+        "vault config vault-from-store is invalid: its credentials may not come from the webhook-managed Secret iomete-secret-store-finance; use a dedicated Secret; fix the VaultConfig"
+    );
+    eventually("the invalid config's condition", || {
+        ready_condition(&api, "vault-from-store").is_some()
+    })
+    .await;
+    assert_eq!(
+        ready_condition(&api, "vault-from-store").unwrap()["reason"],
+        "InvalidConfig"
     );
 
     // Deleting the VaultConfig removes it.

@@ -693,7 +693,9 @@ impl VaultBackend {
                 return existing.clone();
             }
         }
-        let entry = match spec::Target::from_resource(name, spec, &self.naming.namespace)
+        let entry = match self
+            .check_credential_refs(name, spec)
+            .and_then(|()| spec::Target::from_resource(name, spec, &self.naming.namespace))
             .and_then(|target| Conn::new(target, Some(kube.clone()), self.opts.clone()))
         {
             Ok(conn) => Entry::Ready {
@@ -708,6 +710,33 @@ impl VaultBackend {
         };
         self.write_configs().insert(name.to_string(), entry.clone());
         entry
+    }
+
+    /// Credentials never come from the Secrets the webhook guards (secret stores, materialized
+    /// values): a VaultConfig must not be a way to send their contents to some host as a token.
+    fn check_credential_refs(
+        &self,
+        name: &str,
+        spec: &VaultConfigResourceSpec,
+    ) -> Result<(), VaultError> {
+        let refs = [
+            spec.auth.token.as_ref().map(|t| &t.secret_ref),
+            spec.auth.app_role.as_ref().map(|a| &a.secret_id_ref),
+        ];
+        match refs
+            .into_iter()
+            .flatten()
+            .find(|r| self.naming.is_managed_secret(&r.name))
+        {
+            Some(r) => Err(VaultError::InvalidConfig {
+                config: name.to_string(),
+                reason: format!(
+                    "its credentials may not come from the webhook-managed Secret {}; use a dedicated Secret",
+                    r.name
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn remove(&self, name: &str) {
