@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use vault_http::Url;
@@ -48,8 +48,9 @@ pub struct VaultConfigResourceSpec {
 }
 
 /// How the webhook logs in, in a cluster.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.appRole) != has(self.token)").message("set exactly one of appRole or token"))]
 pub struct ClusterAuth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_role: Option<ClusterAppRole>,
@@ -449,5 +450,9 @@ mod tests {
         assert!(yaml.contains("scope: Namespaced"));
         assert!(yaml.contains("secretIdRef"));
         assert!(yaml.contains("status: {}"));
+        assert!(
+            yaml.contains("has(self.appRole) != has(self.token)"),
+            "{yaml}"
+        );
     }
 }
