@@ -211,13 +211,6 @@ struct Slot {
     fetch: Shared<BoxFuture<'static, Fetched>>,
 }
 
-/// Counters for tests and `vault check` (never values).
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub logins: AtomicU64,
-    pub reads: AtomicU64,
-}
-
 pub(crate) struct Conn {
     pub target: Target,
     http: vault_http::Client,
@@ -228,7 +221,6 @@ pub(crate) struct Conn {
     layout: tokio::sync::OnceCell<Layout>,
     cache: Mutex<HashMap<String, Slot>>,
     next_slot: AtomicU64,
-    pub stats: Stats,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -280,7 +272,6 @@ impl Conn {
             layout: tokio::sync::OnceCell::new(),
             cache: Mutex::new(HashMap::new()),
             next_slot: AtomicU64::new(0),
-            stats: Stats::default(),
         }))
     }
 
@@ -469,7 +460,11 @@ impl Conn {
         Ok(session)
     }
 
-    async fn read_credential(&self, credential: &Credential) -> Result<String, VaultError> {
+    async fn read_credential(
+        &self,
+        credential: &Credential,
+        until: Instant,
+    ) -> Result<String, VaultError> {
         let unreadable = |reason: String| VaultError::Credentials {
             config: self.name(),
             reason,
@@ -489,9 +484,9 @@ impl Conn {
                     .ok_or_else(|| unreadable(format!("{credential} needs a cluster")))?;
                 let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
                     kube::Api::namespaced(client, namespace);
-                let secret = api
-                    .get_opt(name)
+                let secret = tokio::time::timeout_at(until.into(), api.get_opt(name))
                     .await
+                    .map_err(|_| unreadable(format!("reading {credential} timed out")))?
                     .map_err(|e| unreadable(format!("cannot read {credential}: {e}")))?
                     .ok_or_else(|| {
                         unreadable(format!("{credential}: the Secret does not exist"))
@@ -514,11 +509,10 @@ impl Conn {
     }
 
     async fn login(self: &Arc<Self>, until: Instant) -> Result<Session, VaultError> {
-        self.stats.logins.fetch_add(1, Ordering::Relaxed);
         let (config, host) = (self.name(), self.host());
         match &self.target.auth {
             Auth::Token(credential) => {
-                let token = self.read_credential(credential).await?;
+                let token = self.read_credential(credential, until).await?;
                 let client = Arc::new(self.client(&token)?);
                 let lookup = self
                     .attempt(until, || vaultrs::token::lookup_self(&*client))
@@ -544,7 +538,7 @@ impl Conn {
                 role_id,
                 secret_id,
             } => {
-                let secret_id = self.read_credential(secret_id).await?;
+                let secret_id = self.read_credential(secret_id, until).await?;
                 let anonymous = self.client("")?;
                 let role_id = role_id.trim();
                 let login = self
@@ -748,7 +742,6 @@ impl Conn {
             });
         }
         let api_path = layout.api_path(&secret);
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let (mount, secret_ref) = (&layout.mount, &secret);
         let read = self
             .call(until, |s| async move {

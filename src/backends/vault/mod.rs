@@ -194,6 +194,7 @@ impl VaultError {
                 | VaultError::VersionDestroyed { .. }
                 | VaultError::LoginFailed { .. }
                 | VaultError::TokenInvalid { .. }
+                | VaultError::Credentials { .. }
                 | VaultError::InvalidConfig { .. }
         )
     }
