@@ -714,6 +714,7 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
 
     let options = VaultOptions {
         cache_ttl: Duration::ZERO,
+        recheck_interval: Duration::from_millis(300),
         ..VaultOptions::default()
     };
     let backend = VaultBackend::in_cluster(api.client(), Naming::default(), options);
@@ -870,6 +871,16 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         "vault-kv1",
     );
     eventually("the deletion", || backend.bundle_of("vault-kv1").is_none()).await;
+
+    // The condition follows Vault: sealed now, so the periodic test turns Ready False.
+    bao.api("PUT", "sys/seal", None).await;
+    eventually("Ready to turn False", || {
+        ready_condition(&api, "vault-prod-finance").is_some_and(|c| c["status"] == "False")
+    })
+    .await;
+    let sealed = ready_condition(&api, "vault-prod-finance").unwrap();
+    assert_eq!(sealed["reason"], "Sealed", "{sealed}");
+    assert!(sealed["message"].as_str().unwrap().contains("is sealed"));
 
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(

@@ -235,6 +235,9 @@ pub struct VaultOptions {
     /// Bound of one shared read, login and retries included (default 8 s). Each admission waits
     /// only until its own deadline.
     pub read_budget: Duration,
+    /// In a cluster, how often each VaultConfig is tested again for its `Ready` condition
+    /// (default 5 min; 0 = only when its spec changes).
+    pub recheck_interval: Duration,
 }
 
 impl Default for VaultOptions {
@@ -244,6 +247,7 @@ impl Default for VaultOptions {
             negative_ttl: Duration::from_secs(5),
             request_timeout: Duration::from_secs(3),
             read_budget: Duration::from_secs(8),
+            recheck_interval: Duration::from_secs(300),
         }
     }
 }
