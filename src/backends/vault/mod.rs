@@ -898,6 +898,10 @@ pub fn run_check(name: &str, config: &Path) -> anyhow::Result<()> {
 
 #[async_trait]
 impl VaultSource for VaultBackend {
+    fn ready(&self) -> bool {
+        VaultBackend::ready(self)
+    }
+
     fn bundle_of(&self, config: &str) -> Option<String> {
         self.read_configs().get(config).map(Entry::bundle)
     }
