@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "secrets-webhook", version, about = "Injects secrets by reference into Spark and Jupyter pods")]
+#[command(
+    name = "secrets-webhook",
+    version,
+    about = "Injects secrets by reference into Spark and Jupyter pods"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -32,7 +36,11 @@ pub enum VaultCommand {
         /// The Vault config's name.
         name: String,
         /// Local config file holding `vaultConfigs`.
-        #[arg(long, env = "SECRETS_WEBHOOK_CONFIG", default_value = "examples/dev-config.yaml")]
+        #[arg(
+            long,
+            env = "SECRETS_WEBHOOK_CONFIG",
+            default_value = "examples/dev-config.yaml"
+        )]
         config: PathBuf,
     },
 }
@@ -43,25 +51,49 @@ pub struct ServeArgs {
     #[arg(long, env = "SECRETS_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
     /// Plain-HTTP admin address (/livez, /readyz, /metrics).
-    #[arg(long, env = "SECRETS_WEBHOOK_ADMIN_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_ADMIN_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     pub admin_listen: SocketAddr,
     /// Serving certificate chain (PEM); reloaded when it changes.
-    #[arg(long, env = "SECRETS_WEBHOOK_TLS_CERT", default_value = "/etc/secrets-webhook/tls/tls.crt")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_TLS_CERT",
+        default_value = "/etc/secrets-webhook/tls/tls.crt"
+    )]
     pub tls_cert: PathBuf,
     /// Serving key (PEM); reloaded when it changes.
-    #[arg(long, env = "SECRETS_WEBHOOK_TLS_KEY", default_value = "/etc/secrets-webhook/tls/tls.key")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_TLS_KEY",
+        default_value = "/etc/secrets-webhook/tls/tls.key"
+    )]
     pub tls_key: PathBuf,
     /// Data-plane namespace that holds the secret stores.
-    #[arg(long, env = "SECRETS_WEBHOOK_NAMESPACE", default_value = "iomete-system")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_NAMESPACE",
+        default_value = "iomete-system"
+    )]
     pub namespace: String,
     /// Run without a cluster: generate a development certificate and read the local config file.
     #[arg(long, env = "SECRETS_WEBHOOK_DEV")]
     pub dev: bool,
     /// Where `--dev` writes its CA and serving certificate.
-    #[arg(long, env = "SECRETS_WEBHOOK_DEV_CERT_DIR", default_value = ".dev-certs")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_DEV_CERT_DIR",
+        default_value = ".dev-certs"
+    )]
     pub dev_cert_dir: PathBuf,
     /// Local config file standing in for the cluster objects (used with `--dev`).
-    #[arg(long, env = "SECRETS_WEBHOOK_CONFIG", default_value = "examples/dev-config.yaml")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_CONFIG",
+        default_value = "examples/dev-config.yaml"
+    )]
     pub config: PathBuf,
     /// Largest admission request body accepted, in bytes.
     #[arg(long, env = "SECRETS_WEBHOOK_MAX_BODY", default_value_t = 4 * 1024 * 1024)]
@@ -85,7 +117,11 @@ pub struct ReviewArgs {
     /// A Pod or an AdmissionReview, JSON or YAML (`-` for standard input).
     pub file: PathBuf,
     /// Local config file standing in for the cluster objects.
-    #[arg(long, env = "SECRETS_WEBHOOK_CONFIG", default_value = "examples/dev-config.yaml")]
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_CONFIG",
+        default_value = "examples/dev-config.yaml"
+    )]
     pub config: PathBuf,
     /// Submitting user when FILE is a bare Pod (an AdmissionReview carries its own userInfo).
     #[arg(long)]

@@ -105,9 +105,9 @@ pub struct LocalConfig {
     #[serde(default)]
     pub vault_configs: Vec<serde_json::Value>,
     #[serde(default)]
-    pub resource_bundles: Vec<serde_json::Value>,
+    pub resource_bundles: Vec<crate::authz::ras::LocalResourceBundle>,
     #[serde(default)]
-    pub trusted_controllers: Vec<serde_json::Value>,
+    pub trusted_controllers: Vec<crate::admission::identity::TrustedController>,
 }
 
 /// Key names of the Kubernetes stores, standing in for the Secrets themselves.

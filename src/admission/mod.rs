@@ -2,14 +2,15 @@
 //! needs (references, workload, identity, store keys, Vault deliveries, grants), then hands them to
 //! the pure planner, and turns the plan or the denial into a response.
 
+pub mod guard;
 pub mod identity;
 pub mod workload;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::core::admission::{AdmissionResponse, AdmissionReview};
 use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionResponse, AdmissionReview};
 
 use crate::authz::Authorizer;
 use crate::backends::{StoreIndex, VaultSource};
