@@ -222,7 +222,8 @@ mod tests {
             "spark35-executor-submit.json",
             "jupyterhub-singleuser-z2jh.json",
         ] {
-            let text = std::fs::read_to_string(format!("/work/shared/fixtures/pods/{f}")).unwrap();
+            let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pods");
+            let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
             let p: Pod = serde_json::from_str(&text).unwrap();
             assert!(direct_store_refs(&p, &Naming::default()).is_empty(), "{f}");
         }

@@ -673,6 +673,45 @@ pub fn client_stamps(pod: &Pod) -> Vec<&'static str> {
         .collect()
 }
 
+/// JSON Patch operations that make the pod's stamps exactly `stamps`: set (add or replace) the
+/// given ones, remove client-supplied stamps not among them (`stamps` empty: remove all). Nothing
+/// when the pod already carries exactly these values, so a second pass is a no-op.
+pub fn stamp_ops(pod: &Pod, stamps: &BTreeMap<String, String>) -> Vec<json_patch::PatchOperation> {
+    use json_patch::jsonptr::PointerBuf;
+    use json_patch::{AddOperation, PatchOperation, RemoveOperation, ReplaceOperation};
+
+    let current = pod.metadata.annotations.as_ref();
+    let pointer = |key: &str| PointerBuf::from_tokens(["metadata", "annotations", key]);
+    let mut ops = Vec::new();
+    if current.is_none() && !stamps.is_empty() {
+        ops.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(["metadata", "annotations"]),
+            value: serde_json::json!({}),
+        }));
+    }
+    for (key, value) in stamps {
+        match current.and_then(|a| a.get(key)) {
+            Some(existing) if existing == value => {}
+            Some(_) => ops.push(PatchOperation::Replace(ReplaceOperation {
+                path: pointer(key),
+                value: value.clone().into(),
+            })),
+            None => ops.push(PatchOperation::Add(AddOperation {
+                path: pointer(key),
+                value: value.clone().into(),
+            })),
+        }
+    }
+    for key in client_stamps(pod) {
+        if !stamps.contains_key(key) {
+            ops.push(PatchOperation::Remove(RemoveOperation {
+                path: pointer(key),
+            }));
+        }
+    }
+    ops
+}
+
 /// `auditAnnotations` for the AdmissionResponse: `identity` (the stamp form, plus how it was
 /// resolved) and `decision` (e.g. `allowed`, `patched`, `denied: <reason>`).
 pub fn audit_annotations(resolved: Option<&Resolved>, decision: &str) -> HashMap<String, String> {
@@ -693,13 +732,8 @@ mod tests {
     use crate::refs::Source;
 
     fn fixture(name: &str) -> Pod {
-        let path = format!(
-            "{}/../shared/fixtures/pods/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(&path)
-            .or_else(|_| std::fs::read_to_string(format!("/work/shared/fixtures/pods/{name}")))
-            .unwrap();
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pods");
+        let text = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
         serde_json::from_str(&text).unwrap()
     }
 
@@ -1098,6 +1132,44 @@ mod tests {
             .get_or_insert_default()
             .insert(STAMP_GRANTED.into(), "[]".into());
         assert_eq!(client_stamps(&pod), vec![STAMP_GRANTED]);
+    }
+
+    fn apply(pod: &Pod, ops: Vec<json_patch::PatchOperation>) -> Pod {
+        let mut doc = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut doc, &json_patch::Patch(ops)).unwrap();
+        serde_json::from_value(doc).unwrap()
+    }
+
+    #[test]
+    fn stamp_ops_replace_forged_stamps_and_are_idempotent() {
+        let alice = Identity::new("alice", Vec::new());
+        let stamps = stamp_annotations(&alice, &[finance_db()]);
+
+        // No annotations at all: parent first.
+        let mut bare = fixture("spark35-driver-submit.json");
+        bare.metadata.annotations = None;
+        let stamped = apply(&bare, stamp_ops(&bare, &stamps));
+        assert_eq!(stamped.metadata.annotations.as_ref(), Some(&stamps));
+        assert!(stamp_ops(&stamped, &stamps).is_empty());
+
+        // Forged values are replaced.
+        let mut forged = fixture("spark35-driver-submit.json");
+        forged.metadata.annotations = Some(BTreeMap::from([
+            (STAMP_IDENTITY.to_string(), r#"{"user":"root"}"#.to_string()),
+            ("keep".to_string(), "me".to_string()),
+        ]));
+        let fixed = apply(&forged, stamp_ops(&forged, &stamps));
+        let a = fixed.metadata.annotations.unwrap();
+        assert_eq!(a[STAMP_IDENTITY], stamps[STAMP_IDENTITY]);
+        assert_eq!(a[STAMP_GRANTED], stamps[STAMP_GRANTED]);
+        assert_eq!(a["keep"], "me");
+
+        // A pod the webhook does not stamp loses client-supplied stamps.
+        let cleaned = apply(&forged, stamp_ops(&forged, &BTreeMap::new()));
+        let a = cleaned.metadata.annotations.unwrap();
+        assert!(!a.contains_key(STAMP_IDENTITY));
+        assert_eq!(a["keep"], "me");
+        assert!(stamp_ops(&bare, &BTreeMap::new()).is_empty());
     }
 
     #[test]
