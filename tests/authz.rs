@@ -286,6 +286,16 @@ async fn unloaded_bundles_fail_closed() {
         )
     );
     assert!(!ras.ready());
+    let wrapped = secrets_webhook::authz::in_cluster(
+        secrets_webhook::authz::AuthorizerKind::Ras,
+        api.client(),
+        "iomete-system",
+        CacheSettings::default(),
+    );
+    assert!(
+        !wrapped.ready(),
+        "/readyz must see that bundles are not loaded"
+    );
 }
 
 // ----- executors: the owner lookup through the real client -----

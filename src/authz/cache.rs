@@ -218,6 +218,10 @@ impl<A: CheckUse + 'static> CachedAuthorizer<A> {
 
 #[async_trait]
 impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
+    fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
         let key = (who.clone(), what.clone());
         let inner = Arc::clone(&self.inner);

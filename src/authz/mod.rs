@@ -75,6 +75,11 @@ pub enum Decision {
 pub trait Authorizer: Send + Sync {
     /// Whether `who` holds `Use` on `what`. Fails closed: an unreachable authorizer denies.
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision;
+
+    /// False while the authorizer cannot decide yet (e.g. bundles not listed); for `/readyz`.
+    fn ready(&self) -> bool {
+        true
+    }
 }
 
 /// Why an authorizer could not decide. Never cached; always turned into a fail-closed denial.
@@ -97,4 +102,52 @@ impl AuthzError {
 pub trait CheckUse: Send + Sync {
     /// Whether `who` holds `Use` on `what`, or why that could not be decided.
     async fn check(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError>;
+
+    /// False while it cannot decide yet.
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Which authorizer decides (`--authorizer`): RAS bundles in-process, or Kubernetes RBAC via
+/// SubjectAccessReview.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AuthorizerKind {
+    /// `ResourceBundle` grants, evaluated in-process (the default).
+    #[default]
+    Ras,
+    /// One SubjectAccessReview per decision (verb `use`, group `secrets.iomete.com`).
+    Rbac,
+}
+
+/// The authorizer for running without a cluster: the config file's bundles, cached like in a
+/// cluster so that both paths behave the same.
+pub fn local(
+    bundles: &[ras::LocalResourceBundle],
+    settings: cache::CacheSettings,
+) -> std::sync::Arc<dyn Authorizer> {
+    std::sync::Arc::new(cache::CachedAuthorizer::new(
+        ras::RasAuthorizer::from_local(bundles),
+        settings,
+    ))
+}
+
+/// The authorizer in a cluster: `ResourceBundle`s watched in `namespace`, or SubjectAccessReviews.
+/// Must be called on a Tokio runtime (the RAS watch is spawned).
+pub fn in_cluster(
+    kind: AuthorizerKind,
+    client: kube::Client,
+    namespace: &str,
+    settings: cache::CacheSettings,
+) -> std::sync::Arc<dyn Authorizer> {
+    match kind {
+        AuthorizerKind::Ras => std::sync::Arc::new(cache::CachedAuthorizer::new(
+            ras::RasAuthorizer::in_cluster(client, namespace),
+            settings,
+        )),
+        AuthorizerKind::Rbac => std::sync::Arc::new(cache::CachedAuthorizer::new(
+            sar::SarAuthorizer::new(client, namespace),
+            settings,
+        )),
+    }
 }

@@ -263,6 +263,10 @@ impl CheckUse for RasAuthorizer {
         self.wait_ready().await;
         self.evaluate(who, what)
     }
+
+    fn ready(&self) -> bool {
+        RasAuthorizer::ready(self)
+    }
 }
 
 #[async_trait]
@@ -271,6 +275,10 @@ impl Authorizer for RasAuthorizer {
         let _ = tokio::time::timeout_at(deadline.into(), self.wait_ready()).await;
         self.evaluate(who, what)
             .unwrap_or_else(AuthzError::into_decision)
+    }
+
+    fn ready(&self) -> bool {
+        RasAuthorizer::ready(self)
     }
 }
 
