@@ -4,10 +4,12 @@
 //! its own plan for the pod. It runs for every pod the webhook sees, so it allocates only when it
 //! finds something.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
+use crate::backends::KeyRef;
 use crate::config::Naming;
 
 /// Where a pod names a managed Secret.
@@ -42,6 +44,29 @@ impl DirectRef {
             "{self}, a store managed by secrets-webhook; reference secrets with the \
              secrets.iomete.com annotations instead, so that the Use permission is checked"
         )
+    }
+}
+
+/// Direct references to managed stores that the webhook's plan does not account for.
+/// `Display` is the denial text (one line per reference).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(DirectRef::denial).collect::<Vec<_>>().join("; "))]
+pub struct GuardError(pub Vec<DirectRef>);
+
+/// The guard: every direct reference to a managed store must be exactly a `secretKeyRef` the
+/// webhook itself planned for this pod (`planned`); whole-Secret uses are never planned.
+pub fn check(pod: &Pod, naming: &Naming, planned: &BTreeSet<KeyRef>) -> Result<(), GuardError> {
+    let mut found = direct_store_refs(pod, naming);
+    found.retain(|r| match &r.key {
+        Some(key) => !planned
+            .iter()
+            .any(|p| p.secret == r.secret && &p.key == key),
+        None => true,
+    });
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(GuardError(found))
     }
 }
 
@@ -216,6 +241,39 @@ mod tests {
     }
 
     #[test]
+    fn only_planned_key_references_pass_the_guard() {
+        let p = pod(serde_json::json!({
+            "spec": {"containers": [{"name": "c",
+                "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef":
+                    {"name": "iomete-secret-store-finance", "key": "db_password"}}}],
+                "envFrom": [{"secretRef": {"name": "iomete-secret-store-finance"}}]
+            }]}
+        }));
+        let naming = Naming::default();
+        let planned = BTreeSet::from([KeyRef {
+            secret: "iomete-secret-store-finance".into(),
+            key: "db_password".into(),
+        }]);
+        // The planned secretKeyRef passes; the envFrom of the same store never does.
+        let err = check(&p, &naming, &planned).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].path, "containers[0].envFrom[0]");
+        // Without a plan, both are denied, in one message.
+        let err = check(&p, &naming, &BTreeSet::new()).unwrap_err();
+        assert_eq!(err.0.len(), 2);
+        assert!(
+            err.to_string()
+                .contains("; containers[0].envFrom[0] names Secret")
+        );
+        // Another key of the same store is not covered by the plan.
+        let other = BTreeSet::from([KeyRef {
+            secret: "iomete-secret-store-finance".into(),
+            key: "other".into(),
+        }]);
+        assert_eq!(check(&p, &naming, &other).unwrap_err().0.len(), 2);
+    }
+
+    #[test]
     fn real_pods_without_store_references_pass() {
         for f in [
             "spark35-driver-submit.json",
@@ -226,6 +284,7 @@ mod tests {
             let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
             let p: Pod = serde_json::from_str(&text).unwrap();
             assert!(direct_store_refs(&p, &Naming::default()).is_empty(), "{f}");
+            assert!(check(&p, &Naming::default(), &BTreeSet::new()).is_ok());
         }
     }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
 
-/// A permission a grant gives (the product's View / Update / Use).
+/// A permission: `view`, `update` or `use` (only `use` lets a workload reference the secrets).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
@@ -38,7 +38,7 @@ pub enum SubjectKind {
     Group,
 }
 
-/// One user or group a grant applies to.
+/// A user or a group, as the Kubernetes API server names them (`userInfo`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Subject {
@@ -46,7 +46,7 @@ pub struct Subject {
     pub name: String,
 }
 
-/// Subjects × permissions.
+/// Gives every listed subject every listed permission.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Grant {
@@ -54,11 +54,12 @@ pub struct Grant {
     pub permissions: Vec<Permission>,
 }
 
-/// A resource bundle: who holds which permission on the resources it governs.
-///
-/// In a cluster this is the `ResourceBundle` custom resource (`resourcebundles.secrets.iomete.com`,
-/// namespaced, in the data-plane namespace); `ResourceBundle::crd()` (from `kube::CustomResourceExt`)
-/// gives its CustomResourceDefinition for `manifests/`.
+// In a cluster this is the `ResourceBundle` custom resource (`resourcebundles.secrets.iomete.com`,
+// namespaced, in the data-plane namespace); `ResourceBundle::crd()` (from `kube::CustomResourceExt`)
+// gives its CustomResourceDefinition for `manifests/`. Doc comments here end up in the CRD schema
+// (`kubectl explain`), so they speak to platform admins.
+/// A resource bundle: who holds which permission on the secrets of its domains and of the Vault
+/// configs that name it.
 #[derive(
     CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
 )]
@@ -76,7 +77,7 @@ pub struct ResourceBundleSpec {
     /// Domains whose secrets this bundle governs.
     #[serde(default)]
     pub domains: Vec<String>,
-    /// Subjects × permissions.
+    /// Who holds which permission (subjects × permissions).
     #[serde(default)]
     pub grants: Vec<Grant>,
 }
