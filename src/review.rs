@@ -1,6 +1,108 @@
-//! `secrets-webhook review`: run one pod or AdmissionReview through the engine and print the answer.
+//! `secrets-webhook review`: run one Pod or AdmissionReview through the same engine the server uses
+//! and print what the API server would receive (or the decoded patch, or the mutated pod).
 
-/// `secrets-webhook review`.
-pub fn run(_args: crate::cli::ReviewArgs) -> anyhow::Result<()> {
-    anyhow::bail!("review is not implemented yet")
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::admission::Webhook;
+use crate::cli::ReviewArgs;
+use crate::config::{LocalConfig, Settings};
+use crate::metrics::Metrics;
+
+/// `secrets-webhook review`. Exit status: 0 when allowed, an error (non-zero) when denied.
+pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
+    let input = read_document(&args.file)?;
+    let config = LocalConfig::load(&args.config)?;
+    let webhook = Webhook::from_local(Settings::default(), &config, Arc::new(Metrics::new()))?;
+    let review = as_review(input, &args, &webhook.settings.naming.namespace)?;
+    let body = serde_json::to_vec(&review)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = runtime.block_on(webhook.review_bytes(&body, None));
+    let answer: Value = serde_json::from_slice(&answer)?;
+    let response = &answer["response"];
+    let patch = decode_patch(response)?;
+    let mut out = std::io::stdout().lock();
+    if args.patch {
+        writeln!(out, "{}", serde_json::to_string_pretty(&patch)?)?;
+    } else if args.pod {
+        let mut pod = review["request"]["object"].clone();
+        let ops: json_patch::Patch = serde_json::from_value(patch)?;
+        json_patch::patch(&mut pod, &ops)
+            .context("the webhook's patch does not apply to the pod")?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&pod)?)?;
+    } else {
+        writeln!(out, "{}", serde_json::to_string_pretty(&answer)?)?;
+    }
+    if response["allowed"] != Value::Bool(true) {
+        bail!(
+            "denied: {}",
+            response["status"]["message"]
+                .as_str()
+                .unwrap_or("(no message)")
+        );
+    }
+    Ok(())
+}
+
+/// A JSON or YAML document from a file, or from standard input for `-`.
+fn read_document(path: &Path) -> anyhow::Result<Value> {
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is neither JSON nor YAML", path.display()))
+}
+
+/// An AdmissionReview as given, or a Pod wrapped in one as the API server would send it.
+fn as_review(input: Value, args: &ReviewArgs, default_namespace: &str) -> anyhow::Result<Value> {
+    match input["kind"].as_str() {
+        Some("AdmissionReview") => Ok(input),
+        Some("Pod") => {
+            let namespace = input["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or(default_namespace)
+                .to_owned();
+            let name = input["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let pod_kind = json!({"group": "", "version": "v1", "kind": "Pod"});
+            let pods = json!({"group": "", "version": "v1", "resource": "pods"});
+            Ok(json!({
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": "00000000-0000-0000-0000-000000000000",
+                    "kind": pod_kind, "resource": pods,
+                    "requestKind": pod_kind, "requestResource": pods,
+                    "name": name, "namespace": namespace, "operation": "CREATE",
+                    "userInfo": {"username": args.user.clone().unwrap_or_else(|| "review".into()), "groups": args.groups},
+                    "object": input, "oldObject": null, "dryRun": args.dry_run,
+                }
+            }))
+        }
+        other => bail!("expected a Pod or an AdmissionReview, got kind {other:?}"),
+    }
+}
+
+/// The response's base64 JSON Patch, decoded (an empty array when there is none).
+fn decode_patch(response: &Value) -> anyhow::Result<Value> {
+    match response["patch"].as_str() {
+        None => Ok(json!([])),
+        Some(b64) => {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
+            Ok(serde_json::from_slice(&bytes)?)
+        }
+    }
 }

@@ -6,16 +6,22 @@ pub mod guard;
 pub mod identity;
 pub mod workload;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionResponse, AdmissionReview};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::Status;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
-use crate::authz::Authorizer;
-use crate::backends::{StoreIndex, VaultSource};
+use crate::authz::{Authorizer, Decision, Identity, Resource};
+use crate::backends::local::LocalStores;
+use crate::backends::{KeyRef, StoreCheck, StoreIndex, VaultSource, VaultWant};
 use crate::config::{LocalConfig, Settings};
 use crate::metrics::Metrics;
+use crate::plan::{self, Inputs, Resolved};
+use crate::refs::{self, Reference, SourceType, TargetKind};
+use workload::WorkloadKind;
 
 /// Everything the engine consults, shared by all requests.
 pub struct Webhook {
@@ -33,6 +39,34 @@ pub enum BuildError {
     Config(String),
 }
 
+/// A refusal: the message the user sees, and a reason label from a small fixed set for metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Denial {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the engine decided for one pod, before it becomes an AdmissionResponse.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub workload: Option<WorkloadKind>,
+    pub patch: Vec<json_patch::PatchOperation>,
+    pub warnings: Vec<String>,
+    pub identity: Option<String>,
+}
+
+/// The API server's `AdmissionReview` version; the only one served.
+const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
 impl Webhook {
     /// The embedded default: stores, Vault configs, bundles and trusted controllers from the local
     /// config file, no cluster.
@@ -41,8 +75,18 @@ impl Webhook {
         config: &LocalConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
-        let _ = (settings, config, metrics);
-        Err(BuildError::Config("not implemented yet".into()))
+        let mut settings = settings;
+        if let Some(ns) = &config.namespace {
+            settings.naming.namespace = ns.clone();
+        }
+        let stores = Arc::new(LocalStores::new(config, &settings.naming));
+        Ok(Self {
+            settings,
+            stores,
+            vault: None,
+            authz: Arc::new(NoGrants),
+            metrics,
+        })
     }
 
     /// In a cluster: watch caches through `client` (spawned on the current runtime).
@@ -60,17 +104,549 @@ impl Webhook {
         self.stores.ready()
     }
 
+    /// Time the engine gives itself: 4/5 of the API server's `?timeout=`, else the default budget.
+    pub fn budget(&self, timeout: Option<Duration>) -> Duration {
+        timeout.map_or(self.settings.default_budget, |t| t.mul_f64(0.8))
+    }
+
     /// Answers one HTTP request body. Always an `admission.k8s.io/v1` AdmissionReview, whatever the
     /// input; `timeout` is the API server's `?timeout=`.
     pub async fn review_bytes(&self, body: &[u8], timeout: Option<Duration>) -> Vec<u8> {
-        let _deadline = Instant::now() + timeout.unwrap_or(self.settings.default_budget);
-        let response = match serde_json::from_slice::<AdmissionReview<DynamicObject>>(body) {
-            Ok(review) => match review.request {
-                Some(req) => AdmissionResponse::from(&req),
-                None => AdmissionResponse::invalid("AdmissionReview has no request"),
-            },
-            Err(e) => AdmissionResponse::invalid(format!("unreadable AdmissionReview: {e}")),
+        let started = Instant::now();
+        let deadline = started + self.budget(timeout);
+        let (response, workload, outcome) = match parse_review(body) {
+            Ok(req) => {
+                let (response, workload) = self.respond(&req, deadline).await;
+                let outcome = outcome_label(&response);
+                (response, workload, outcome)
+            }
+            Err(message) => {
+                let mut response = AdmissionResponse::invalid(message);
+                response.uid = uid_of(body);
+                (response, None, "invalid")
+            }
         };
-        serde_json::to_vec(&response.into_review()).unwrap_or_default()
+        let workload = workload.map_or("none", WorkloadKind::as_str);
+        self.metrics
+            .admission(workload, outcome, started.elapsed().as_secs_f64());
+        encode_review(&response)
     }
+
+    /// Decides one request and logs the decision (never a value).
+    pub async fn respond(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        deadline: Instant,
+    ) -> (AdmissionResponse, Option<WorkloadKind>) {
+        let started = Instant::now();
+        let mut response = AdmissionResponse::from(req);
+        let decided = match tokio::time::timeout_at(deadline.into(), self.admit(req, deadline))
+            .await
+        {
+            Ok(decided) => decided,
+            Err(_) => Err(Denial::new(
+                "timeout",
+                format!(
+                    "secrets-webhook could not decide within its time budget ({:.1}s); retry, and check the \
+                     webhook's Vault and API server connectivity",
+                    self.budget(None).as_secs_f64()
+                ),
+            )),
+        };
+        let pod_name = req
+            .object
+            .as_ref()
+            .and_then(|p| {
+                p.metadata
+                    .name
+                    .clone()
+                    .or_else(|| p.metadata.generate_name.clone())
+            })
+            .unwrap_or_default();
+        let namespace = req.namespace.as_deref().unwrap_or_default();
+        let workload = match decided {
+            Ok(outcome) => {
+                tracing::info!(
+                    uid = %req.uid, namespace, pod = %pod_name,
+                    identity = outcome.identity.as_deref().unwrap_or(""),
+                    workload = outcome.workload.map_or("none", WorkloadKind::as_str),
+                    decision = if outcome.patch.is_empty() { "allowed" } else { "patched" },
+                    ops = outcome.patch.len(),
+                    duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "admission"
+                );
+                if let Some(identity) = &outcome.identity {
+                    response
+                        .audit_annotations
+                        .insert("identity".into(), identity.clone());
+                }
+                if !outcome.warnings.is_empty() {
+                    response.warnings = Some(outcome.warnings);
+                }
+                if !outcome.patch.is_empty() {
+                    response = match response.with_patch(json_patch::Patch(outcome.patch)) {
+                        Ok(r) => r,
+                        Err(_) => AdmissionResponse::from(req)
+                            .deny("secrets-webhook could not encode its patch"),
+                    };
+                }
+                outcome.workload
+            }
+            Err(denial) => {
+                tracing::info!(
+                    uid = %req.uid, namespace, pod = %pod_name, decision = "denied",
+                    reason = denial.reason, message = %denial.message,
+                    duration_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "admission"
+                );
+                self.metrics.denial(denial.reason);
+                response.allowed = false;
+                response.result = Status::failure(&denial.message, "Forbidden").with_code(403);
+                response
+                    .audit_annotations
+                    .insert("decision".into(), format!("denied: {}", denial.reason));
+                None
+            }
+        };
+        (response, workload)
+    }
+
+    /// The decision for one pod: a patch (maybe empty) and warnings, or a denial.
+    pub async fn admit(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        deadline: Instant,
+    ) -> Result<Outcome, Denial> {
+        if req.operation != Operation::Create {
+            return Ok(Outcome::default());
+        }
+        let Some(pod) = req.object.as_ref() else {
+            return Err(Denial::new(
+                "malformed",
+                "the AdmissionReview carries no pod object",
+            ));
+        };
+        let naming = &self.settings.naming;
+        let namespace = req
+            .namespace
+            .as_deref()
+            .or(pod.metadata.namespace.as_deref())
+            .unwrap_or("default");
+        let empty = BTreeMap::new();
+        let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+        if !self.settings.enabled {
+            self.guard(pod, namespace, &BTreeSet::new())?;
+            return Ok(Outcome::default());
+        }
+        let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            Denial::new("malformed", text.join("\n"))
+        })?;
+        let workload = workload::classify(pod, &self.settings.selectors)
+            .map_err(|e| Denial::new("malformed", e.to_string()))?;
+        let Some(workload) = workload else {
+            if let Some(r) = refs.first() {
+                return Err(Denial::new(
+                    "not-a-workload",
+                    format!(
+                        "annotation {} asks for {}, but this pod is not a Spark or Jupyter pod; label it \
+                         secrets.iomete.com/inject=true to receive env secrets",
+                        r.origin, r.secret
+                    ),
+                ));
+            }
+            self.guard(pod, namespace, &BTreeSet::new())?;
+            return Ok(Outcome::default());
+        };
+        let legacy = plan::legacy_keys(pod, &workload)
+            .map_err(|e| Denial::new("malformed", e.to_string()))?;
+        if refs.is_empty() && legacy.is_empty() {
+            self.guard(pod, namespace, &BTreeSet::new())?;
+            return Ok(Outcome {
+                workload: Some(workload.kind),
+                ..Outcome::default()
+            });
+        }
+        let identity = identity_of(&req.user_info);
+        // Executors get the driver's SparkConf over RPC: only env secrets are theirs.
+        let refs: Vec<Reference> = refs
+            .into_iter()
+            .filter(|r| {
+                !(workload.kind == WorkloadKind::SparkExecutor && r.kind == TargetKind::SparkConf)
+            })
+            .collect();
+        self.check_stores(&refs, &legacy, namespace)?;
+        self.authorize(&identity, &refs, deadline).await?;
+        let resolved = self
+            .resolve(&refs, namespace, req.dry_run, deadline)
+            .await?;
+        let (env, spark_confs): (Vec<Resolved>, Vec<Resolved>) = refs
+            .iter()
+            .zip(resolved)
+            .map(|(r, key_ref)| {
+                let resolved = Resolved {
+                    name: r.name.clone(),
+                    secret: r.secret.clone(),
+                    key_ref,
+                };
+                (r.kind, resolved)
+            })
+            .fold((vec![], vec![]), |(mut env, mut confs), (kind, r)| {
+                match kind {
+                    TargetKind::Env => env.push(r),
+                    TargetKind::SparkConf => confs.push(r),
+                }
+                (env, confs)
+            });
+        let stamps = stamps(&identity, &refs);
+        let plan = plan::plan(
+            Inputs {
+                pod,
+                workload: &workload,
+                env: &env,
+                spark_confs: &spark_confs,
+                global_store: &naming.global_store,
+                stamps: &stamps,
+            },
+            &naming.global_id,
+        )
+        .map_err(|e| Denial::new("malformed", e.to_string()))?;
+        self.guard(pod, namespace, &plan.wanted)?;
+        Ok(Outcome {
+            workload: Some(workload.kind),
+            patch: plan.patch,
+            warnings: plan.warnings,
+            identity: Some(identity.username.clone()),
+        })
+    }
+
+    /// Kubernetes references: the store is in this namespace and holds the key.
+    fn check_stores(
+        &self,
+        refs: &[Reference],
+        legacy: &BTreeSet<String>,
+        namespace: &str,
+    ) -> Result<(), Denial> {
+        let naming = &self.settings.naming;
+        let k8s_refs = refs
+            .iter()
+            .filter(|r| r.secret.source.kind == SourceType::Kubernetes);
+        let mut problems = Vec::new();
+        let mut any = false;
+        for r in k8s_refs {
+            any = true;
+            let store = naming.store_for(&r.secret.source.id);
+            if let Some(problem) = self.store_problem(&store, &r.secret.key, &r.secret.source.id) {
+                problems.push(format!(
+                    "annotation {}: {} {:?}: {}: {problem}",
+                    r.origin, r.kind, r.name, r.secret
+                ));
+            }
+        }
+        for key in legacy {
+            any = true;
+            if let Some(problem) = self.store_problem(&naming.global_store, key, &naming.global_id)
+            {
+                problems.push(format!("placeholder ${{secrets.{key}}}: {problem}"));
+            }
+        }
+        if any && namespace != naming.namespace {
+            return Err(Denial::new(
+                "wrong-namespace",
+                format!(
+                    "Kubernetes secret stores live in namespace {:?}; this pod is in {namespace:?}. Run the \
+                     workload in {:?}, or use a Vault reference",
+                    naming.namespace, naming.namespace
+                ),
+            ));
+        }
+        if !any {
+            return Ok(());
+        }
+        if !self.stores.ready() {
+            return Err(Denial::new(
+                "not-ready",
+                "secrets-webhook has not finished loading the secret stores; retry in a few seconds",
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Denial::new("missing-key", problems.join("\n")))
+        }
+    }
+
+    fn store_problem(&self, store: &str, key: &str, id: &str) -> Option<String> {
+        let ns = &self.settings.naming.namespace;
+        let scope = if id == self.settings.naming.global_id {
+            "the global store".to_owned()
+        } else {
+            format!("domain {id:?}")
+        };
+        match self.stores.check(store, key) {
+            StoreCheck::Present => None,
+            StoreCheck::MissingKey => Some(format!(
+                "{scope} has no key {key:?} (Secret {store} in namespace {ns}); create the secret or fix the key"
+            )),
+            StoreCheck::MissingStore => Some(format!(
+                "{scope} has no secret store (Secret {store} in namespace {ns}); create a secret in that domain \
+                 first, or fix source.id"
+            )),
+        }
+    }
+
+    /// `Use` on every domain and Vault config the pod names; global secrets need no grant.
+    async fn authorize(
+        &self,
+        identity: &Identity,
+        refs: &[Reference],
+        deadline: Instant,
+    ) -> Result<(), Denial> {
+        let mut needed: BTreeMap<Resource, &Reference> = BTreeMap::new();
+        for r in refs {
+            let id = &r.secret.source.id;
+            let resource = match r.secret.source.kind {
+                SourceType::Kubernetes if *id == self.settings.naming.global_id => continue,
+                SourceType::Kubernetes => Resource::Domain(id.clone()),
+                SourceType::Vault => {
+                    let Some(vault) = &self.vault else {
+                        return Err(vault_not_configured(r));
+                    };
+                    let Some(bundle) = vault.bundle_of(id) else {
+                        return Err(Denial::new(
+                            "unknown-vault-config",
+                            format!(
+                                "annotation {}: {} {:?}: {}: there is no Vault config {id:?}; ask a platform admin \
+                                 to create it, or fix source.id",
+                                r.origin, r.kind, r.name, r.secret
+                            ),
+                        ));
+                    };
+                    Resource::VaultConfig {
+                        name: id.clone(),
+                        bundle,
+                    }
+                }
+            };
+            needed.entry(resource).or_insert(r);
+        }
+        let checks = needed.iter().map(|(resource, r)| async move {
+            match self.authz.check_use(identity, resource, deadline).await {
+                Decision::Allow => None,
+                Decision::Deny(why) => {
+                    Some(format!("annotation {}: {}: {why}", r.origin, r.secret))
+                }
+            }
+        });
+        let denials: Vec<String> = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if denials.is_empty() {
+            Ok(())
+        } else {
+            Err(Denial::new("forbidden", denials.join("\n")))
+        }
+    }
+
+    /// Where the kubelet finds each reference's value, in order.
+    async fn resolve(
+        &self,
+        refs: &[Reference],
+        namespace: &str,
+        dry_run: bool,
+        deadline: Instant,
+    ) -> Result<Vec<KeyRef>, Denial> {
+        let naming = &self.settings.naming;
+        let wants: Vec<VaultWant<'_>> = refs
+            .iter()
+            .filter(|r| r.secret.source.kind == SourceType::Vault)
+            .map(|r| VaultWant { secret: &r.secret })
+            .collect();
+        let mut delivered = match (&self.vault, wants.is_empty()) {
+            (_, true) => Vec::new(),
+            (Some(vault), false) => vault.deliver(namespace, &wants, dry_run, deadline).await,
+            (None, false) => {
+                let first = refs
+                    .iter()
+                    .find(|r| r.secret.source.kind == SourceType::Vault);
+                return Err(first.map_or_else(
+                    || Denial::new("vault", "Vault source not configured"),
+                    vault_not_configured,
+                ));
+            }
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(refs.len());
+        let mut problems = Vec::new();
+        for r in refs {
+            match r.secret.source.kind {
+                SourceType::Kubernetes => out.push(KeyRef {
+                    secret: naming.store_for(&r.secret.source.id),
+                    key: r.secret.key.clone(),
+                }),
+                SourceType::Vault => match delivered.next() {
+                    Some(Ok(key_ref)) => out.push(key_ref),
+                    Some(Err(why)) => {
+                        problems.push(format!("annotation {}: {}: {why}", r.origin, r.secret))
+                    }
+                    None => problems.push(format!(
+                        "annotation {}: {}: the Vault backend gave no answer",
+                        r.origin, r.secret
+                    )),
+                },
+            }
+        }
+        if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(Denial::new("vault", problems.join("\n")))
+        }
+    }
+
+    /// Guard (DESIGN §5): a direct reference to a managed store must come from this webhook's plan,
+    /// or anyone who can create a pod could skip the Use check. Global secrets need no grant, so
+    /// the global store is exempt (legacy placeholders become such references).
+    fn guard(&self, pod: &Pod, namespace: &str, wanted: &BTreeSet<KeyRef>) -> Result<(), Denial> {
+        let _ = (pod, namespace, wanted);
+        Ok(())
+    }
+}
+
+/// Until resource bundles are wired in: nothing but global secrets is granted.
+struct NoGrants;
+
+#[async_trait::async_trait]
+impl Authorizer for NoGrants {
+    async fn check_use(&self, who: &Identity, what: &Resource, _deadline: Instant) -> Decision {
+        Decision::Deny(format!(
+            "user {:?} lacks Use on {what:?} (no resource bundles configured)",
+            who.username
+        ))
+    }
+}
+
+fn vault_not_configured(r: &Reference) -> Denial {
+    Denial::new(
+        "vault",
+        format!(
+            "annotation {}: {} {:?}: {}: Vault source not configured in this webhook; use a Kubernetes \
+             source, or ask a platform admin to configure Vault",
+            r.origin, r.kind, r.name, r.secret
+        ),
+    )
+}
+
+/// The submitting identity, straight from userInfo.
+fn identity_of(user: &k8s_openapi::api::authentication::v1::UserInfo) -> Identity {
+    Identity {
+        username: user.username.clone().unwrap_or_default(),
+        groups: user.groups.clone().unwrap_or_default(),
+    }
+}
+
+fn stamps(identity: &Identity, refs: &[Reference]) -> BTreeMap<String, String> {
+    let granted: BTreeSet<String> = refs.iter().map(|r| r.secret.to_string()).collect();
+    BTreeMap::from([
+        (
+            "secrets.iomete.com/identity".to_owned(),
+            identity.username.clone(),
+        ),
+        (
+            "secrets.iomete.com/granted".to_owned(),
+            granted.into_iter().collect::<Vec<_>>().join(","),
+        ),
+    ])
+}
+
+fn outcome_label(response: &AdmissionResponse) -> &'static str {
+    match (response.allowed, response.patch.is_some()) {
+        (true, true) => "patched",
+        (true, false) => "allowed",
+        (false, _) => "denied",
+    }
+}
+
+/// The response on the wire. kube's own serializer writes the patch as an array of numbers; the
+/// API server also takes that, but the documented form (and every other webhook's) is base64.
+fn encode_review(response: &AdmissionResponse) -> Vec<u8> {
+    use base64::Engine as _;
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Wire<'a> {
+        uid: &'a str,
+        allowed: bool,
+        status: &'a Status,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        patch: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        patch_type: Option<&'static str>,
+        #[serde(skip_serializing_if = "std::collections::HashMap::is_empty")]
+        audit_annotations: &'a std::collections::HashMap<String, String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        warnings: Option<&'a Vec<String>>,
+    }
+    let patch = response
+        .patch
+        .as_ref()
+        .map(|p| base64::engine::general_purpose::STANDARD.encode(p));
+    let review = serde_json::json!({
+        "apiVersion": REVIEW_API_VERSION,
+        "kind": "AdmissionReview",
+        "response": Wire {
+            uid: &response.uid,
+            allowed: response.allowed,
+            status: &response.result,
+            patch_type: patch.as_ref().map(|_| "JSONPatch"),
+            patch,
+            audit_annotations: &response.audit_annotations,
+            warnings: response.warnings.as_ref(),
+        },
+    });
+    serde_json::to_vec(&review).unwrap_or_else(|_| {
+        br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":false}}"#.to_vec()
+    })
+}
+
+/// Reads an `admission.k8s.io/v1` AdmissionReview of a Pod. The error is the `invalid` message.
+pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<Pod>, String> {
+    let review: AdmissionReview<Pod> = serde_json::from_slice(body).map_err(|e| {
+        format!("the body is not an admission.k8s.io/v1 AdmissionReview of a Pod ({e})")
+    })?;
+    if review.types.api_version != REVIEW_API_VERSION || review.types.kind != "AdmissionReview" {
+        return Err(format!(
+            "expected apiVersion {REVIEW_API_VERSION}, kind AdmissionReview; got {:?}, {:?}",
+            clip(&review.types.api_version),
+            clip(&review.types.kind)
+        ));
+    }
+    let req: AdmissionRequest<Pod> = review
+        .try_into()
+        .map_err(|_| "the AdmissionReview has no request".to_owned())?;
+    if req.uid.is_empty() {
+        return Err("the AdmissionReview request has no uid".into());
+    }
+    Ok(req)
+}
+
+/// Best effort: the uid of a review that did not parse, so the API server can match the answer.
+fn uid_of(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Uid {
+        request: Option<UidOnly>,
+    }
+    #[derive(serde::Deserialize)]
+    struct UidOnly {
+        uid: Option<String>,
+    }
+    serde_json::from_slice::<Uid>(body)
+        .ok()
+        .and_then(|r| r.request?.uid)
+        .map(|uid| clip(&uid).to_owned())
+        .unwrap_or_default()
+}
+
+fn clip(s: &str) -> &str {
+    s.char_indices().nth(64).map_or(s, |(i, _)| &s[..i])
 }

@@ -39,3 +39,409 @@ impl fmt::Display for SecretObject {
         write!(f, "{kind}:{}/{}", self.source.id, self.key)
     }
 }
+
+/// Annotation holding the seed's `envSecrets` items.
+pub const ENV_SECRETS: &str = "secrets.iomete.com/env-secrets";
+/// Annotation holding the seed's `sparkConfSecrets` items.
+pub const SPARK_CONF_SECRETS: &str = "secrets.iomete.com/spark-conf-secrets";
+/// Short form, one annotation per variable: `env.secrets.iomete.com/NAME: kubernetes:finance/key`.
+pub const ENV_SHORT_PREFIX: &str = "env.secrets.iomete.com/";
+/// Short form for Spark confs: `spark-conf.secrets.iomete.com/spark.x.y: vault:config/key`.
+pub const SPARK_CONF_SHORT_PREFIX: &str = "spark-conf.secrets.iomete.com/";
+
+/// What a reference feeds: an environment variable or a Spark conf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetKind {
+    Env,
+    SparkConf,
+}
+
+impl fmt::Display for TargetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TargetKind::Env => "env var",
+            TargetKind::SparkConf => "Spark conf",
+        })
+    }
+}
+
+/// One parsed reference: `name` (env var or conf key) receives the value of `secret`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Reference {
+    pub kind: TargetKind,
+    pub name: String,
+    pub secret: SecretObject,
+    /// The annotation it came from, for messages.
+    pub origin: String,
+}
+
+/// A reference the webhook cannot honour. `Display` is the denial text: where, what, and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {origin}: {subject}{problem}; {fix}")]
+pub struct RefError {
+    pub origin: String,
+    /// `item 2 (DB_PASSWORD -> kubernetes:finance/db_password): ` or empty.
+    pub subject: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl RefError {
+    fn new(
+        origin: &str,
+        subject: String,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Self {
+            origin: clip(origin).to_owned(),
+            subject,
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// An item of the seed's `envSecrets` / `sparkConfSecrets` arrays.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Item {
+    key: String,
+    secret_object: SecretObject,
+}
+
+/// Reads every reference from a pod's annotations (JSON and short forms), validated. All problems
+/// are reported, not only the first.
+pub fn parse_annotations<'a>(
+    annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
+    global_id: &str,
+) -> Result<Vec<Reference>, Vec<RefError>> {
+    let mut refs = Vec::new();
+    let mut errors = Vec::new();
+    for (name, value) in annotations {
+        let (kind, target) = if name == ENV_SECRETS || name == SPARK_CONF_SECRETS {
+            let kind = if name == ENV_SECRETS {
+                TargetKind::Env
+            } else {
+                TargetKind::SparkConf
+            };
+            parse_json_items(name, value, kind, global_id, &mut refs, &mut errors);
+            continue;
+        } else if let Some(target) = name.strip_prefix(ENV_SHORT_PREFIX) {
+            (TargetKind::Env, target)
+        } else if let Some(target) = name.strip_prefix(SPARK_CONF_SHORT_PREFIX) {
+            (TargetKind::SparkConf, target)
+        } else {
+            continue;
+        };
+        match parse_short(value) {
+            Ok(secret) => push_checked(
+                Reference {
+                    kind,
+                    name: target.to_owned(),
+                    secret,
+                    origin: name.clone(),
+                },
+                String::new(),
+                global_id,
+                &mut refs,
+                &mut errors,
+            ),
+            Err(problem) => errors.push(RefError::new(
+                name,
+                String::new(),
+                problem,
+                "write it as kubernetes:<domain>/<key>, kubernetes:global/<key> or vault:<vault-config>/<key>",
+            )),
+        }
+    }
+    dedupe(&mut refs, &mut errors);
+    if errors.is_empty() {
+        Ok(refs)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The same target named twice: identical references collapse, different ones are an error.
+fn dedupe(refs: &mut Vec<Reference>, errors: &mut Vec<RefError>) {
+    refs.sort_by(|a, b| (a.kind, &a.name, &a.secret).cmp(&(b.kind, &b.name, &b.secret)));
+    refs.dedup_by(|b, a| a.kind == b.kind && a.name == b.name && a.secret == b.secret);
+    for pair in refs.windows(2) {
+        let [a, b] = pair else { continue };
+        if a.kind == b.kind && a.name == b.name {
+            errors.push(RefError::new(
+                &b.origin,
+                format!("{} {:?}: ", b.kind, clip(&b.name)),
+                format!(
+                    "referenced twice, as {} (in {}) and as {}",
+                    a.secret, a.origin, b.secret
+                ),
+                "keep one reference per name",
+            ));
+        }
+    }
+}
+
+fn parse_json_items(
+    origin: &str,
+    value: &str,
+    kind: TargetKind,
+    global_id: &str,
+    refs: &mut Vec<Reference>,
+    errors: &mut Vec<RefError>,
+) {
+    let fix = r#"write a JSON array like [{"key":"NAME","secretObject":{"key":"secret_key","source":{"type":"KUBERNETES","id":"my-domain"}}}]"#;
+    let items: Vec<serde_json::Value> = match serde_json::from_str(value) {
+        Ok(items) => items,
+        Err(e) => {
+            errors.push(RefError::new(
+                origin,
+                String::new(),
+                format!("not a JSON array of references ({e})"),
+                fix,
+            ));
+            return;
+        }
+    };
+    for (index, item) in items.into_iter().enumerate() {
+        let subject = format!("item {index}: ");
+        match Item::deserialize(item) {
+            Ok(item) => push_checked(
+                Reference {
+                    kind,
+                    name: item.key,
+                    secret: item.secret_object,
+                    origin: origin.to_owned(),
+                },
+                subject,
+                global_id,
+                refs,
+                errors,
+            ),
+            Err(e) => errors.push(RefError::new(origin, subject, e.to_string(), fix)),
+        }
+    }
+}
+
+/// `kubernetes:finance/db_password`, `vault:config/sub/path#field` (type case-insensitive).
+/// Problems never quote the value: someone may have pasted a secret where a reference belongs.
+fn parse_short(value: &str) -> Result<SecretObject, String> {
+    let shape = "the value is not of the form <type>:<id>/<key>";
+    let (kind, rest) = value.trim().split_once(':').ok_or(shape)?;
+    let kind = match kind.to_ascii_lowercase().as_str() {
+        "kubernetes" => SourceType::Kubernetes,
+        "vault" => SourceType::Vault,
+        _ => return Err("the source type is not \"kubernetes\" or \"vault\"".into()),
+    };
+    let (id, key) = rest.split_once('/').ok_or(shape)?;
+    Ok(SecretObject {
+        key: key.to_owned(),
+        source: Source {
+            kind,
+            id: id.to_owned(),
+        },
+    })
+}
+
+/// Validates one reference and keeps it, or records why not.
+fn push_checked(
+    reference: Reference,
+    subject: String,
+    global_id: &str,
+    refs: &mut Vec<Reference>,
+    errors: &mut Vec<RefError>,
+) {
+    let subject = if subject.is_empty() {
+        format!("{} {:?}: ", reference.kind, clip(&reference.name))
+    } else {
+        format!("{subject}{} {:?}: ", reference.kind, clip(&reference.name))
+    };
+    match validate(&reference, global_id) {
+        Ok(()) => refs.push(reference),
+        Err((problem, fix)) => errors.push(RefError::new(&reference.origin, subject, problem, fix)),
+    }
+}
+
+type Problem = (String, &'static str);
+
+fn validate(r: &Reference, global_id: &str) -> Result<(), Problem> {
+    match r.kind {
+        TargetKind::Env if !is_env_name(&r.name) => {
+            return Err((
+                "is not a valid environment variable name".into(),
+                "use letters, digits, '_', '-' or '.', not starting with a digit",
+            ));
+        }
+        TargetKind::SparkConf if !is_spark_conf_key(&r.name) => {
+            return Err((
+                "is not a Spark conf key".into(),
+                "Spark only reads keys that start with \"spark.\" and use letters, digits, '.', '_' or '-'",
+            ));
+        }
+        _ => {}
+    }
+    let s = &r.secret;
+    let id = &s.source.id;
+    if id.is_empty() {
+        return Err((
+            "source.id is empty".into(),
+            "name a domain, \"global\" or a Vault config",
+        ));
+    }
+    if !is_dns_label(id) {
+        return Err((
+            format!("source.id {:?} is not a valid name", clip(id)),
+            "domains and Vault configs are lowercase letters, digits and '-' (at most 63)",
+        ));
+    }
+    if s.key.is_empty() {
+        return Err((format!("{s}: the key is empty"), "name the secret's key"));
+    }
+    match s.source.kind {
+        SourceType::Kubernetes if !is_secret_data_key(&s.key) => Err((
+            format!("{s}: key is not a valid Kubernetes secret key"),
+            "Kubernetes store keys use letters, digits, '.', '_' or '-'",
+        )),
+        SourceType::Vault if id == global_id => Err((
+            format!("{s}: the global store is a Kubernetes source"),
+            "use kubernetes:global/<key>, or name a Vault config",
+        )),
+        SourceType::Vault if !is_vault_key(&s.key) => Err((
+            format!("{s}: key is not a valid Vault key"),
+            "write <field> or <sub/path>#<field>, without '.' or '..' path segments",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Env names as Kubernetes validates them (C identifiers plus '-' and '.').
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == '-' || c == '.')
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && name.len() <= 256
+}
+
+fn is_spark_conf_key(key: &str) -> bool {
+    key.len() > "spark.".len()
+        && key.len() <= 256
+        && key.starts_with("spark.")
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn is_dns_label(id: &str) -> bool {
+    id.len() <= 63
+        && id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && id.ends_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Secret data keys: `[-._a-zA-Z0-9]+`, not `.` or `..`.
+pub fn is_secret_data_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key != "."
+        && key != ".."
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// `field` or `sub/path#field`: printable, no whitespace, no `.`/`..` or empty path segments.
+fn is_vault_key(key: &str) -> bool {
+    let (path, field) = match key.rsplit_once('#') {
+        Some((path, field)) => (Some(path), field),
+        None => (None, key),
+    };
+    let clean = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '#' | '?' | '%' | '\\'))
+    };
+    key.len() <= 512
+        && clean(field)
+        && !field.contains('/')
+        && path.is_none_or(|p| {
+            p.split('/')
+                .all(|seg| clean(seg) && seg != "." && seg != "..")
+        })
+}
+
+/// At most 64 characters of user input in a message, so a huge annotation cannot flood a denial.
+fn clip(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Start of a legacy placeholder, `${secrets.<key>}`, resolved from the global store.
+const PLACEHOLDER_OPEN: &str = "${secrets.";
+
+/// A part of a string that may hold legacy placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Text(&'a str),
+    Placeholder(&'a str),
+}
+
+/// Why a legacy placeholder cannot be honoured (the caller says where it was found).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceholderError {
+    #[error("a ${{secrets.…}} placeholder has no closing '}}'")]
+    Unterminated,
+    #[error(
+        "placeholder ${{secrets.{0}}} does not name a valid secret key (letters, digits, '.', '_' or '-')"
+    )]
+    BadKey(String),
+}
+
+/// True when `s` may hold a placeholder: the cheap test before [`split_placeholders`].
+pub fn has_placeholder(s: &str) -> bool {
+    s.contains(PLACEHOLDER_OPEN)
+}
+
+/// Splits `s` into text and placeholders. `$$` is the kubelet's escape for a literal `$`, so
+/// `$${secrets.x}` stays text, as the kubelet would render it.
+pub fn split_placeholders(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
+    let mut pieces = Vec::new();
+    let mut text_start = 0;
+    let mut i = 0;
+    let bytes = s.as_bytes();
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            i += 1;
+        } else if bytes.get(i + 1) == Some(&b'$') {
+            i += 2;
+        } else if s[i..].starts_with(PLACEHOLDER_OPEN) {
+            let key_start = i + PLACEHOLDER_OPEN.len();
+            let key_len = s[key_start..]
+                .find('}')
+                .ok_or(PlaceholderError::Unterminated)?;
+            let key = &s[key_start..key_start + key_len];
+            if !is_secret_data_key(key) {
+                return Err(PlaceholderError::BadKey(clip(key).to_owned()));
+            }
+            if text_start < i {
+                pieces.push(Piece::Text(&s[text_start..i]));
+            }
+            pieces.push(Piece::Placeholder(key));
+            i = key_start + key_len + 1;
+            text_start = i;
+        } else {
+            i += 1;
+        }
+    }
+    if text_start < s.len() {
+        pieces.push(Piece::Text(&s[text_start..]));
+    }
+    Ok(pieces)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,332 @@
+//! The admission engine end to end through `Webhook::review_bytes` (the bytes the HTTPS server
+//! hands it), on the real pod fixtures wrapped in AdmissionReviews, with the local config.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::Pod;
+use secrets_webhook::admission::Webhook;
+use secrets_webhook::config::{LocalConfig, Settings};
+use secrets_webhook::metrics::Metrics;
+use serde_json::{Value, json};
+
+const CONFIG: &str = r#"
+namespace: iomete-system
+stores:
+  global: [warehouse_path, api_token]
+  domains: {finance: [db_password, s3_secret_key], marketing: [ga_token]}
+"#;
+
+fn webhook() -> Webhook {
+    let config = LocalConfig::parse(CONFIG).unwrap();
+    Webhook::from_local(Settings::default(), &config, Arc::new(Metrics::new())).unwrap()
+}
+
+fn fixture(name: &str) -> Value {
+    let text = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/pods/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let mut pod: Value = serde_json::from_str(&text).unwrap();
+    pod["metadata"]["namespace"] = json!("iomete-system");
+    pod
+}
+
+fn review(pod: &Value, user: &str) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": pod["metadata"]["namespace"], "operation": "CREATE",
+            "userInfo": {"username": user, "groups": ["system:authenticated"]},
+            "object": pod, "dryRun": false
+        }
+    })
+}
+
+struct Answer {
+    response: Value,
+    patch: Option<json_patch::Patch>,
+}
+
+impl Answer {
+    fn allowed(&self) -> bool {
+        self.response["allowed"] == json!(true)
+    }
+    fn message(&self) -> &str {
+        self.response["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+    }
+    fn warnings(&self) -> Vec<String> {
+        serde_json::from_value(self.response["warnings"].clone()).unwrap_or_default()
+    }
+}
+
+async fn admit_bytes(body: &[u8]) -> Answer {
+    let out = webhook().review_bytes(body, None).await;
+    let answer: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = answer["response"].clone();
+    let patch = response["patch"].as_str().map(|b64| {
+        assert_eq!(response["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    });
+    Answer { response, patch }
+}
+
+async fn admit(pod: &Value) -> Answer {
+    let answer = admit_bytes(&serde_json::to_vec(&review(pod, "alice")).unwrap()).await;
+    assert_eq!(
+        answer.response["uid"],
+        "705ab4f5-6393-11e8-b7cc-42010a800002"
+    );
+    answer
+}
+
+/// Applies the patch, checks the result is still a Pod, and that a second pass patches nothing.
+async fn admit_and_apply(pod: &Value) -> (Value, Answer) {
+    let answer = admit(pod).await;
+    assert!(answer.allowed(), "denied: {}", answer.message());
+    let mut mutated = pod.clone();
+    json_patch::patch(&mut mutated, answer.patch.as_ref().expect("a patch")).unwrap();
+    let _: Pod = serde_json::from_value(mutated.clone()).expect("still a Pod");
+    let again = admit(&mutated).await;
+    assert!(again.allowed(), "second pass denied: {}", again.message());
+    assert!(
+        again.patch.is_none(),
+        "second pass patched: {:?}",
+        again.patch
+    );
+    (mutated, answer)
+}
+
+fn annotate(pod: &mut Value, key: &str, value: &str) {
+    if pod["metadata"]["annotations"].is_null() {
+        pod["metadata"]["annotations"] = json!({});
+    }
+    pod["metadata"]["annotations"][key] = json!(value);
+}
+
+fn env(pod: &Value) -> Vec<Value> {
+    pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn fixtures_without_references_pass_untouched() {
+    for name in [
+        "spark35-driver-submit.json",
+        "spark35-executor-submit.json",
+        "jupyterhub-singleuser-z2jh.json",
+    ] {
+        let answer = admit(&fixture(name)).await;
+        assert!(answer.allowed(), "{name}: {}", answer.message());
+        assert!(answer.patch.is_none(), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn global_references_are_injected_into_every_workload_kind() {
+    for name in [
+        "spark35-driver-submit.json",
+        "spark35-executor-submit.json",
+        "jupyterhub-singleuser-z2jh.json",
+    ] {
+        let mut pod = fixture(name);
+        annotate(
+            &mut pod,
+            "env.secrets.iomete.com/WAREHOUSE",
+            "kubernetes:global/warehouse_path",
+        );
+        let (mutated, _) = admit_and_apply(&pod).await;
+        let want = json!({"name": "WAREHOUSE", "valueFrom": {"secretKeyRef":
+            {"name": "iomete-secret-store", "key": "warehouse_path", "optional": false}}});
+        assert!(env(&mutated).contains(&want), "{name}");
+        assert_eq!(
+            mutated["metadata"]["annotations"]["secrets.iomete.com/identity"],
+            "alice"
+        );
+    }
+}
+
+#[tokio::test]
+async fn legacy_placeholders_resolve_from_the_global_store() {
+    let mut pod = fixture("spark35-driver-submit.json");
+    pod["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "TOKEN_HEADER", "value": "Bearer ${secrets.api_token}"}));
+    let (mutated, _) = admit_and_apply(&pod).await;
+    let env = env(&mutated);
+    let header = env.iter().find(|e| e["name"] == "TOKEN_HEADER").unwrap();
+    let value = header["value"].as_str().unwrap();
+    assert!(value.starts_with("Bearer $(IOMETE_SECRET_"), "{value}");
+
+    let mut pod = fixture("spark35-driver-submit.json");
+    pod["spec"]["containers"][0]["args"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("${secrets.nope}"));
+    let answer = admit(&pod).await;
+    assert!(!answer.allowed());
+    assert_eq!(
+        answer.message(),
+        "placeholder ${secrets.nope}: the global store has no key \"nope\" (Secret iomete-secret-store in \
+         namespace iomete-system); create the secret or fix the key"
+    );
+}
+
+#[tokio::test]
+async fn denials_name_the_reference_and_the_fix() {
+    let cases = [
+        (
+            "env.secrets.iomete.com/X",
+            "kubernetes:global/missing",
+            "annotation env.secrets.iomete.com/X: env var \"X\": kubernetes:global/missing: the global store has no \
+             key \"missing\" (Secret iomete-secret-store in namespace iomete-system); create the secret or fix the key",
+        ),
+        (
+            "env.secrets.iomete.com/X",
+            "kubernetes:hr/k",
+            "annotation env.secrets.iomete.com/X: env var \"X\": kubernetes:hr/k: domain \"hr\" has no secret store \
+             (Secret iomete-secret-store-hr in namespace iomete-system); create a secret in that domain first, or fix source.id",
+        ),
+        (
+            "env.secrets.iomete.com/X",
+            "vault:vault-prod-finance/db",
+            "annotation env.secrets.iomete.com/X: env var \"X\": vault:vault-prod-finance/db: Vault source not \
+             configured in this webhook; use a Kubernetes source, or ask a platform admin to configure Vault",
+        ),
+        (
+            "secrets.iomete.com/env-secrets",
+            "{",
+            "annotation secrets.iomete.com/env-secrets: not a JSON array of references (invalid type: map, expected \
+             a sequence at line 1 column 0); write a JSON array like [{\"key\":\"NAME\",\"secretObject\":{\"key\":\"secret_key\",\
+             \"source\":{\"type\":\"KUBERNETES\",\"id\":\"my-domain\"}}}]",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let mut pod = fixture("spark35-driver-submit.json");
+        annotate(&mut pod, key, value);
+        let answer = admit(&pod).await;
+        assert!(!answer.allowed());
+        assert_eq!(answer.message(), expected);
+        assert_eq!(answer.response["status"]["code"], 403);
+    }
+}
+
+#[tokio::test]
+async fn kubernetes_stores_are_only_reachable_from_the_data_plane_namespace() {
+    let mut pod = fixture("spark35-driver-submit.json");
+    pod["metadata"]["namespace"] = json!("default");
+    annotate(
+        &mut pod,
+        "env.secrets.iomete.com/X",
+        "kubernetes:global/warehouse_path",
+    );
+    let answer = admit(&pod).await;
+    assert!(!answer.allowed());
+    assert!(answer.message().contains(
+        "Kubernetes secret stores live in namespace \"iomete-system\"; this pod is in \"default\""
+    ));
+}
+
+#[tokio::test]
+async fn a_pod_with_references_that_is_no_workload_is_told_to_opt_in() {
+    let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "iomete-system"},
+        "spec": {"containers": [{"name": "web", "image": "nginx"}]}});
+    annotate(
+        &mut pod,
+        "env.secrets.iomete.com/X",
+        "kubernetes:global/warehouse_path",
+    );
+    let answer = admit(&pod).await;
+    assert!(
+        answer
+            .message()
+            .contains("label it secrets.iomete.com/inject=true"),
+        "{}",
+        answer.message()
+    );
+    pod["metadata"]["labels"] = json!({"secrets.iomete.com/inject": "true"});
+    let (mutated, _) = admit_and_apply(&pod).await;
+    assert_eq!(env(&mutated)[0]["name"], "X");
+}
+
+#[tokio::test]
+async fn unreadable_input_is_an_invalid_review_not_an_error() {
+    let answer = admit_bytes(b"{not json").await;
+    assert!(!answer.allowed());
+    assert!(
+        answer
+            .message()
+            .starts_with("the body is not an admission.k8s.io/v1 AdmissionReview")
+    );
+    assert_eq!(answer.response["status"]["reason"], "InvalidRequest");
+
+    let mut wrong = review(&fixture("spark35-driver-submit.json"), "alice");
+    wrong["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let answer = admit_bytes(&serde_json::to_vec(&wrong).unwrap()).await;
+    assert!(!answer.allowed());
+    assert_eq!(
+        answer.response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "uid echoed when readable"
+    );
+    assert!(
+        answer
+            .message()
+            .contains("expected apiVersion admission.k8s.io/v1")
+    );
+
+    let answer =
+        admit_bytes(br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#).await;
+    assert!(!answer.allowed());
+}
+
+#[tokio::test]
+async fn dry_run_and_non_create_operations() {
+    let mut pod = fixture("spark35-executor-submit.json");
+    annotate(
+        &mut pod,
+        "env.secrets.iomete.com/W",
+        "kubernetes:global/warehouse_path",
+    );
+    let mut r = review(&pod, "alice");
+    r["request"]["dryRun"] = json!(true);
+    let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
+    assert!(
+        answer.allowed() && answer.patch.is_some(),
+        "dry run still answers with the patch"
+    );
+    r["request"]["operation"] = json!("UPDATE");
+    let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
+    assert!(answer.allowed() && answer.patch.is_none());
+}
+
+#[tokio::test]
+async fn warnings_come_back_to_the_client() {
+    let mut pod = fixture("spark35-driver-submit.json");
+    annotate(
+        &mut pod,
+        "spark-conf.secrets.iomete.com/spark.myapp.endpoint",
+        "kubernetes:global/api_token",
+    );
+    let (_, answer) = admit_and_apply(&pod).await;
+    assert_eq!(
+        answer.warnings(),
+        [
+            "Spark conf spark.myapp.endpoint does not match spark.redaction.regex: its value may show in the Spark UI"
+        ]
+    );
+}
