@@ -55,8 +55,16 @@ pub struct GuardError(pub Vec<DirectRef>);
 
 /// The guard: every direct reference to a managed store must be exactly a `secretKeyRef` the
 /// webhook itself planned for this pod (`planned`); whole-Secret uses are never planned.
+///
+/// The global store is exempt (docs/decisions.md): global secrets need no grant, and legacy
+/// `${secrets.key}` placeholders become such references, which a reinvocation could no longer
+/// tell from a hand-written one.
 pub fn check(pod: &Pod, naming: &Naming, planned: &BTreeSet<KeyRef>) -> Result<(), GuardError> {
     let mut found = direct_store_refs(pod, naming);
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.retain(|r| r.secret != naming.global_store);
     found.retain(|r| match &r.key {
         Some(key) => !planned
             .iter()
@@ -265,6 +273,16 @@ mod tests {
             err.to_string()
                 .contains("; containers[0].envFrom[0] names Secret")
         );
+        // The global store is exempt, whole or by key.
+        let global = pod(serde_json::json!({
+            "spec": {"containers": [{"name": "c",
+                "env": [{"name": "T", "valueFrom": {"secretKeyRef":
+                    {"name": "iomete-secret-store", "key": "api_token"}}}],
+                "envFrom": [{"secretRef": {"name": "iomete-secret-store"}}]
+            }]}
+        }));
+        assert_eq!(direct_store_refs(&global, &naming).len(), 2);
+        assert!(check(&global, &naming, &BTreeSet::new()).is_ok());
         // Another key of the same store is not covered by the plan.
         let other = BTreeSet::from([KeyRef {
             secret: "iomete-secret-store-finance".into(),

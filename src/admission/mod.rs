@@ -6,7 +6,7 @@ pub mod guard;
 pub mod identity;
 pub mod workload;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::Status;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
+use crate::authz::cache::CacheSettings;
 use crate::authz::{Authorizer, Decision, Identity, Resource};
 use crate::backends::local::LocalStores;
 use crate::backends::{KeyRef, StoreCheck, StoreIndex, VaultSource, VaultWant};
@@ -29,6 +30,10 @@ pub struct Webhook {
     pub stores: Arc<dyn StoreIndex>,
     pub vault: Option<Arc<dyn VaultSource>>,
     pub authz: Arc<dyn Authorizer>,
+    /// Requesters that may submit pods on behalf of a user named in an annotation.
+    pub trusted: identity::TrustedControllers,
+    /// Where executors' owner driver pods are looked up.
+    pub owners: Arc<dyn identity::OwnerLookup>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -44,6 +49,8 @@ pub enum BuildError {
 pub struct Denial {
     pub reason: &'static str,
     pub message: String,
+    /// Audit annotations known at the time of the denial (the resolved identity).
+    pub audit: HashMap<String, String>,
 }
 
 impl Denial {
@@ -51,7 +58,14 @@ impl Denial {
         Self {
             reason,
             message: message.into(),
+            audit: HashMap::new(),
         }
+    }
+
+    /// Records who the denied pod was admitted for.
+    fn for_identity(mut self, resolved: &identity::Resolved) -> Self {
+        self.audit = identity::audit_annotations(Some(resolved), "denied");
+        self
     }
 }
 
@@ -62,6 +76,8 @@ pub struct Outcome {
     pub patch: Vec<json_patch::PatchOperation>,
     pub warnings: Vec<String>,
     pub identity: Option<String>,
+    /// `identity`, `identity-source` for the AdmissionResponse's audit annotations.
+    pub audit: HashMap<String, String>,
 }
 
 /// The API server's `AdmissionReview` version; the only one served.
@@ -80,11 +96,16 @@ impl Webhook {
             settings.naming.namespace = ns.clone();
         }
         let stores = Arc::new(LocalStores::new(config, &settings.naming));
+        let trusted = identity::TrustedControllers::new(config.trusted_controllers.clone())
+            .map_err(|e| BuildError::Config(e.to_string()))?;
         Ok(Self {
             settings,
             stores,
             vault: None,
-            authz: Arc::new(NoGrants),
+            authz: crate::authz::local(&config.resource_bundles, CacheSettings::default()),
+            trusted,
+            // No cluster: executors need `review --owner DRIVER.json` (see review.rs).
+            owners: Arc::new(identity::StaticOwner::default()),
             metrics,
         })
     }
@@ -175,11 +196,15 @@ impl Webhook {
                     duration_ms = started.elapsed().as_secs_f64() * 1e3,
                     "admission"
                 );
-                if let Some(identity) = &outcome.identity {
-                    response
-                        .audit_annotations
-                        .insert("identity".into(), identity.clone());
-                }
+                response.audit_annotations.extend(outcome.audit);
+                let decision = if outcome.patch.is_empty() {
+                    "allowed"
+                } else {
+                    "patched"
+                };
+                response
+                    .audit_annotations
+                    .insert("decision".into(), decision.into());
                 if !outcome.warnings.is_empty() {
                     response.warnings = Some(outcome.warnings);
                 }
@@ -202,6 +227,7 @@ impl Webhook {
                 self.metrics.denial(denial.reason);
                 response.allowed = false;
                 response.result = Status::failure(&denial.message, "Forbidden").with_code(403);
+                response.audit_annotations.extend(denial.audit);
                 response
                     .audit_annotations
                     .insert("decision".into(), format!("denied: {}", denial.reason));
@@ -236,7 +262,7 @@ impl Webhook {
         let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
         if !self.settings.enabled {
             self.guard(pod, namespace, &BTreeSet::new())?;
-            return Ok(Outcome::default());
+            return self.untouched(req, pod, namespace, None, deadline).await;
         }
         let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
             let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -256,18 +282,35 @@ impl Webhook {
                 ));
             }
             self.guard(pod, namespace, &BTreeSet::new())?;
-            return Ok(Outcome::default());
+            return self.untouched(req, pod, namespace, None, deadline).await;
         };
         let legacy = plan::legacy_keys(pod, &workload)
             .map_err(|e| Denial::new("malformed", e.to_string()))?;
         if refs.is_empty() && legacy.is_empty() {
             self.guard(pod, namespace, &BTreeSet::new())?;
-            return Ok(Outcome {
-                workload: Some(workload.kind),
-                ..Outcome::default()
-            });
+            return self
+                .untouched(req, pod, namespace, Some(workload.kind), deadline)
+                .await;
         }
-        let identity = identity_of(&req.user_info);
+        // Executors take their driver's identity and grants; only needed when a reference needs a
+        // grant (global secrets need none, so they cost no driver lookup).
+        let is_executor = workload.kind == WorkloadKind::SparkExecutor
+            && refs.iter().any(|r| {
+                !(r.secret.source.kind == SourceType::Kubernetes
+                    && r.secret.source.id == naming.global_id)
+            });
+        let who = identity::resolve(
+            &req.user_info,
+            pod,
+            namespace,
+            is_executor,
+            &self.trusted,
+            self.owners.as_ref(),
+            deadline,
+        )
+        .await
+        .map_err(|e| Denial::new("identity", e.to_string()))?;
+        let identity = &who.identity;
         // Executors get the driver's SparkConf over RPC: only env secrets are theirs.
         let refs: Vec<Reference> = refs
             .into_iter()
@@ -275,8 +318,20 @@ impl Webhook {
                 !(workload.kind == WorkloadKind::SparkExecutor && r.kind == TargetKind::SparkConf)
             })
             .collect();
-        self.check_stores(&refs, &legacy, namespace)?;
-        self.authorize(&identity, &refs, deadline).await?;
+        // An executor may only use what its driver was granted (global secrets excepted).
+        let not_inherited: Vec<String> = refs
+            .iter()
+            .filter_map(|r| who.may_inherit(&r.secret, naming).err())
+            .map(|e| e.to_string())
+            .collect();
+        if !not_inherited.is_empty() {
+            return Err(Denial::new("forbidden", not_inherited.join("\n")).for_identity(&who));
+        }
+        self.check_stores(&refs, &legacy, namespace)
+            .map_err(|d| d.for_identity(&who))?;
+        self.authorize(identity, &refs, deadline)
+            .await
+            .map_err(|d| d.for_identity(&who))?;
         let resolved = self
             .resolve(&refs, namespace, req.dry_run, deadline)
             .await?;
@@ -298,7 +353,7 @@ impl Webhook {
                 }
                 (env, confs)
             });
-        let stamps = stamps(&identity, &refs);
+        let stamps = identity::stamp_annotations(identity, refs.iter().map(|r| &r.secret));
         let plan = plan::plan(
             Inputs {
                 pod,
@@ -311,13 +366,54 @@ impl Webhook {
             &naming.global_id,
         )
         .map_err(|e| Denial::new("malformed", e.to_string()))?;
-        self.guard(pod, namespace, &plan.wanted)?;
+        self.guard(pod, namespace, &plan.wanted)
+            .map_err(|d| d.for_identity(&who))?;
+        let mut warnings = who.warnings.clone();
+        warnings.extend(plan.warnings);
         Ok(Outcome {
             workload: Some(workload.kind),
             patch: plan.patch,
-            warnings: plan.warnings,
+            warnings,
             identity: Some(identity.username.clone()),
+            audit: identity::audit_annotations(Some(&who), ""),
         })
+    }
+
+    /// A pod the webhook does not mutate. No patch, unless it carries stamp annotations: the
+    /// webhook owns them, so they are reset to the requester's identity with nothing granted (a
+    /// forged driver stamp would otherwise hand grants to its executors). That is also what the
+    /// first pass stamped on a pod whose only references were legacy placeholders, so a
+    /// reinvocation stays a no-op.
+    async fn untouched(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        pod: &Pod,
+        namespace: &str,
+        workload: Option<WorkloadKind>,
+        deadline: Instant,
+    ) -> Result<Outcome, Denial> {
+        let mut outcome = Outcome {
+            workload,
+            ..Outcome::default()
+        };
+        if identity::client_stamps(pod).is_empty() {
+            return Ok(outcome);
+        }
+        let who = identity::resolve(
+            &req.user_info,
+            pod,
+            namespace,
+            false,
+            &self.trusted,
+            self.owners.as_ref(),
+            deadline,
+        )
+        .await
+        .map_err(|e| Denial::new("identity", e.to_string()))?;
+        let stamps = identity::stamp_annotations(&who.identity, std::iter::empty());
+        outcome.patch = identity::stamp_ops(pod, &stamps);
+        outcome.audit = identity::audit_annotations(Some(&who), "");
+        Ok(outcome)
     }
 
     /// Kubernetes references: the store is in this namespace and holds the key.
@@ -508,22 +604,9 @@ impl Webhook {
     /// Guard (DESIGN §5): a direct reference to a managed store must come from this webhook's plan,
     /// or anyone who can create a pod could skip the Use check. Global secrets need no grant, so
     /// the global store is exempt (legacy placeholders become such references).
-    fn guard(&self, pod: &Pod, namespace: &str, wanted: &BTreeSet<KeyRef>) -> Result<(), Denial> {
-        let _ = (pod, namespace, wanted);
-        Ok(())
-    }
-}
-
-/// Until resource bundles are wired in: nothing but global secrets is granted.
-struct NoGrants;
-
-#[async_trait::async_trait]
-impl Authorizer for NoGrants {
-    async fn check_use(&self, who: &Identity, what: &Resource, _deadline: Instant) -> Decision {
-        Decision::Deny(format!(
-            "user {:?} lacks Use on {what:?} (no resource bundles configured)",
-            who.username
-        ))
+    fn guard(&self, pod: &Pod, _namespace: &str, wanted: &BTreeSet<KeyRef>) -> Result<(), Denial> {
+        guard::check(pod, &self.settings.naming, wanted)
+            .map_err(|e| Denial::new("direct-store-reference", e.to_string()))
     }
 }
 
@@ -536,28 +619,6 @@ fn vault_not_configured(r: &Reference) -> Denial {
             r.origin, r.kind, r.name, r.secret
         ),
     )
-}
-
-/// The submitting identity, straight from userInfo.
-fn identity_of(user: &k8s_openapi::api::authentication::v1::UserInfo) -> Identity {
-    Identity {
-        username: user.username.clone().unwrap_or_default(),
-        groups: user.groups.clone().unwrap_or_default(),
-    }
-}
-
-fn stamps(identity: &Identity, refs: &[Reference]) -> BTreeMap<String, String> {
-    let granted: BTreeSet<String> = refs.iter().map(|r| r.secret.to_string()).collect();
-    BTreeMap::from([
-        (
-            "secrets.iomete.com/identity".to_owned(),
-            identity.username.clone(),
-        ),
-        (
-            "secrets.iomete.com/granted".to_owned(),
-            granted.into_iter().collect::<Vec<_>>().join(","),
-        ),
-    ])
 }
 
 fn outcome_label(response: &AdmissionResponse) -> &'static str {
