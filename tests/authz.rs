@@ -428,3 +428,570 @@ async fn missing_driver_and_api_errors_deny() {
     );
     assert_eq!(api.count("GET", driver_path), 2);
 }
+
+// ----- the matrix, through the engine (`Webhook::review_bytes`, what the HTTPS server calls) -----
+
+mod matrix {
+    use std::sync::Arc;
+
+    use base64::Engine as _;
+    use k8s_openapi::api::core::v1::Pod;
+    use secrets_webhook::admission::Webhook;
+    use secrets_webhook::admission::identity::{KubeOwnerLookup, StaticOwner};
+    use secrets_webhook::authz::cache::CacheSettings;
+    use secrets_webhook::authz::{AuthorizerKind, in_cluster};
+    use secrets_webhook::config::{LocalConfig, Settings};
+    use secrets_webhook::metrics::Metrics;
+    use serde_json::{Value, json};
+
+    use super::support::fake_apiserver::{FakeApiServer, SarAnswer};
+
+    const CONFIG: &str = r#"
+namespace: iomete-system
+stores:
+  global: [api_token]
+  domains: {finance: [db_password], hr: [salary_db]}
+resourceBundles:
+  - {name: finance-bundle, domains: [finance],
+     grants: [{subjects: [{kind: User, name: alice}, {kind: Group, name: data-eng}], permissions: [use, view]}]}
+  - {name: hr-bundle, domains: [hr], grants: [{subjects: [{kind: User, name: harriet}], permissions: [use]}]}
+trustedControllers:
+  - {username: "system:serviceaccount:jhub:hub", userAnnotation: hub.jupyter.org/username}
+"#;
+    const NS: &str = "iomete-system";
+    const DRIVER: &str = "spark-pi-143984a22158e5b5-driver";
+    const DRIVER_SA: &str = "system:serviceaccount:iomete-system:spark";
+    const HUB: &str = "system:serviceaccount:jhub:hub";
+    const STAMP_IDENTITY: &str = "secrets.iomete.com/identity";
+    const STAMP_GRANTED: &str = "secrets.iomete.com/granted";
+
+    fn webhook() -> Webhook {
+        let config = LocalConfig::parse(CONFIG).unwrap();
+        Webhook::from_local(Settings::default(), &config, Arc::new(Metrics::new())).unwrap()
+    }
+
+    fn fixture(name: &str) -> Value {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pods");
+        let text = std::fs::read_to_string(format!("{dir}/{name}")).unwrap();
+        let mut pod: Value = serde_json::from_str(&text).unwrap();
+        pod["metadata"]["namespace"] = json!(NS);
+        pod
+    }
+
+    fn with(mut pod: Value, annotations: &[(&str, &str)]) -> Value {
+        if pod["metadata"]["annotations"].is_null() {
+            pod["metadata"]["annotations"] = json!({});
+        }
+        for (k, v) in annotations {
+            pod["metadata"]["annotations"][*k] = json!(v);
+        }
+        pod
+    }
+
+    /// A plain pod in the data-plane namespace (no Spark or Jupyter labels, no annotations).
+    fn plain_pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "plain", "namespace": NS},
+               "spec": {"containers": [{"name": "main", "image": "busybox"}]}})
+    }
+
+    fn driver(annotations: &[(&str, &str)]) -> Value {
+        with(fixture("spark35-driver-submit.json"), annotations)
+    }
+
+    fn executor(annotations: &[(&str, &str)]) -> Value {
+        with(fixture("spark35-executor-submit.json"), annotations)
+    }
+
+    const FINANCE: (&str, &str) = (
+        "env.secrets.iomete.com/DB_PASSWORD",
+        "kubernetes:finance/db_password",
+    );
+    const HR: (&str, &str) = (
+        "env.secrets.iomete.com/SALARY_DB",
+        "kubernetes:hr/salary_db",
+    );
+    const GLOBAL: (&str, &str) = (
+        "env.secrets.iomete.com/API_TOKEN",
+        "kubernetes:global/api_token",
+    );
+
+    struct Answer {
+        response: Value,
+        patch: Option<json_patch::Patch>,
+    }
+
+    impl Answer {
+        fn allowed(&self) -> bool {
+            self.response["allowed"] == json!(true)
+        }
+        fn message(&self) -> String {
+            self.response["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+        fn audit(&self, key: &str) -> String {
+            self.response["auditAnnotations"][key]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        }
+        fn warnings(&self) -> Vec<String> {
+            serde_json::from_value(self.response["warnings"].clone()).unwrap_or_default()
+        }
+        /// The pod after the patch.
+        fn apply(&self, pod: &Value) -> Value {
+            let mut pod = pod.clone();
+            if let Some(patch) = &self.patch {
+                json_patch::patch(&mut pod, patch).unwrap();
+            }
+            let _: Pod = serde_json::from_value(pod.clone()).expect("still a Pod");
+            pod
+        }
+    }
+
+    fn review(pod: &Value, user: &str, groups: &[&str], extra: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": "b2b8d3a4-0000-4000-8000-000000000001",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": NS, "operation": "CREATE",
+                "userInfo": {"username": user, "groups": groups, "extra": extra},
+                "object": pod, "dryRun": false
+            }
+        }))
+        .unwrap()
+    }
+
+    async fn admit_as(webhook: &Webhook, pod: &Value, user: &str, groups: &[&str]) -> Answer {
+        let extra = if user == DRIVER_SA {
+            json!({"authentication.kubernetes.io/pod-name": [DRIVER]})
+        } else {
+            json!({})
+        };
+        let out = webhook
+            .review_bytes(&review(pod, user, groups, extra), None)
+            .await;
+        let answer: Value = serde_json::from_slice(&out).unwrap();
+        let response = answer["response"].clone();
+        let patch = response["patch"].as_str().map(|b64| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        });
+        Answer { response, patch }
+    }
+
+    async fn admit(pod: &Value, user: &str, groups: &[&str]) -> Answer {
+        admit_as(&webhook(), pod, user, groups).await
+    }
+
+    fn env_ref(pod: &Value, name: &str) -> Value {
+        pod["spec"]["containers"][0]["env"]
+            .as_array()
+            .and_then(|env| env.iter().find(|e| e["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    #[tokio::test]
+    async fn allowed_user_gets_the_reference_stamps_and_audit() {
+        let pod = driver(&[FINANCE]);
+        let a = admit(&pod, "alice", &["system:authenticated"]).await;
+        assert!(a.allowed(), "{}", a.message());
+        let mutated = a.apply(&pod);
+        assert_eq!(
+            env_ref(&mutated, "DB_PASSWORD")["valueFrom"]["secretKeyRef"],
+            json!({"name": "iomete-secret-store-finance", "key": "db_password", "optional": false})
+        );
+        let ann = &mutated["metadata"]["annotations"];
+        assert_eq!(
+            ann[STAMP_IDENTITY],
+            r#"{"user":"alice","groups":["system:authenticated"]}"#
+        );
+        assert_eq!(ann[STAMP_GRANTED], r#"["kubernetes:finance/db_password"]"#);
+        assert_eq!(
+            a.audit("identity"),
+            r#"{"user":"alice","groups":["system:authenticated"]}"#
+        );
+        assert_eq!(a.audit("identity-source"), "request");
+        assert_eq!(a.audit("decision"), "patched");
+    }
+
+    #[tokio::test]
+    async fn allowed_via_group() {
+        let a = admit(&driver(&[FINANCE]), "carol", &["data-eng"]).await;
+        assert!(a.allowed(), "{}", a.message());
+    }
+
+    #[tokio::test]
+    async fn denied_user_is_told_what_is_missing() {
+        let a = admit(&driver(&[FINANCE]), "bob", &["system:authenticated"]).await;
+        assert!(!a.allowed());
+        assert_eq!(
+            a.message(),
+            "annotation env.secrets.iomete.com/DB_PASSWORD: kubernetes:finance/db_password: user \"bob\" \
+             lacks Use on domain \"finance\" (resource bundle \"finance-bundle\"); a platform admin can \
+             grant Use to the user or one of its groups there"
+        );
+        assert_eq!(a.response["status"]["code"], 403);
+        assert_eq!(a.audit("decision"), "denied: forbidden");
+        assert_eq!(
+            a.audit("identity"),
+            r#"{"user":"bob","groups":["system:authenticated"]}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn forged_run_as_from_an_untrusted_requester_is_ignored() {
+        let pod = driver(&[FINANCE, ("secrets.iomete.com/run-as", "alice")]);
+        let a = admit(&pod, "bob", &[]).await;
+        assert!(!a.allowed());
+        assert!(
+            a.message().contains("user \"bob\" lacks Use"),
+            "{}",
+            a.message()
+        );
+        // With a global reference it is admitted, as bob, and told why.
+        let pod = driver(&[GLOBAL, ("secrets.iomete.com/run-as", "alice")]);
+        let a = admit(&pod, "bob", &[]).await;
+        assert!(a.allowed(), "{}", a.message());
+        assert_eq!(
+            a.warnings(),
+            [
+                "annotation secrets.iomete.com/run-as ignored: \"bob\" is not a trusted controller; admitted as \"bob\""
+            ]
+        );
+        let mutated = a.apply(&pod);
+        assert_eq!(
+            mutated["metadata"]["annotations"][STAMP_IDENTITY],
+            r#"{"user":"bob","groups":[]}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn trusted_hub_submits_for_alice_and_not_for_mallory() {
+        let notebook = with(fixture("jupyterhub-singleuser-z2jh.json"), &[FINANCE]);
+        let a = admit(&notebook, HUB, &["system:serviceaccounts"]).await;
+        assert!(a.allowed(), "{}", a.message());
+        assert_eq!(a.audit("identity"), r#"{"user":"alice","groups":[]}"#);
+        assert_eq!(
+            a.audit("identity-source"),
+            "trusted-controller system:serviceaccount:jhub:hub (hub.jupyter.org/username)"
+        );
+
+        let mallory = with(notebook, &[("hub.jupyter.org/username", "mallory")]);
+        let a = admit(&mallory, HUB, &["system:serviceaccounts"]).await;
+        assert!(!a.allowed());
+        assert!(
+            a.message()
+                .contains("user \"mallory\" lacks Use on domain \"finance\""),
+            "{}",
+            a.message()
+        );
+    }
+
+    /// The driver as the API server stores it after admission (patched, with a uid).
+    async fn admitted_driver(annotations: &[(&str, &str)]) -> Value {
+        let pod = driver(annotations);
+        let a = admit(&pod, "alice", &["data-eng"]).await;
+        assert!(a.allowed(), "{}", a.message());
+        let mut stored = a.apply(&pod);
+        stored["metadata"]["uid"] = json!("08082eb2-d2d1-43f3-bd01-8ca76964fc04");
+        stored
+    }
+
+    fn with_owner(driver: &Value) -> Webhook {
+        let mut webhook = webhook();
+        let pod: Pod = serde_json::from_value(driver.clone()).unwrap();
+        webhook.owners = Arc::new(StaticOwner::new(Some(pod)));
+        webhook
+    }
+
+    #[tokio::test]
+    async fn executors_inherit_exactly_their_drivers_grants() {
+        let stored = admitted_driver(&[FINANCE]).await;
+        let webhook = with_owner(&stored);
+
+        // Executor of a granted driver.
+        let exec = executor(&[FINANCE]);
+        let a = admit_as(&webhook, &exec, DRIVER_SA, &["system:serviceaccounts"]).await;
+        assert!(a.allowed(), "{}", a.message());
+        assert_eq!(
+            a.audit("identity"),
+            r#"{"user":"alice","groups":["data-eng"]}"#
+        );
+        assert_eq!(a.audit("identity-source"), format!("spark-driver {DRIVER}"));
+        let mutated = a.apply(&exec);
+        assert_eq!(
+            mutated["metadata"]["annotations"][STAMP_IDENTITY],
+            r#"{"user":"alice","groups":["data-eng"]}"#
+        );
+
+        // Asking for more than the driver.
+        let a = admit_as(&webhook, &executor(&[FINANCE, HR]), DRIVER_SA, &[]).await;
+        assert!(!a.allowed());
+        assert_eq!(
+            a.message(),
+            format!(
+                "executor may not use kubernetes:hr/salary_db: its Spark driver \"{DRIVER}\" was not \
+                 granted it; add the reference to the driver pod (spark.kubernetes.driver.annotation.*) \
+                 and resubmit"
+            )
+        );
+
+        // Created by a service account that is not the driver's.
+        let a = admit_as(
+            &webhook,
+            &exec,
+            "system:serviceaccount:iomete-system:other",
+            &[],
+        )
+        .await;
+        assert!(!a.allowed());
+        assert!(
+            a.message()
+                .contains("executors must be created by their driver's service account"),
+            "{}",
+            a.message()
+        );
+
+        // A global reference needs no grant: no driver lookup, admitted for the requester.
+        let a = admit(&executor(&[GLOBAL]), DRIVER_SA, &[]).await;
+        assert!(a.allowed(), "{}", a.message());
+    }
+
+    #[tokio::test]
+    async fn executors_of_another_app_or_of_a_non_driver_are_denied() {
+        let stored = admitted_driver(&[FINANCE]).await;
+
+        let mut other_app = stored.clone();
+        other_app["metadata"]["labels"]["spark-app-selector"] = json!("spark-0000other");
+        let a = admit_as(
+            &with_owner(&other_app),
+            &executor(&[FINANCE]),
+            DRIVER_SA,
+            &[],
+        )
+        .await;
+        assert!(!a.allowed());
+        assert_eq!(
+            a.message(),
+            format!(
+                "executor belongs to Spark application \"spark-e0efabfc26c84987aadfed69aece1a87\", but its \
+                 owner pod \"{DRIVER}\" is the driver of \"spark-0000other\""
+            )
+        );
+
+        let mut not_driver = stored.clone();
+        not_driver["metadata"]["labels"]["spark-role"] = json!("executor");
+        let a = admit_as(
+            &with_owner(&not_driver),
+            &executor(&[FINANCE]),
+            DRIVER_SA,
+            &[],
+        )
+        .await;
+        assert!(!a.allowed());
+        assert_eq!(
+            a.message(),
+            format!(
+                "executor's owner pod \"{DRIVER}\" is not a Spark driver (label spark-role=driver missing)"
+            )
+        );
+
+        let a = admit(&executor(&[FINANCE]), DRIVER_SA, &[]).await;
+        assert!(!a.allowed(), "no owner to look up must deny");
+    }
+
+    #[tokio::test]
+    async fn client_supplied_stamps_are_replaced() {
+        let forged = [
+            (
+                STAMP_IDENTITY,
+                r#"{"user":"root","groups":["system:masters"]}"#,
+            ),
+            (STAMP_GRANTED, r#"["kubernetes:hr/salary_db"]"#),
+        ];
+        // On a pod the webhook mutates.
+        let pod = driver(&[FINANCE, forged[0], forged[1]]);
+        let a = admit(&pod, "alice", &[]).await;
+        assert!(a.allowed(), "{}", a.message());
+        let ann = a.apply(&pod)["metadata"]["annotations"].clone();
+        assert_eq!(ann[STAMP_IDENTITY], r#"{"user":"alice","groups":[]}"#);
+        assert_eq!(ann[STAMP_GRANTED], r#"["kubernetes:finance/db_password"]"#);
+
+        // On a pod without references: reset to the requester, nothing granted ...
+        let pod = driver(&forged);
+        let a = admit(&pod, DRIVER_SA, &[]).await;
+        assert!(a.allowed(), "{}", a.message());
+        let mut stored = a.apply(&pod);
+        let ann = &stored["metadata"]["annotations"];
+        assert_eq!(
+            ann[STAMP_IDENTITY],
+            format!(r#"{{"user":"{DRIVER_SA}","groups":[]}}"#)
+        );
+        assert_eq!(ann[STAMP_GRANTED], "[]");
+        // ... a second pass is a no-op ...
+        assert!(admit(&stored, DRIVER_SA, &[]).await.patch.is_none());
+        // ... and its executors get nothing from the forgery.
+        stored["metadata"]["uid"] = json!("08082eb2-d2d1-43f3-bd01-8ca76964fc04");
+        let a = admit_as(&with_owner(&stored), &executor(&[HR]), DRIVER_SA, &[]).await;
+        assert!(!a.allowed());
+        assert!(
+            a.message().contains("was not granted it"),
+            "{}",
+            a.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn direct_references_to_managed_stores_are_denied() {
+        let cases = [
+            (
+                json!({"name": "X", "valueFrom": {"secretKeyRef": {"name": "iomete-secret-store-hr", "key": "salary_db"}}}),
+                Value::Null,
+                Value::Null,
+                "containers[0].env[X] names key \"salary_db\" of Secret \"iomete-secret-store-hr\"",
+            ),
+            (
+                Value::Null,
+                json!({"secretRef": {"name": "iomete-secret-store-finance"}}),
+                Value::Null,
+                "containers[0].envFrom[0] names Secret \"iomete-secret-store-finance\"",
+            ),
+            (
+                Value::Null,
+                Value::Null,
+                json!({"name": "v", "secret": {"secretName": "iomete-vault-vault-prod-finance"}}),
+                "volumes[v].secret names Secret \"iomete-vault-vault-prod-finance\"",
+            ),
+            (
+                Value::Null,
+                Value::Null,
+                json!({"name": "p", "projected": {"sources": [{"secret": {"name": "iomete-secret-store-hr"}}]}}),
+                "volumes[p].projected.sources[0].secret names Secret \"iomete-secret-store-hr\"",
+            ),
+        ];
+        for (env, env_from, volume, want) in cases {
+            // No annotations at all, and a plain (non-Spark) pod: the guard still runs.
+            for mut pod in [fixture("spark35-driver-submit.json"), plain_pod()] {
+                let c = &mut pod["spec"]["containers"][0];
+                if !env.is_null() {
+                    c["env"] = json!([env.clone()]);
+                }
+                if !env_from.is_null() {
+                    c["envFrom"] = json!([env_from.clone()]);
+                }
+                if !volume.is_null() {
+                    pod["spec"]["volumes"] = json!([volume.clone()]);
+                }
+                let a = admit(&pod, "alice", &[]).await;
+                assert!(!a.allowed(), "{want}");
+                assert!(a.message().starts_with(want), "{}", a.message());
+                assert!(
+                    a.message()
+                        .contains("so that the Use permission is checked")
+                );
+            }
+        }
+        // Alice's own, planned reference passes (and a second pass too).
+        let pod = driver(&[FINANCE]);
+        let a = admit(&pod, "alice", &[]).await;
+        let again = admit(&a.apply(&pod), "alice", &[]).await;
+        assert!(
+            again.allowed() && again.patch.is_none(),
+            "{}",
+            again.message()
+        );
+        // Bob copying alice's admitted pod spec is stopped by the Use check, not let through.
+        let copied = a.apply(&pod);
+        let b = admit(&copied, "bob", &[]).await;
+        assert!(!b.allowed());
+    }
+
+    #[tokio::test]
+    async fn global_secrets_are_allowed_for_everyone() {
+        for user in ["alice", "bob", "nobody"] {
+            let a = admit(&driver(&[GLOBAL]), user, &[]).await;
+            assert!(a.allowed(), "{user}: {}", a.message());
+            assert!(a.patch.is_some());
+        }
+    }
+
+    /// SubjectAccessReview mode and the owner lookup through the real client, under a burst.
+    #[tokio::test]
+    async fn a_burst_of_200_executors_costs_one_sar_and_one_driver_get() {
+        let api = FakeApiServer::start().await;
+        api.set_sar_responder(|body| {
+            let attrs = &body["spec"]["resourceAttributes"];
+            if body["spec"]["user"] == "alice"
+                && attrs["resource"] == "domains"
+                && attrs["name"] == "finance"
+            {
+                SarAnswer::Allow
+            } else {
+                SarAnswer::Deny("no RBAC policy matched".into())
+            }
+        });
+        let mut admitted = admitted_driver(&[FINANCE]).await;
+        admitted["metadata"].as_object_mut().unwrap().remove("uid");
+        let stored = api.put(admitted);
+        let mut exec = executor(&[FINANCE]);
+        exec["metadata"]["ownerReferences"][0]["uid"] = stored["metadata"]["uid"].clone();
+
+        let mut webhook = webhook();
+        webhook.authz = in_cluster(
+            AuthorizerKind::Rbac,
+            api.client(),
+            NS,
+            CacheSettings::default(),
+        );
+        webhook.owners = Arc::new(KubeOwnerLookup::new(
+            api.client(),
+            KubeOwnerLookup::DEFAULT_TTL,
+        ));
+        let webhook = Arc::new(webhook);
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (webhook, exec) = (webhook.clone(), exec.clone());
+                tokio::spawn(async move { admit_as(&webhook, &exec, DRIVER_SA, &[]).await })
+            })
+            .collect();
+        for t in tasks {
+            let a = t.await.unwrap();
+            assert!(a.allowed(), "{}", a.message());
+        }
+        assert_eq!(
+            api.count("GET", &format!("/api/v1/namespaces/{NS}/pods/{DRIVER}")),
+            1
+        );
+        assert_eq!(api.sar_requests().len(), 1);
+        let sar = &api.sar_requests()[0];
+        assert_eq!(sar["spec"]["user"], "alice");
+        assert_eq!(sar["spec"]["groups"], json!(["data-eng"]));
+
+        // Denied and unreachable, in SAR mode, through the engine.
+        let a = admit_as(&webhook, &driver(&[FINANCE]), "bob", &[]).await;
+        assert!(!a.allowed());
+        assert!(
+            a.message().contains(
+                "(Kubernetes RBAC: verb \"use\" on domains.secrets.iomete.com \"finance\""
+            ),
+            "{}",
+            a.message()
+        );
+        api.set_sar_responder(|_| SarAnswer::Error(500));
+        let a = admit_as(&webhook, &driver(&[FINANCE]), "dave", &[]).await;
+        assert!(!a.allowed());
+        assert!(
+            a.message().contains("authorizer unreachable: "),
+            "{}",
+            a.message()
+        );
+        assert!(a.message().contains("(failing closed)"), "{}", a.message());
+    }
+}
