@@ -81,6 +81,8 @@ pub struct Settings {
     pub default_budget: Duration,
     /// Master switch (the product's `features.secretsV2.enabled`): off = admit untouched, guard only.
     pub enabled: bool,
+    /// Who decides `Use` in a cluster: ResourceBundles (RAS) or Kubernetes RBAC.
+    pub authorizer: crate::authz::AuthorizerKind,
 }
 
 impl Default for Settings {
@@ -90,6 +92,7 @@ impl Default for Settings {
             selectors: Selectors::default(),
             default_budget: Duration::from_secs(4),
             enabled: true,
+            authorizer: crate::authz::AuthorizerKind::Ras,
         }
     }
 }
