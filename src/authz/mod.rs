@@ -117,6 +117,7 @@ pub enum AuthorizerKind {
     #[default]
     Ras,
     /// One SubjectAccessReview per decision (verb `use`, group `secrets.iomete.com`).
+    #[value(name = "subject-access-review", alias = "rbac")]
     Rbac,
 }
 
