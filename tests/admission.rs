@@ -330,3 +330,106 @@ async fn warnings_come_back_to_the_client() {
         ]
     );
 }
+
+/// Hostile AdmissionReviews: each gets a clear denial or an `invalid` answer, quickly, never a panic.
+#[tokio::test]
+async fn hostile_reviews_get_clear_answers_in_bounded_time() {
+    let driver = fixture("spark35-driver-submit.json");
+    let good = review(&driver, "alice");
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut r = good.clone();
+        f(&mut r);
+        serde_json::to_vec(&r).unwrap()
+    };
+    let annotated = |key: &str, value: &str| {
+        let key = key.to_owned();
+        let value = value.to_owned();
+        with(&move |r: &mut Value| {
+            r["request"]["object"]["metadata"]["annotations"] =
+                json!({ key.clone(): value.clone() });
+        })
+    };
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let mut invalid_utf8 = serde_json::to_vec(&good).unwrap();
+    let at = invalid_utf8.windows(5).position(|w| w == b"alice").unwrap();
+    invalid_utf8[at] = 0xff;
+    let many_env: Vec<Value> = (0..10_000)
+        .map(|i| json!({"name": format!("V{i}"), "value": "x ${secrets.warehouse_path} y"}))
+        .collect();
+    let huge_json_refs: Vec<Value> = (0..50_000)
+        .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": "no-such"}}}))
+        .collect();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("wrong kind", with(&|r| r["kind"] = json!("Pod")), "expected apiVersion admission.k8s.io/v1, kind AdmissionReview"),
+        ("v1beta1", with(&|r| r["apiVersion"] = json!("admission.k8s.io/v1beta1")), "expected apiVersion"),
+        ("missing uid", with(&|r| r["request"].as_object_mut().unwrap().remove("uid").map(drop).unwrap_or(())), "not an admission.k8s.io/v1 AdmissionReview"),
+        ("empty uid", with(&|r| r["request"]["uid"] = json!("")), "has no uid"),
+        ("null object", with(&|r| r["request"]["object"] = Value::Null), "carries no pod object"),
+        ("object not a pod", with(&|r| r["request"]["object"] = json!([1, 2])), "not an admission.k8s.io/v1 AdmissionReview"),
+        ("no request", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(), "has no request"),
+        ("empty body", Vec::new(), "not an admission.k8s.io/v1 AdmissionReview"),
+        ("deeply nested", nested.into_bytes(), "not an admission.k8s.io/v1 AdmissionReview"),
+        ("invalid utf-8", invalid_utf8, "not an admission.k8s.io/v1 AdmissionReview"),
+        (
+            "duplicate keys",
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"a","uid":"b"}}"#.to_vec(),
+            "duplicate field `uid`",
+        ),
+        ("enormous annotation", annotated("secrets.iomete.com/env-secrets", &"x".repeat(3 << 20)), "not a JSON array of references"),
+        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "… and 49990 more"),
+        ("invalid env name", annotated("env.secrets.iomete.com/A=B", "kubernetes:global/warehouse_path"), "is not a valid environment variable name"),
+        ("path traversal", annotated("env.secrets.iomete.com/X", "vault:cfg/../../sys/raw#x"), "key is not a valid Vault key"),
+        ("control characters", annotated("env.secrets.iomete.com/X", "kubernetes:global/a\u{7}b"), "key is not a valid Kubernetes secret key"),
+        ("bad source id", annotated("env.secrets.iomete.com/X", "kubernetes:../kube-system/k"), "is not a valid name"),
+        (
+            "ten thousand env vars and a missing placeholder key",
+            with(&|r| {
+                let mut env = many_env.clone();
+                env.push(json!({"name": "LAST", "value": "${secrets.nope}"}));
+                r["request"]["object"]["spec"]["containers"][0]["env"] = json!(env);
+            }),
+            "the global store has no key \"nope\"",
+        ),
+        ("no containers", with(&|r| r["request"]["object"]["spec"]["containers"] = json!([])), "the pod has no containers"),
+    ];
+    for (name, body, expected) in cases {
+        let started = std::time::Instant::now();
+        let answer = admit_bytes(&body).await;
+        let elapsed = started.elapsed();
+        assert!(!answer.allowed(), "{name}: allowed");
+        assert!(
+            answer.message().contains(expected),
+            "{name}: {:?}",
+            answer.message()
+        );
+        assert!(
+            answer.message().len() < 8 * 1024,
+            "{name}: message of {} bytes",
+            answer.message().len()
+        );
+        assert!(
+            elapsed < std::time::Duration::from_secs(5),
+            "{name}: took {elapsed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_env_vars_with_placeholders_are_planned_quickly() {
+    let mut pod = fixture("spark35-driver-submit.json");
+    let vars: Vec<Value> = (0..10_000)
+        .map(|i| json!({"name": format!("V{i}"), "value": format!("{i}:${{secrets.warehouse_path}}")}))
+        .collect();
+    pod["spec"]["containers"][0]["env"] = json!(vars);
+    let started = std::time::Instant::now();
+    let (mutated, _) = admit_and_apply(&pod).await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let env = env(&mutated);
+    assert_eq!(env.len(), 10_001, "one generated var shared by all");
+    assert!(
+        env[0]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("IOMETE_SECRET_")
+    );
+}

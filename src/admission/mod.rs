@@ -120,9 +120,9 @@ impl Webhook {
         Err(BuildError::Config("not implemented yet".into()))
     }
 
-    /// Ready to admit: the store cache has its first listing.
+    /// Ready to admit: the store cache has its first listing and the authorizer can decide.
     pub fn ready(&self) -> bool {
-        self.stores.ready()
+        self.stores.ready() && self.authz.ready()
     }
 
     /// Time the engine gives itself: 4/5 of the API server's `?timeout=`, else the default budget.
@@ -265,8 +265,7 @@ impl Webhook {
             return self.untouched(req, pod, namespace, None, deadline).await;
         }
         let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
-            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            Denial::new("malformed", text.join("\n"))
+            Denial::new("malformed", lines(errors.iter().map(ToString::to_string)))
         })?;
         let workload = workload::classify(pod, &self.settings.selectors)
             .map_err(|e| Denial::new("malformed", e.to_string()))?;
@@ -325,7 +324,7 @@ impl Webhook {
             .map(|e| e.to_string())
             .collect();
         if !not_inherited.is_empty() {
-            return Err(Denial::new("forbidden", not_inherited.join("\n")).for_identity(&who));
+            return Err(Denial::new("forbidden", lines(not_inherited)).for_identity(&who));
         }
         self.check_stores(&refs, &legacy, namespace)
             .map_err(|d| d.for_identity(&who))?;
@@ -468,7 +467,7 @@ impl Webhook {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(Denial::new("missing-key", problems.join("\n")))
+            Err(Denial::new("missing-key", lines(problems)))
         }
     }
 
@@ -542,7 +541,7 @@ impl Webhook {
         if denials.is_empty() {
             Ok(())
         } else {
-            Err(Denial::new("forbidden", denials.join("\n")))
+            Err(Denial::new("forbidden", lines(denials)))
         }
     }
 
@@ -597,7 +596,7 @@ impl Webhook {
         if problems.is_empty() {
             Ok(out)
         } else {
-            Err(Denial::new("vault", problems.join("\n")))
+            Err(Denial::new("vault", lines(problems)))
         }
     }
 
@@ -619,6 +618,24 @@ fn vault_not_configured(r: &Reference) -> Denial {
             r.origin, r.kind, r.name, r.secret
         ),
     )
+}
+
+/// Problems one per line; a pod with thousands of bad references gets the first few and a count.
+fn lines(problems: impl IntoIterator<Item = String>) -> String {
+    const SHOWN: usize = 10;
+    let mut out = Vec::with_capacity(SHOWN + 1);
+    let mut more = 0usize;
+    for problem in problems {
+        if out.len() < SHOWN {
+            out.push(problem);
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(format!("… and {more} more"));
+    }
+    out.join("\n")
 }
 
 fn outcome_label(response: &AdmissionResponse) -> &'static str {

@@ -3,7 +3,7 @@
 //! container's env, so indices stay right, untouched env items are never rewritten, and a second
 //! pass over the planner's own output finds nothing to do.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::LazyLock;
 
 use json_patch::jsonptr::PointerBuf;
@@ -218,6 +218,8 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
 struct EnvEditor<'a> {
     path: [String; 3],
     env: Vec<EnvVar>,
+    /// Names in `env`, so declaring a generated variable stays cheap on pods with huge env lists.
+    names: HashSet<String>,
     present: bool,
     ops: &'a mut Vec<PatchOperation>,
 }
@@ -227,6 +229,12 @@ impl<'a> EnvEditor<'a> {
         Self {
             path: ["spec".into(), slot.field().into(), slot.index.to_string()],
             env: container.env.clone().unwrap_or_default(),
+            names: container
+                .env
+                .iter()
+                .flatten()
+                .map(|e| e.name.clone())
+                .collect(),
             present: container.env.is_some(),
             ops,
         }
@@ -259,6 +267,7 @@ impl<'a> EnvEditor<'a> {
                 value: to_value(&var),
             }));
         }
+        self.names.insert(var.name.clone());
         self.env.insert(index, var);
     }
 
@@ -285,13 +294,11 @@ impl<'a> EnvEditor<'a> {
     /// Makes sure `name` is declared before position `before` (the kubelet only expands `$(X)`
     /// from earlier vars); returns how many items were inserted in front of `before`.
     fn declare_before(&mut self, before: usize, name: &str, key_ref: &KeyRef) -> usize {
-        match self.position(name) {
-            Some(_) => 0,
-            None => {
-                self.insert(before, secret_var(name, key_ref));
-                1
-            }
+        if self.names.contains(name) {
+            return 0;
         }
+        self.insert(before, secret_var(name, key_ref));
+        1
     }
 }
 
