@@ -503,15 +503,15 @@ async fn resolve_executor(
             name: driver_name.to_string(),
         });
     }
-    if let Some(executor_app) = label(pod, SPARK_APP) {
-        let driver_app = label(&driver, SPARK_APP).unwrap_or_default();
-        if driver_app != executor_app {
-            return Err(IdentityError::OtherApplication {
-                driver: driver_name.to_string(),
-                executor_app,
-                driver_app,
-            });
-        }
+    // Spark labels both pods of an application alike; a missing label on either side must not
+    // skip the comparison.
+    let (executor_app, driver_app) = (label(pod, SPARK_APP), label(&driver, SPARK_APP));
+    if executor_app != driver_app {
+        return Err(IdentityError::OtherApplication {
+            driver: driver_name.to_string(),
+            executor_app: executor_app.unwrap_or_default(),
+            driver_app: driver_app.unwrap_or_default(),
+        });
     }
     let spec = driver.spec.as_ref();
     let account = spec
@@ -1067,6 +1067,19 @@ mod tests {
             .get_or_insert_default()
             .insert("spark-app-selector".into(), "spark-other".into());
         let e = resolve_exec(&driver_sa(), &executor, Some(other_app))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IdentityError::OtherApplication { .. }), "{e}");
+
+        // An executor that drops the application label does not skip the comparison.
+        let mut unlabelled = executor.clone();
+        unlabelled
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .remove("spark-app-selector");
+        let e = resolve_exec(&driver_sa(), &unlabelled, driver())
             .await
             .unwrap_err();
         assert!(matches!(e, IdentityError::OtherApplication { .. }), "{e}");
