@@ -1,1 +1,5 @@
+//! Helpers shared by the integration tests. Each test binary uses only some of them.
+#![allow(dead_code)]
+
 pub mod fake_apiserver;
+pub mod tls;
