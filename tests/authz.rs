@@ -922,6 +922,139 @@ trustedControllers:
         }
     }
 
+    /// The matrix again, as the API server sends it: HTTPS (rustls) to the real server on
+    /// 127.0.0.1:0, `POST /mutate?timeout=10s`.
+    #[tokio::test]
+    async fn the_matrix_holds_through_the_real_tls_server() {
+        use super::support::tls::{CertDir, Pki, https_client, init};
+        use secrets_webhook::server::{ServerOptions, bind};
+
+        init();
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new("authz matrix CA");
+        let pair = pki.serving_pair();
+        let dir = CertDir::new(tmp.path(), &pair.chain_pem, &pair.key_pem);
+        let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let options = ServerOptions::new(loopback, loopback, dir.cert(), dir.key());
+        let stored = admitted_driver(&[FINANCE]).await;
+        let bound = bind(options, Arc::new(with_owner(&stored))).await.unwrap();
+        let url = format!(
+            "https://localhost:{}/mutate?timeout=10s",
+            bound.addr().port()
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(bound.serve(async move {
+            let _ = stopped.await;
+        }));
+        let client = https_client(&pki.ca_pem());
+
+        let hub_for = |user: &str| {
+            with(
+                with(fixture("jupyterhub-singleuser-z2jh.json"), &[FINANCE]),
+                &[("hub.jupyter.org/username", user)],
+            )
+        };
+        let mut direct = plain_pod();
+        direct["spec"]["containers"][0]["envFrom"] =
+            json!([{"secretRef": {"name": "iomete-secret-store-finance"}}]);
+        let forged_stamps = driver(&[FINANCE, (STAMP_GRANTED, r#"["kubernetes:hr/salary_db"]"#)]);
+        // (pod, user, groups, allowed, a piece of the answer's JSON text)
+        let cases: Vec<(Value, &str, &[&str], bool, &str)> = vec![
+            (driver(&[FINANCE]), "alice", &[], true, r#""patch""#),
+            (
+                driver(&[FINANCE]),
+                "carol",
+                &["data-eng"],
+                true,
+                r#""patch""#,
+            ),
+            (
+                driver(&[FINANCE]),
+                "bob",
+                &[],
+                false,
+                r#"user \"bob\" lacks Use on domain \"finance\""#,
+            ),
+            (
+                driver(&[FINANCE, ("secrets.iomete.com/run-as", "alice")]),
+                "bob",
+                &[],
+                false,
+                r#"user \"bob\" lacks Use"#,
+            ),
+            (hub_for("alice"), HUB, &[], true, "trusted-controller"),
+            (
+                hub_for("mallory"),
+                HUB,
+                &[],
+                false,
+                r#"user \"mallory\" lacks Use"#,
+            ),
+            (executor(&[FINANCE]), DRIVER_SA, &[], true, "spark-driver"),
+            (
+                executor(&[FINANCE, HR]),
+                DRIVER_SA,
+                &[],
+                false,
+                "was not granted it",
+            ),
+            (
+                executor(&[FINANCE]),
+                "system:serviceaccount:iomete-system:other",
+                &[],
+                false,
+                "executors must be created by their driver's service account",
+            ),
+            (forged_stamps, "alice", &[], true, r#""patch""#),
+            (
+                direct,
+                "alice",
+                &[],
+                false,
+                "a store managed by secrets-webhook",
+            ),
+            (driver(&[GLOBAL]), "nobody", &[], true, r#""patch""#),
+        ];
+        for (pod, user, groups, allowed, needle) in cases {
+            let extra = if user == DRIVER_SA {
+                json!({"authentication.kubernetes.io/pod-name": [DRIVER]})
+            } else {
+                json!({})
+            };
+            let response = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(review(&pod, user, groups, extra))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let text = response.text().await.unwrap();
+            let body: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(body["response"]["allowed"], allowed, "{user}: {text}");
+            assert!(text.contains(needle), "{user}: {needle} not in {text}");
+            if body["response"]["patch"].is_string() {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(body["response"]["patch"].as_str().unwrap())
+                    .unwrap();
+                let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+                let answer = Answer {
+                    response: body["response"].clone(),
+                    patch: Some(patch),
+                };
+                let mutated = answer.apply(&pod);
+                // Whatever the client sent, the stamps are the webhook's.
+                let granted = &mutated["metadata"]["annotations"][STAMP_GRANTED];
+                assert!(
+                    !granted.as_str().unwrap().contains("hr/salary_db"),
+                    "{granted}"
+                );
+            }
+        }
+        let _ = stop.send(());
+        server.await.unwrap();
+    }
+
     /// SubjectAccessReview mode and the owner lookup through the real client, under a burst.
     #[tokio::test]
     async fn a_burst_of_200_executors_costs_one_sar_and_one_driver_get() {
