@@ -234,6 +234,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
             ..Naming::default()
         },
         enabled: args.enabled,
+        authorizer: args.authorizer,
         ..Settings::default()
     };
     let (webhook, cert, key, dev_ca) = if args.dev {
