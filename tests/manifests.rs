@@ -776,8 +776,32 @@ fn shipped_crds_have_the_fields_of_the_rust_types() {
     ];
     for (path, generated) in generated {
         let shipped = &documents(path)[0];
-        assert_eq!(shipped["metadata"]["name"], generated["metadata"]["name"], "{path}");
-        assert_eq!(shipped["spec"]["versions"][0]["name"], generated["spec"]["versions"][0]["name"], "{path}");
-        assert_eq!(crd_paths(shipped), crd_paths(&generated), "{path}: fields differ from the Rust type");
+        assert_eq!(
+            shipped["metadata"]["name"], generated["metadata"]["name"],
+            "{path}"
+        );
+        assert_eq!(
+            shipped["spec"]["versions"][0]["name"], generated["spec"]["versions"][0]["name"],
+            "{path}"
+        );
+        assert_eq!(
+            crd_paths(shipped),
+            crd_paths(&generated),
+            "{path}: fields differ from the Rust type"
+        );
     }
+}
+
+/// The shipped config file is what `serve` reads at start in a cluster: it must load, and its
+/// trusted controllers must be valid (or the webhook would not start).
+#[test]
+fn shipped_config_file_loads_with_valid_trusted_controllers() {
+    let config =
+        secrets_webhook::config::LocalConfig::load(&repo("manifests/base/config.yaml")).unwrap();
+    assert!(!config.trusted_controllers.is_empty());
+    secrets_webhook::admission::identity::TrustedControllers::new(config.trusted_controllers)
+        .unwrap();
+    let dev =
+        secrets_webhook::config::LocalConfig::load(&repo("examples/dev-config.yaml")).unwrap();
+    secrets_webhook::admission::identity::TrustedControllers::new(dev.trusted_controllers).unwrap();
 }
