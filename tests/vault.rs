@@ -768,6 +768,21 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     assert_eq!(writes(&api), 0);
     assert!(secret_data(&api, "spark-apps", managed).is_none());
 
+    // One reference fails: the pod is denied, so no value is copied into its namespace.
+    let partial = deliver(
+        &backend,
+        &[
+            ("vault-prod-finance", "db_password"),
+            ("vault-prod-finance", "no_such_field"),
+        ],
+        false,
+        Duration::from_secs(4),
+    )
+    .await;
+    assert!(partial[1].is_err(), "{partial:?}");
+    assert_eq!(writes(&api), 0);
+    assert!(secret_data(&api, "spark-apps", managed).is_none());
+
     // The pod's reference: the managed Secret is created, labelled, holds the value read from Vault.
     let out = one(&backend, "vault-prod-finance", "db_password").await;
     assert_eq!(
