@@ -211,3 +211,158 @@ async fn from_cluster_admits_with_watched_stores_bundles_and_owner_lookups() {
         "{message}"
     );
 }
+
+/// Every log line at TRACE, from every crate, into one buffer (installed once per test binary).
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    use std::io::Write;
+    use std::sync::{Mutex, OnceLock};
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let writer = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Sink(writer.clone()))
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+/// Canary values seeded in a Kubernetes store and in OpenBao appear nowhere but in the
+/// materialized Secret: not in a log line (TRACE, all crates), a response, a patch, a warning, an
+/// error text or a metric — over successes, denials, dry runs and a sealed Vault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_values_reach_no_log_response_or_metric() {
+    const STORE_CANARY: &str = "canary-store-5d1e9a";
+    const VAULT_CANARY: &str = "canary-vault-0b7c44";
+    let logs = captured_logs();
+    let Some(bin) = support::openbao::require_bao("secret_values_reach_no_log_response_or_metric")
+    else {
+        return;
+    };
+    let bao = support::openbao::OpenBao::start(&bin).await;
+    bao.put_kv2(
+        None,
+        "secret",
+        "production",
+        json!({"db_password": VAULT_CANARY, "user": "app"}),
+    )
+    .await;
+    let api = FakeApiServer::start().await;
+    api.put(secret(
+        NS,
+        "iomete-secret-store-finance",
+        &[("db_password", STORE_CANARY)],
+    ));
+    api.put(secret(
+        NS,
+        "vault-token",
+        &[("token", support::openbao::ROOT_TOKEN)],
+    ));
+    api.put(json!({
+        "apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+        "metadata": {"name": "finance-bundle", "namespace": NS},
+        "spec": {"domains": ["finance"], "grants": [{"subjects": [{"kind": "User", "name": "alice"}], "permissions": ["use"]}]}
+    }));
+    api.put(json!({
+        "apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+        "metadata": {"name": "vault-prod-finance", "namespace": NS},
+        "spec": {"resourceBundle": "finance-bundle", "host": bao.addr, "path": "/v1/secret/data/production",
+                 "auth": {"token": {"secretRef": {"name": "vault-token", "key": "token"}}}}
+    }));
+    let webhook = cluster_webhook(&api).await;
+    eventually("ready", || webhook.ready()).await;
+
+    let mut seen = Vec::new();
+    let refs = [
+        ("DB", "kubernetes:finance/db_password"),
+        ("VDB", "vault:vault-prod-finance/db_password"),
+    ];
+    let good = with_refs(fixture("spark35-driver-submit.json"), &refs);
+    let (allowed, message, patch) = admit(&webhook, &review(&good, "alice", json!({}))).await;
+    assert!(allowed, "{message}");
+    seen.push(format!("{message} {patch:?}"));
+    let bodies = [
+        review(&good, "bob", json!({})),
+        review(
+            &with_refs(
+                fixture("spark35-driver-submit.json"),
+                &[("X", "vault:vault-prod-finance/nope")],
+            ),
+            "alice",
+            json!({}),
+        ),
+        review(
+            &with_refs(
+                fixture("spark35-driver-submit.json"),
+                &[("X", "kubernetes:finance/nope")],
+            ),
+            "alice",
+            json!({}),
+        ),
+    ];
+    for body in &bodies {
+        seen.push(String::from_utf8(webhook.review_bytes(body, None).await).unwrap());
+    }
+    let mut dry: Value = serde_json::from_slice(&review(&good, "alice", json!({}))).unwrap();
+    dry["request"]["dryRun"] = json!(true);
+    seen.push(
+        String::from_utf8(
+            webhook
+                .review_bytes(&serde_json::to_vec(&dry).unwrap(), None)
+                .await,
+        )
+        .unwrap(),
+    );
+    bao.api("PUT", "sys/seal", None).await;
+    let sealed = with_refs(
+        fixture("spark35-driver-submit.json"),
+        &[("Y", "vault:vault-prod-finance/user")],
+    );
+    seen.push(
+        String::from_utf8(
+            webhook
+                .review_bytes(&review(&sealed, "alice", json!({})), None)
+                .await,
+        )
+        .unwrap(),
+    );
+    seen.push(webhook.metrics.encode());
+
+    // The one place a Vault value may be: the managed Secret in the pod's namespace.
+    let managed = api
+        .objects(&support::fake_apiserver::Collection::secrets())
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "iomete-vault-vault-prod-finance")
+        .expect("the managed Secret was written");
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(managed["data"]["db_password"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(stored, VAULT_CANARY.as_bytes());
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(logs.contains("admission"), "the logs were captured");
+    seen.push(logs);
+    for text in &seen {
+        for canary in [STORE_CANARY, VAULT_CANARY] {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(canary);
+            assert!(
+                !text.contains(canary) && !text.contains(&b64),
+                "{canary} leaked into: {}",
+                &text[..text.len().min(2000)]
+            );
+        }
+    }
+}
