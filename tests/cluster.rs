@@ -366,3 +366,87 @@ async fn secret_values_reach_no_log_response_or_metric() {
         }
     }
 }
+
+/// Faults on the API server while executors arrive: a hanging or failing driver lookup is a clear
+/// denial within the admission budget, never a hang; the next admission after the fault clears works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_server_faults_deny_within_the_budget_and_recover() {
+    let api = FakeApiServer::start().await;
+    api.put(secret(
+        NS,
+        "iomete-secret-store-finance",
+        &[("db_password", "x")],
+    ));
+    api.put(secret(
+        NS,
+        "iomete-secret-store",
+        &[("warehouse_path", "y")],
+    ));
+    api.put(json!({
+        "apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+        "metadata": {"name": "finance-bundle", "namespace": NS},
+        "spec": {"domains": ["finance"], "grants": [{"subjects": [{"kind": "User", "name": "alice"}], "permissions": ["use"]}]}
+    }));
+    let webhook = cluster_webhook(&api).await;
+    eventually("ready", || webhook.ready()).await;
+    let refs = [("DB", "kubernetes:finance/db_password")];
+    let driver = with_refs(fixture("spark35-driver-submit.json"), &refs);
+    let (allowed, message, patch) = admit(&webhook, &review(&driver, "alice", json!({}))).await;
+    assert!(allowed, "{message}");
+    let mut admitted = driver.clone();
+    json_patch::patch(&mut admitted, &patch.unwrap()).unwrap();
+    let stored = api.put(admitted);
+    let mut executor = with_refs(fixture("spark35-executor-submit.json"), &refs);
+    executor["metadata"]["ownerReferences"][0]["uid"] = stored["metadata"]["uid"].clone();
+    let extra =
+        json!({"authentication.kubernetes.io/pod-name": ["spark-pi-143984a22158e5b5-driver"]});
+    let body = review(
+        &executor,
+        "system:serviceaccount:iomete-system:spark",
+        extra,
+    );
+    let driver_path = format!("/api/v1/namespaces/{NS}/pods/spark-pi-143984a22158e5b5-driver");
+    let timeout = Duration::from_secs(2); // the API server's ?timeout=; the budget is 80 % of it
+
+    for (fault, expect) in [
+        (
+            Fault::hang("GET", &driver_path),
+            "before the admission deadline",
+        ),
+        (Fault::status("GET", &driver_path, 500), "owner pod"),
+    ] {
+        // A fresh engine each time: found driver pods are cached for a few seconds.
+        let webhook = cluster_webhook(&api).await;
+        eventually("ready", || webhook.ready()).await;
+        api.inject(fault);
+        let started = Instant::now();
+        let out: Value =
+            serde_json::from_slice(&webhook.review_bytes(&body, Some(timeout)).await).unwrap();
+        let took = started.elapsed();
+        let message = out["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert_eq!(out["response"]["allowed"], false, "{message}");
+        assert!(message.contains(expect), "{message}");
+        assert!(
+            took < timeout,
+            "answered after {took:?}, past the API server's timeout"
+        );
+        api.clear_faults();
+        // Recovery: failures are not cached. A GET already hanging is shared by later callers
+        // until its own 5 s bound, so recovery may take that long, never longer.
+        let cleared = Instant::now();
+        loop {
+            let (allowed, message, _) = admit(&webhook, &body).await;
+            if allowed {
+                break;
+            }
+            assert!(
+                cleared.elapsed() < Duration::from_secs(7),
+                "no recovery: {message}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
