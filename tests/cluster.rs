@@ -14,6 +14,7 @@ use secrets_webhook::config::{Naming, Settings};
 use secrets_webhook::metrics::Metrics;
 use serde_json::{Value, json};
 use support::fake_apiserver::{FakeApiServer, Fault, secret};
+use support::logs::captured_logs;
 
 const NS: &str = "iomete-system";
 
@@ -210,34 +211,6 @@ async fn from_cluster_admits_with_watched_stores_bundles_and_owner_lookups() {
         !allowed && message.contains("there is no Vault config \"vault-prod\""),
         "{message}"
     );
-}
-
-/// Every log line at TRACE, from every crate, into one buffer (installed once per test binary).
-fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
-    use std::io::Write;
-    use std::sync::{Mutex, OnceLock};
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let writer = buffer.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || Sink(writer.clone()))
-            .try_init();
-        buffer
-    })
-    .clone()
 }
 
 /// Canary values seeded in a Kubernetes store and in OpenBao appear nowhere but in the
