@@ -83,6 +83,8 @@ enum Part {
     Placeholder(SecretKey),
     /// `$$`, the kubelet's escape.
     Dollars,
+    /// `$${secrets.k}`: literal text to the kubelet.
+    Escaped(SecretKey),
     Open,
     Close,
     Conf(Name, SecretKey),
@@ -112,6 +114,7 @@ fn compose(parts: &[Part]) -> String {
             Part::Text(t) => s.push_str(t),
             Part::Placeholder(k) => s.push_str(&format!("${{secrets.{}}}", k.text())),
             Part::Dollars => s.push_str("$$"),
+            Part::Escaped(k) => s.push_str(&format!("$${{secrets.{}}}", k.text())),
             Part::Open => s.push_str("${secrets."),
             Part::Close => s.push('}'),
             Part::Conf(n, k) => s.push_str(&format!(" --conf spark.{}={} ", n.text(), k.text())),

@@ -93,7 +93,7 @@ enum Val {
         kind: Kind,
         id: Id,
         key: String,
-        times: u16,
+        times: u8,
     },
     Items(Vec<Item>),
     /// A JSON array whose items are arbitrary JSON text.
@@ -113,19 +113,14 @@ impl Val {
                 id,
                 key,
                 times,
-            } => format!(
-                "{}:{}/{}",
-                kind.text(false),
-                id.text(),
-                key.repeat(usize::from(*times))
-            ),
+            } => format!("{}:{}/{}", kind.text(false), id.text(), long(key, *times)),
             Val::Items(items) => {
                 let items: Vec<serde_json::Value> = items
                     .iter()
                     .map(|i| {
                         let mut v = serde_json::json!({
                             "key": i.name,
-                            "secretObject": {"key": i.key.repeat(1 + usize::from(i.times)), "source": {"type": i.kind.text(true), "id": i.id.text()}}
+                            "secretObject": {"key": long(&i.key, i.times), "source": {"type": i.kind.text(true), "id": i.id.text()}}
                         });
                         if i.extra_field {
                             v["secretObject"]["value"] = serde_json::json!(i.key);
@@ -138,6 +133,13 @@ impl Val {
             Val::RawItems(items) => format!("[{}]", items.join(",")),
         }
     }
+}
+
+/// `s` repeated, at most about 4 KiB: long enough to break any message bound, cheap to run.
+fn long(s: &str, times: u8) -> String {
+    let mut out = s.repeat(usize::from(times % 64));
+    out.truncate(out.floor_char_boundary(4096));
+    out
 }
 
 #[derive(Arbitrary, Debug)]
