@@ -103,7 +103,7 @@ pub struct LocalConfig {
     #[serde(default)]
     pub stores: LocalStores,
     #[serde(default)]
-    pub vault_configs: Vec<serde_json::Value>,
+    pub vault_configs: Vec<crate::backends::vault::VaultConfigSpec>,
     #[serde(default)]
     pub resource_bundles: Vec<serde_json::Value>,
     #[serde(default)]

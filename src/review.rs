@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::admission::Webhook;
+use crate::admission::{Webhook, local_vault};
 use crate::cli::ReviewArgs;
 use crate::config::{LocalConfig, Settings};
 use crate::metrics::Metrics;
@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
     let input = read_document(&args.file)?;
     let config = LocalConfig::load(&args.config)?;
-    let webhook = Webhook::from_local(Settings::default(), &config, Arc::new(Metrics::new()))?;
+    let vault = local_vault(&Settings::default(), &config)?;
+    let webhook = Webhook::from_local_parts(Settings::default(), &config, Arc::new(Metrics::new()), vault.clone())?;
     let review = as_review(input, &args, &webhook.settings.naming.namespace)?;
     let body = serde_json::to_vec(&review)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -39,6 +40,12 @@ pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
         writeln!(out, "{}", serde_json::to_string_pretty(&pod)?)?;
     } else {
         writeln!(out, "{}", serde_json::to_string_pretty(&answer)?)?;
+    }
+    // In a cluster the webhook would write these Vault values into managed Secrets; here there
+    // is nowhere to write, so say which (names only, never values).
+    let mut err = std::io::stderr().lock();
+    for write in vault.iter().flat_map(|v| v.take_would_be_writes()) {
+        writeln!(err, "would write: {write}")?;
     }
     if response["allowed"] != Value::Bool(true) {
         bail!(

@@ -599,3 +599,147 @@ async fn serve_dev_process_admits_and_exits_0_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+/// One keep-alive HTTP/1.1 client in a loop until `stop`; returns (answered, refused before any
+/// response byte, failed). A failure is anything else: a non-200, a wrong uid, a cut response.
+async fn sustained_client(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    id: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (usize, usize, Vec<String>) {
+    use std::sync::atomic::Ordering;
+    let (mut answered, mut refused, mut failed) = (0, 0, Vec::new());
+    let mut conn = None;
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if conn.is_none() {
+            match tls_connect(addr, config.clone()).await {
+                Ok(c) => conn = Some(c),
+                Err(_) => {
+                    refused += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(stream) = conn.as_mut() else {
+            continue;
+        };
+        n += 1;
+        let uid = format!("client-{id}-{n}");
+        match exchange(stream, &post("/mutate", review(&uid).as_bytes())).await {
+            Ok(answer)
+                if answer.status == 200 && answer.json()["response"]["uid"] == uid.as_str() =>
+            {
+                answered += 1;
+                if answer
+                    .head
+                    .to_ascii_lowercase()
+                    .contains("connection: close")
+                {
+                    conn = None;
+                }
+            }
+            Ok(answer) => failed.push(format!(
+                "{uid}: status {} head {:?}",
+                answer.status, answer.head
+            )),
+            // The server closed the idle keep-alive connection before reading this request
+            // (between requests, as HTTP/1.1 allows): nothing was in flight; reconnect.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                refused += 1;
+                conn = None;
+            }
+            Err(e) => {
+                failed.push(format!("{uid}: {e}"));
+                conn = None;
+            }
+        }
+    }
+    (answered, refused, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_sustained_load_fails_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_tmp, pki_one, _pair, mut dir) = setup();
+    let pkis: Vec<Pki> = (0..3)
+        .map(|i| Pki::new(&format!("rotation CA {i}")))
+        .collect();
+    let mut cas = vec![pki_one.ca_der()];
+    cas.extend(pkis.iter().map(Pki::ca_der));
+    let config = http1_config(&cas);
+    let server = TestServer::start(&dir, |o| o.header_timeout = Duration::from_secs(5)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|id| {
+            tokio::spawn(sustained_client(
+                server.addr,
+                config.clone(),
+                id,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    for pki in &pkis {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let pair = pki.serving_pair();
+        dir.swap(&pair.chain_pem, &pair.key_pem);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (answered, refused, failed) = client.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(refused, 0, "no connection may be refused during rotation");
+        total += answered;
+    }
+    assert!(total > 100, "sustained load answered only {total} requests");
+    let last = pkis.last().unwrap();
+    tls_connect(server.addr, http1_config(&[last.ca_der()]))
+        .await
+        .expect("new connections are served the last certificate");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_sustained_load_completes_every_request_it_took() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_tmp, pki, _pair, dir) = setup();
+    let drain = Duration::from_secs(3);
+    let mut server = TestServer::start(&dir, |o| o.drain = drain).await;
+    let config = http1_config(&[pki.ca_der()]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|id| {
+            tokio::spawn(sustained_client(
+                server.addr,
+                config.clone(),
+                id,
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    server.begin_shutdown();
+    tokio::time::timeout(drain + Duration::from_secs(2), server.finished())
+        .await
+        .expect("serve returns within the drain bound");
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for client in clients {
+        let (answered, _refused, failed) = client.await.unwrap();
+        assert!(
+            failed.is_empty(),
+            "requests the server took must complete: {failed:?}"
+        );
+        total += answered;
+    }
+    assert!(total > 50, "sustained load answered only {total} requests");
+    assert!(took < drain + Duration::from_secs(1), "drained in {took:?}");
+}

@@ -14,7 +14,9 @@ use kube::core::Status;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
 use crate::authz::{Authorizer, Decision, Identity, Resource};
+use crate::backends::kubernetes::StoreWatch;
 use crate::backends::local::LocalStores;
+use crate::backends::vault::{VaultBackend, VaultOptions};
 use crate::backends::{KeyRef, StoreCheck, StoreIndex, VaultSource, VaultWant};
 use crate::config::{LocalConfig, Settings};
 use crate::metrics::Metrics;
@@ -74,15 +76,24 @@ impl Webhook {
         config: &LocalConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
-        let mut settings = settings;
-        if let Some(ns) = &config.namespace {
-            settings.naming.namespace = ns.clone();
-        }
+        let vault = local_vault(&settings, config)?;
+        Self::from_local_parts(settings, config, metrics, vault)
+    }
+
+    /// [`Webhook::from_local`] with the Vault backend built by the caller (`review` keeps it to
+    /// print the Secret writes a cluster would see).
+    pub fn from_local_parts(
+        settings: Settings,
+        config: &LocalConfig,
+        metrics: Arc<Metrics>,
+        vault: Option<Arc<VaultBackend>>,
+    ) -> Result<Self, BuildError> {
+        let settings = local_settings(settings, config);
         let stores = Arc::new(LocalStores::new(config, &settings.naming));
         Ok(Self {
             settings,
             stores,
-            vault: None,
+            vault: vault.map(|v| v as Arc<dyn VaultSource>),
             authz: Arc::new(NoGrants),
             metrics,
         })
@@ -94,13 +105,20 @@ impl Webhook {
         client: kube::Client,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
-        let _ = (settings, client, metrics);
-        Err(BuildError::Config("not implemented yet".into()))
+        let stores = StoreWatch::spawn(client.clone(), &settings.naming);
+        let vault = VaultBackend::in_cluster(client, settings.naming.clone(), VaultOptions::default());
+        Ok(Self {
+            settings,
+            stores,
+            vault: Some(vault),
+            authz: Arc::new(NoGrants),
+            metrics,
+        })
     }
 
-    /// Ready to admit: the store cache has its first listing.
+    /// Ready to admit: every cache has its first listing.
     pub fn ready(&self) -> bool {
-        self.stores.ready()
+        self.stores.ready() && self.vault.as_ref().is_none_or(|v| v.ready())
     }
 
     /// Time the engine gives itself: 4/5 of the API server's `?timeout=`, else the default budget.
@@ -523,6 +541,25 @@ impl Authorizer for NoGrants {
             who.username
         ))
     }
+}
+
+/// The config file's namespace, when it names one, is the data-plane namespace.
+fn local_settings(mut settings: Settings, config: &LocalConfig) -> Settings {
+    if let Some(ns) = &config.namespace {
+        settings.naming.namespace = ns.clone();
+    }
+    settings
+}
+
+/// The config file's Vault configs, if any.
+pub fn local_vault(settings: &Settings, config: &LocalConfig) -> Result<Option<Arc<VaultBackend>>, BuildError> {
+    if config.vault_configs.is_empty() {
+        return Ok(None);
+    }
+    let settings = local_settings(settings.clone(), config);
+    VaultBackend::from_local(&config.vault_configs, settings.naming, VaultOptions::default())
+        .map(Some)
+        .map_err(|e| BuildError::Config(e.to_string()))
 }
 
 fn vault_not_configured(r: &Reference) -> Denial {

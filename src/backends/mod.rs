@@ -47,6 +47,11 @@ pub struct VaultWant<'a> {
 /// The Vault backend, as the admission engine sees it.
 #[async_trait]
 pub trait VaultSource: Send + Sync {
+    /// False until the Vault configs are known (in a cluster: the first listing of the CRDs).
+    fn ready(&self) -> bool {
+        true
+    }
+
     /// The resource bundle that governs `config`, or `None` if no such Vault config exists.
     fn bundle_of(&self, config: &str) -> Option<String>;
 

@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod fake_apiserver;
+pub mod openbao;
 pub mod tls;

@@ -1,0 +1,739 @@
+//! The deployment manifests (manifests/, examples/) read as YAML: the webhook registration, the
+//! Deployment's hardening, RBAC, and the CEL pre-filter evaluated against real pod fixtures.
+//! Rendering and schema validation of the kustomizations is `scripts/validate-manifests.sh`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use clap::Parser as _;
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Every YAML document of a file, as JSON values.
+fn documents(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap_or_else(|e| panic!("{path}: {e}")))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn object(path: &str, kind: &str, name: &str) -> Value {
+    documents(path)
+        .into_iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in {path}"))
+}
+
+fn webhook() -> Value {
+    let config = object(
+        "manifests/base/mutatingwebhookconfiguration.yaml",
+        "MutatingWebhookConfiguration",
+        "secrets-webhook",
+    );
+    let webhooks = config["webhooks"].as_array().unwrap();
+    assert_eq!(webhooks.len(), 1, "one webhook");
+    webhooks[0].clone()
+}
+
+fn deployment() -> Value {
+    object(
+        "manifests/base/deployment.yaml",
+        "Deployment",
+        "secrets-webhook",
+    )
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn webhook_registration_is_v1_fail_closed_reinvoked_and_pods_create_only() {
+    let hook = webhook();
+    assert_eq!(hook["name"], "pods.secrets.iomete.com");
+    assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"]);
+    assert_eq!(hook["sideEffects"], "NoneOnDryRun");
+    assert_eq!(hook["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert_eq!(hook["matchPolicy"], "Equivalent");
+    let rules = hook["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(strings(&rules[0]["operations"]), ["CREATE"]);
+    assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
+    assert_eq!(strings(&rules[0]["apiVersions"]), ["v1"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["pods"]);
+    let service = &hook["clientConfig"]["service"];
+    assert_eq!(service["name"], "secrets-webhook");
+    assert_eq!(service["path"], "/mutate");
+    assert_eq!(service["port"], 443);
+    assert_eq!(
+        hook["matchConditions"].as_array().unwrap().len(),
+        1,
+        "matchConditions are ANDed: one expression ORs the cases"
+    );
+}
+
+#[test]
+fn webhook_timeout_leaves_room_for_the_servers_own_budget() {
+    let timeout = webhook()["timeoutSeconds"].as_u64().unwrap();
+    assert!(timeout <= 5, "small timeout: {timeout}");
+    let budget = secrets_webhook::config::Settings::default().default_budget;
+    assert!(
+        budget.as_secs() < timeout,
+        "the server must answer (deny) before the API server gives up: budget {budget:?}, timeout {timeout}s"
+    );
+}
+
+#[test]
+fn webhook_skips_the_control_plane_namespaces_but_not_the_data_plane() {
+    let selector = &webhook()["namespaceSelector"]["matchExpressions"];
+    let by_name = selector
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "kubernetes.io/metadata.name")
+        .unwrap();
+    assert_eq!(by_name["operator"], "NotIn");
+    let excluded = strings(&by_name["values"]);
+    assert!(excluded.contains(&"kube-system"));
+    // Spark and Jupyter pods run in the data-plane namespace: excluding it would skip the guard.
+    assert!(!excluded.contains(&"iomete-system"));
+    let kustomization = &documents("manifests/base/kustomization.yaml")[0];
+    assert_eq!(kustomization["namespace"], "iomete-system");
+}
+
+#[test]
+fn deployment_is_hardened_and_replicated() {
+    let deploy = deployment();
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    assert_eq!(pod["serviceAccountName"], "secrets-webhook");
+    assert!(pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname");
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/livez")] {
+        assert_eq!(c[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    let port = |name: &str| {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(port("admin"), 8080);
+    assert_eq!(port("https"), 8443);
+    for what in ["requests", "limits"] {
+        for res in ["cpu", "memory"] {
+            assert!(c["resources"][what][res].is_string(), "{what}.{res}");
+        }
+    }
+}
+
+/// The Deployment's args, with `$(POD_NAMESPACE)` expanded as the kubelet would, parsed by the real CLI.
+fn serve_args(extra: &[&str]) -> secrets_webhook::cli::ServeArgs {
+    let deploy = deployment();
+    let c = &deploy["spec"]["template"]["spec"]["containers"][0];
+    let env = c["env"].as_array().unwrap();
+    let ns = env.iter().find(|e| e["name"] == "POD_NAMESPACE").unwrap();
+    assert_eq!(
+        ns["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    let mut argv = vec!["secrets-webhook".to_owned()];
+    argv.extend(
+        strings(&c["args"])
+            .into_iter()
+            .map(|a| a.replace("$(POD_NAMESPACE)", "iomete-system")),
+    );
+    argv.extend(extra.iter().map(|s| (*s).to_owned()));
+    let cli = secrets_webhook::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    match cli.command {
+        secrets_webhook::cli::Command::Serve(args) => args,
+        other => panic!("not serve: {other:?}"),
+    }
+}
+
+#[test]
+fn deployment_args_parse_and_point_into_the_mounted_tls_directory() {
+    let args = serve_args(&[]);
+    assert_eq!(args.namespace, "iomete-system");
+    assert!(args.enabled);
+    assert_eq!(args.listen.port(), 8443);
+    assert_eq!(args.admin_listen.port(), 8080);
+    let deploy = deployment();
+    let pod = &deploy["spec"]["template"]["spec"];
+    let mount = &pod["containers"][0]["volumeMounts"][0];
+    assert!(
+        mount.get("subPath").is_none(),
+        "subPath mounts never see Secret updates"
+    );
+    assert_eq!(mount["readOnly"], true);
+    let dir = Path::new(mount["mountPath"].as_str().unwrap());
+    assert!(args.tls_cert.starts_with(dir) && args.tls_key.starts_with(dir));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    // The Secret `secrets-webhook certs --secret-yaml` prints and cert-manager writes.
+    let certs = match secrets_webhook::cli::Cli::try_parse_from(["secrets-webhook", "certs"])
+        .unwrap()
+        .command
+    {
+        secrets_webhook::cli::Command::Certs(args) => args,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(volume["secret"]["secretName"], certs.secret_name.as_str());
+    let serving = object(
+        "manifests/overlays/cert-manager/certificates.yaml",
+        "Certificate",
+        "secrets-webhook-serving",
+    );
+    assert_eq!(serving["spec"]["secretName"], certs.secret_name.as_str());
+    assert_eq!(
+        strings(&serving["spec"]["dnsNames"]),
+        secrets_webhook::certs::service_names(&certs.service, &certs.namespace)
+    );
+}
+
+#[test]
+fn feature_disabled_component_turns_injection_off() {
+    let component = &documents("manifests/components/feature-disabled/kustomization.yaml")[0];
+    let patch: Vec<Value> =
+        serde_yaml::from_str(component["patches"][0]["patch"].as_str().unwrap()).unwrap();
+    assert_eq!(patch[0]["path"], "/spec/template/spec/containers/0/args/-");
+    let arg = patch[0]["value"].as_str().unwrap();
+    assert!(!serve_args(&[arg]).enabled);
+}
+
+#[test]
+fn service_and_pdb_select_the_webhook_pods() {
+    let deploy = deployment();
+    let labels = &deploy["spec"]["template"]["metadata"]["labels"];
+    let service = object("manifests/base/service.yaml", "Service", "secrets-webhook");
+    let pdb = object(
+        "manifests/base/poddisruptionbudget.yaml",
+        "PodDisruptionBudget",
+        "secrets-webhook",
+    );
+    for (key, value) in service["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&labels[key], value);
+    }
+    for (key, value) in pdb["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&labels[key], value);
+    }
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    let https = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "https")
+        .unwrap();
+    assert_eq!(https["port"], 443);
+    assert_eq!(https["targetPort"], "https");
+}
+
+/// (apiGroup, resource, verbs) triples of a Role or ClusterRole, one per resource.
+fn grants(role: &Value) -> BTreeSet<(String, String, Vec<String>)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert!(rule.get("resourceNames").is_none());
+        let mut verbs: Vec<String> = strings(&rule["verbs"])
+            .into_iter()
+            .map(String::from)
+            .collect();
+        verbs.sort();
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                out.insert((group.to_owned(), resource.to_owned(), verbs.clone()));
+            }
+        }
+    }
+    out
+}
+
+fn grant(group: &str, resource: &str, verbs: &[&str]) -> (String, String, Vec<String>) {
+    let mut verbs: Vec<String> = verbs.iter().map(|v| (*v).to_owned()).collect();
+    verbs.sort();
+    (group.to_owned(), resource.to_owned(), verbs)
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_code_does() {
+    let role = object("manifests/base/rbac.yaml", "Role", "secrets-webhook");
+    assert_eq!(
+        grants(&role),
+        BTreeSet::from([grant("", "secrets", &["get", "list", "watch"])])
+    );
+    let cluster = object("manifests/base/rbac.yaml", "ClusterRole", "secrets-webhook");
+    assert_eq!(
+        grants(&cluster),
+        BTreeSet::from([
+            grant("", "pods", &["get"]),
+            grant("", "secrets", &["create", "get", "update", "patch"]),
+            grant(
+                "secrets.iomete.com",
+                "vaultconfigs",
+                &["get", "list", "watch"]
+            ),
+            grant(
+                "secrets.iomete.com",
+                "resourcebundles",
+                &["get", "list", "watch"]
+            ),
+            grant(
+                "secrets.iomete.com",
+                "vaultconfigs/status",
+                &["patch", "update"]
+            ),
+        ])
+    );
+    for (kind, role_kind) in [
+        ("RoleBinding", "Role"),
+        ("ClusterRoleBinding", "ClusterRole"),
+    ] {
+        let binding = object("manifests/base/rbac.yaml", kind, "secrets-webhook");
+        assert_eq!(binding["roleRef"]["kind"], role_kind);
+        assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+        assert_eq!(binding["subjects"][0]["name"], "secrets-webhook");
+    }
+    let sar = object(
+        "manifests/components/sar-authorizer/rbac.yaml",
+        "ClusterRole",
+        "secrets-webhook-sar",
+    );
+    assert_eq!(
+        grants(&sar),
+        BTreeSet::from([grant(
+            "authorization.k8s.io",
+            "subjectaccessreviews",
+            &["create"]
+        )])
+    );
+}
+
+#[test]
+fn crds_serve_v1alpha1_of_secrets_iomete_com() {
+    let kustomization = &documents("manifests/base/crds/kustomization.yaml")[0];
+    assert_eq!(
+        strings(&kustomization["resources"]),
+        ["vaultconfigs.yaml", "resourcebundles.yaml"]
+    );
+    for (file, kind) in [
+        ("vaultconfigs.yaml", "VaultConfig"),
+        ("resourcebundles.yaml", "ResourceBundle"),
+    ] {
+        let crd = &documents(&format!("manifests/base/crds/{file}"))[0];
+        assert_eq!(crd["spec"]["group"], "secrets.iomete.com");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        assert_eq!(crd["spec"]["names"]["kind"], kind);
+        assert_eq!(crd["spec"]["versions"][0]["name"], "v1alpha1");
+        assert!(crd["spec"]["versions"][0]["additionalPrinterColumns"].is_array());
+    }
+}
+
+// --- examples -------------------------------------------------------------------------------
+
+/// Checks one reference annotation value: a JSON array of `{key, secretObject{key, source{type, id}}}`.
+fn check_json_refs(what: &str, value: &str) -> Vec<(String, String, String)> {
+    let items: Vec<Value> =
+        serde_json::from_str(value).unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
+    assert!(!items.is_empty(), "{what}: empty");
+    items
+        .iter()
+        .map(|item| {
+            let object = &item["secretObject"];
+            let source_type = object["source"]["type"].as_str().unwrap_or_default();
+            assert!(
+                ["KUBERNETES", "VAULT"].contains(&source_type),
+                "{what}: type {source_type}"
+            );
+            for field in [&item["key"], &object["key"], &object["source"]["id"]] {
+                assert!(
+                    field.as_str().is_some_and(|s| !s.is_empty()),
+                    "{what}: {item}"
+                );
+            }
+            (
+                source_type.to_owned(),
+                object["source"]["id"].as_str().unwrap().to_owned(),
+                object["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Checks every reference annotation of a map; returns the (type, id, key) it references.
+fn check_annotations(what: &str, annotations: &Value) -> Vec<(String, String, String)> {
+    let mut refs = Vec::new();
+    for (key, value) in annotations.as_object().unwrap() {
+        let value = value.as_str().unwrap();
+        if key == "secrets.iomete.com/env-secrets" || key == "secrets.iomete.com/spark-conf-secrets"
+        {
+            refs.extend(check_json_refs(&format!("{what} {key}"), value));
+        } else if key.starts_with("env.secrets.iomete.com/")
+            || key.starts_with("spark-conf.secrets.iomete.com/")
+        {
+            let (source_type, rest) = value.split_once(':').unwrap();
+            let (id, key) = rest.split_once('/').unwrap();
+            assert!(
+                ["kubernetes", "vault"].contains(&source_type),
+                "{what} {key}"
+            );
+            refs.push((source_type.to_uppercase(), id.to_owned(), key.to_owned()));
+        }
+    }
+    assert!(!refs.is_empty(), "{what}: no references");
+    refs
+}
+
+#[test]
+fn example_annotations_are_valid_references_to_example_objects() {
+    let pod = &documents("examples/spark-driver-pod.yaml")[0];
+    let mut refs = check_annotations("driver pod", &pod["metadata"]["annotations"]);
+    let app = &documents("examples/sparkapplication.yaml")[0];
+    refs.extend(check_annotations(
+        "SparkApplication driver",
+        &app["spec"]["driver"]["annotations"],
+    ));
+    refs.extend(check_annotations(
+        "SparkApplication executor",
+        &app["spec"]["executor"]["annotations"],
+    ));
+    let values = &documents("examples/jupyterhub-values.yaml")[0];
+    refs.extend(check_annotations(
+        "JupyterHub values",
+        &values["singleuser"]["extraAnnotations"],
+    ));
+
+    // Every Vault id is the example VaultConfig; every domain is governed by the example bundle.
+    let vault = object(
+        "examples/vaultconfig.yaml",
+        "VaultConfig",
+        "vault-prod-finance",
+    );
+    let bundle = object("examples/resourcebundle.yaml", "ResourceBundle", "finance");
+    assert_eq!(vault["spec"]["resourceBundle"], "finance");
+    let secret_ref = &vault["spec"]["auth"]["appRole"]["secretIdRef"];
+    let credentials = object(
+        "examples/vaultconfig.yaml",
+        "Secret",
+        secret_ref["name"].as_str().unwrap(),
+    );
+    assert!(credentials["stringData"][secret_ref["key"].as_str().unwrap()].is_string());
+    let domains = strings(&bundle["spec"]["domains"]);
+    for (source_type, id, _) in &refs {
+        match source_type.as_str() {
+            "VAULT" => assert_eq!(id, "vault-prod-finance"),
+            _ => assert!(id == "global" || domains.contains(&id.as_str()), "{id}"),
+        }
+    }
+    // The example pod must pass the API server's pre-filter.
+    assert!(admitted_by_filter(pod));
+}
+
+// --- the CEL pre-filter ------------------------------------------------------------------------
+
+fn filter() -> cel::Program {
+    let hook = webhook();
+    let expression = hook["matchConditions"][0]["expression"].as_str().unwrap();
+    cel::Program::compile(expression).unwrap_or_else(|e| panic!("CEL does not parse: {e}"))
+}
+
+/// Evaluates the matchCondition with `object` bound to `pod`. An evaluation error fails the test:
+/// with failurePolicy Fail the API server would reject the pod.
+fn admitted_by_filter(pod: &Value) -> bool {
+    let mut context = cel::Context::default();
+    context.add_variable_from_value("object", cel::to_value(pod).unwrap());
+    match filter().execute(&context) {
+        Ok(cel::Value::Bool(b)) => b,
+        other => panic!("matchCondition must evaluate to a bool, got {other:?} for {pod}"),
+    }
+}
+
+fn fixture(name: &str) -> Value {
+    let path = repo(&format!("tests/fixtures/pods/{name}.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn nginx() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "nginx", "image": "nginx:1.27",
+                                 "env": [{"name": "MODE", "value": "prod"}],
+                                 "ports": [{"containerPort": 80}]}]}
+    })
+}
+
+fn with(mut pod: Value, pointer: &str, value: Value) -> Value {
+    // Creates missing parents (objects) along the pointer, like `kubectl patch` would.
+    let mut node = &mut pod;
+    let parts: Vec<&str> = pointer.trim_start_matches('/').split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let part = part.replace("~1", "/").replace("~0", "~");
+        if i == parts.len() - 1 {
+            match node {
+                Value::Array(items) => items.push(value.clone()),
+                Value::Object(map) => {
+                    map.insert(part, value.clone());
+                }
+                _ => panic!("{pointer}"),
+            }
+        } else {
+            node = match node {
+                Value::Array(items) => &mut items[part.parse::<usize>().unwrap()],
+                Value::Object(map) => map.entry(part).or_insert_with(|| json!({})),
+                _ => panic!("{pointer}"),
+            };
+        }
+    }
+    pod
+}
+
+#[test]
+fn filter_lets_through_the_real_spark_and_jupyter_pods_by_their_labels() {
+    for name in [
+        "spark35-driver-submit",
+        "spark35-executor-submit",
+        "jupyterhub-singleuser-z2jh",
+    ] {
+        let pod = fixture(name);
+        assert!(admitted_by_filter(&pod), "{name}");
+    }
+    // Enterprise Gateway kernels and explicitly labelled pods.
+    let kernel = with(nginx(), "/metadata/labels/component", json!("kernel"));
+    assert!(admitted_by_filter(&kernel));
+    let workload = with(
+        nginx(),
+        "/metadata/labels/secrets.iomete.com~1workload",
+        json!("jupyter"),
+    );
+    assert!(admitted_by_filter(&workload));
+    let opted_in = with(
+        nginx(),
+        "/metadata/labels/secrets.iomete.com~1inject",
+        json!("true"),
+    );
+    assert!(admitted_by_filter(&opted_in));
+}
+
+#[test]
+fn filter_drops_pods_that_cannot_matter() {
+    assert!(!admitted_by_filter(&nginx()));
+    let other_component = with(nginx(), "/metadata/labels/component", json!("proxy"));
+    assert!(!admitted_by_filter(&other_component));
+    let other_annotation = with(
+        nginx(),
+        "/metadata/annotations/example.com~1secrets",
+        json!("x"),
+    );
+    assert!(!admitted_by_filter(&other_annotation));
+    let other_secret = with(
+        nginx(),
+        "/spec/containers/0/env/-",
+        json!({"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db-credentials", "key": "password"}}}),
+    );
+    assert!(!admitted_by_filter(&other_secret));
+    let configmap = with(
+        nginx(),
+        "/spec/containers/0/env/-",
+        json!({"name": "X", "valueFrom": {"configMapKeyRef": {"name": "iomete-secret-store", "key": "k"}}}),
+    );
+    assert!(!admitted_by_filter(&configmap));
+    let dollar = with(
+        nginx(),
+        "/spec/containers/0/args",
+        json!(["--value=$(HOME)", "${HOME}"]),
+    );
+    assert!(!admitted_by_filter(&dollar));
+}
+
+#[test]
+fn filter_lets_through_reference_annotations_on_any_pod() {
+    for (key, value) in [
+        (
+            "secrets.iomete.com~1env-secrets",
+            r#"[{"key":"DB_PASSWORD","secretObject":{"key":"db_password","source":{"type":"KUBERNETES","id":"finance"}}}]"#,
+        ),
+        ("secrets.iomete.com~1spark-conf-secrets", "[]"),
+        (
+            "env.secrets.iomete.com~1DB_PASSWORD",
+            "kubernetes:finance/db_password",
+        ),
+        (
+            "spark-conf.secrets.iomete.com~1spark.hadoop.fs.s3a.secret.key",
+            "vault:vault-prod-finance/s3_secret",
+        ),
+    ] {
+        let pod = with(
+            nginx(),
+            &format!("/metadata/annotations/{key}"),
+            json!(value),
+        );
+        assert!(admitted_by_filter(&pod), "{key}");
+    }
+    // The real pods without their workload labels: the annotation alone is enough.
+    for name in ["spark35-driver-submit", "jupyterhub-singleuser-z2jh"] {
+        let mut pod = fixture(name);
+        pod["metadata"]["labels"] = json!({});
+        assert!(!admitted_by_filter(&pod), "{name} without labels");
+        let pod = with(
+            pod,
+            "/metadata/annotations/env.secrets.iomete.com~1DB_PASSWORD",
+            json!("kubernetes:finance/db_password"),
+        );
+        assert!(
+            admitted_by_filter(&pod),
+            "{name} with a reference annotation"
+        );
+    }
+}
+
+#[test]
+fn filter_lets_through_legacy_placeholders() {
+    let env = with(
+        nginx(),
+        "/spec/containers/0/env/-",
+        json!({"name": "DB_PASSWORD", "value": "${secrets.db_password}"}),
+    );
+    assert!(admitted_by_filter(&env));
+    let embedded = with(
+        nginx(),
+        "/spec/containers/0/env/-",
+        json!({"name": "URL", "value": "jdbc:postgresql://db/x?password=${secrets.db_password}"}),
+    );
+    assert!(admitted_by_filter(&embedded));
+    let args = with(
+        nginx(),
+        "/spec/containers/0/args",
+        json!(["--password", "${secrets.pw}"]),
+    );
+    assert!(admitted_by_filter(&args));
+    let init = with(
+        nginx(),
+        "/spec/initContainers",
+        json!([{"name": "init", "image": "busybox", "env": [{"name": "P", "value": "${secrets.p}"}]}]),
+    );
+    assert!(admitted_by_filter(&init));
+}
+
+#[test]
+fn filter_lets_through_direct_references_to_managed_secrets_for_the_guard() {
+    let cases = [
+        (
+            "/spec/containers/0/env/-",
+            json!({"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "iomete-secret-store-finance", "key": "db_password"}}}),
+        ),
+        (
+            "/spec/containers/0/env/-",
+            json!({"name": "G", "valueFrom": {"secretKeyRef": {"name": "iomete-secret-store", "key": "g"}}}),
+        ),
+        (
+            "/spec/containers/0/envFrom",
+            json!([{"secretRef": {"name": "iomete-vault-vault-prod-finance"}}]),
+        ),
+        (
+            "/spec/volumes",
+            json!([{"name": "s", "secret": {"secretName": "iomete-secret-store-finance"}}]),
+        ),
+        (
+            "/spec/volumes",
+            json!([{"name": "p", "projected": {"sources": [
+                {"configMap": {"name": "x"}},
+                {"secret": {"name": "iomete-vault-x"}}]}}]),
+        ),
+        (
+            "/spec/initContainers",
+            json!([{"name": "init", "image": "busybox",
+                    "envFrom": [{"secretRef": {"name": "iomete-secret-store-finance"}}]}]),
+        ),
+    ];
+    for (pointer, value) in cases {
+        let pod = with(nginx(), pointer, value.clone());
+        assert!(admitted_by_filter(&pod), "{pointer} {value}");
+    }
+    // Field shapes the API server accepts but that omit optional names must not make CEL fail.
+    let unnamed = with(
+        nginx(),
+        "/spec/volumes",
+        json!([{"name": "s", "secret": {}}, {"name": "e", "emptyDir": {}},
+               {"name": "p", "projected": {"sources": [{"secret": {}}]}}]),
+    );
+    let unnamed = with(
+        unnamed,
+        "/spec/containers/0/envFrom",
+        json!([{"secretRef": {}}, {"configMapRef": {"name": "c"}}]),
+    );
+    let unnamed = with(
+        unnamed,
+        "/spec/containers/0/env/-",
+        json!({"name": "F", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+    );
+    // Admission runs before validation, so even a nameless secretKeyRef reaches the condition.
+    let unnamed = with(
+        unnamed,
+        "/spec/containers/0/env/-",
+        json!({"name": "S", "valueFrom": {"secretKeyRef": {"key": "k"}}}),
+    );
+    assert!(!admitted_by_filter(&unnamed));
+}
+
+#[test]
+fn vaultconfig_crd_rule_requires_exactly_one_auth_method() {
+    let crd = &documents("manifests/base/crds/vaultconfigs.yaml")[0];
+    let auth = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["auth"];
+    let rule = auth["x-kubernetes-validations"][0]["rule"]
+        .as_str()
+        .unwrap();
+    let program = cel::Program::compile(rule).unwrap();
+    let holds = |value: &Value| {
+        let mut context = cel::Context::default();
+        context.add_variable_from_value("self", cel::to_value(value).unwrap());
+        program.execute(&context).unwrap() == cel::Value::Bool(true)
+    };
+    let example = object(
+        "examples/vaultconfig.yaml",
+        "VaultConfig",
+        "vault-prod-finance",
+    );
+    assert!(holds(&example["spec"]["auth"]));
+    let token = json!({"token": {"secretRef": {"name": "t", "key": "token"}}});
+    assert!(holds(&token));
+    let both = json!({"token": token["token"], "appRole": example["spec"]["auth"]["appRole"]});
+    assert!(!holds(&both));
+    assert!(!holds(&json!({})));
+}
