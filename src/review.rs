@@ -19,7 +19,12 @@ pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
     let input = read_document(&args.file)?;
     let config = LocalConfig::load(&args.config)?;
     let vault = local_vault(&Settings::default(), &config)?;
-    let webhook = Webhook::from_local_parts(Settings::default(), &config, Arc::new(Metrics::new()), vault.clone())?;
+    let webhook = Webhook::from_local_parts(
+        Settings::default(),
+        &config,
+        Arc::new(Metrics::new()),
+        vault.clone(),
+    )?;
     let review = as_review(input, &args, &webhook.settings.naming.namespace)?;
     let body = serde_json::to_vec(&review)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

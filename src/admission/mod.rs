@@ -106,7 +106,8 @@ impl Webhook {
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
         let stores = StoreWatch::spawn(client.clone(), &settings.naming);
-        let vault = VaultBackend::in_cluster(client, settings.naming.clone(), VaultOptions::default());
+        let vault =
+            VaultBackend::in_cluster(client, settings.naming.clone(), VaultOptions::default());
         Ok(Self {
             settings,
             stores,
@@ -552,14 +553,21 @@ fn local_settings(mut settings: Settings, config: &LocalConfig) -> Settings {
 }
 
 /// The config file's Vault configs, if any.
-pub fn local_vault(settings: &Settings, config: &LocalConfig) -> Result<Option<Arc<VaultBackend>>, BuildError> {
+pub fn local_vault(
+    settings: &Settings,
+    config: &LocalConfig,
+) -> Result<Option<Arc<VaultBackend>>, BuildError> {
     if config.vault_configs.is_empty() {
         return Ok(None);
     }
     let settings = local_settings(settings.clone(), config);
-    VaultBackend::from_local(&config.vault_configs, settings.naming, VaultOptions::default())
-        .map(Some)
-        .map_err(|e| BuildError::Config(e.to_string()))
+    VaultBackend::from_local(
+        &config.vault_configs,
+        settings.naming,
+        VaultOptions::default(),
+    )
+    .map(Some)
+    .map_err(|e| BuildError::Config(e.to_string()))
 }
 
 fn vault_not_configured(r: &Reference) -> Denial {
@@ -640,14 +648,23 @@ fn encode_review(response: &AdmissionResponse) -> Vec<u8> {
         #[serde(skip_serializing_if = "Option::is_none")]
         warnings: Option<&'a Vec<String>>,
     }
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Envelope<'a> {
+        api_version: &'static str,
+        kind: &'static str,
+        response: Wire<'a>,
+    }
     let patch = response
         .patch
         .as_ref()
         .map(|p| base64::engine::general_purpose::STANDARD.encode(p));
-    let review = serde_json::json!({
-        "apiVersion": REVIEW_API_VERSION,
-        "kind": "AdmissionReview",
-        "response": Wire {
+    // Serialized straight to bytes: going through a `serde_json::Value` first copied the whole
+    // (base64) patch once more and built a map per field, on every patched admission.
+    let review = Envelope {
+        api_version: REVIEW_API_VERSION,
+        kind: "AdmissionReview",
+        response: Wire {
             uid: &response.uid,
             allowed: response.allowed,
             status: &response.result,
@@ -656,7 +673,7 @@ fn encode_review(response: &AdmissionResponse) -> Vec<u8> {
             audit_annotations: &response.audit_annotations,
             warnings: response.warnings.as_ref(),
         },
-    });
+    };
     serde_json::to_vec(&review).unwrap_or_else(|_| {
         br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":false}}"#.to_vec()
     })

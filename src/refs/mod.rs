@@ -142,7 +142,7 @@ pub fn parse_annotations<'a>(
                     secret,
                     origin: name.clone(),
                 },
-                String::new(),
+                None,
                 global_id,
                 &mut refs,
                 &mut errors,
@@ -205,7 +205,6 @@ fn parse_json_items(
         }
     };
     for (index, item) in items.into_iter().enumerate() {
-        let subject = format!("item {index}: ");
         match Item::deserialize(item) {
             Ok(item) => push_checked(
                 Reference {
@@ -214,12 +213,17 @@ fn parse_json_items(
                     secret: item.secret_object,
                     origin: origin.to_owned(),
                 },
-                subject,
+                Some(index),
                 global_id,
                 refs,
                 errors,
             ),
-            Err(e) => errors.push(RefError::new(origin, subject, e.to_string(), fix)),
+            Err(e) => errors.push(RefError::new(
+                origin,
+                format!("item {index}: "),
+                e.to_string(),
+                fix,
+            )),
         }
     }
 }
@@ -247,19 +251,19 @@ fn parse_short(value: &str) -> Result<SecretObject, String> {
 /// Validates one reference and keeps it, or records why not.
 fn push_checked(
     reference: Reference,
-    subject: String,
+    item: Option<usize>,
     global_id: &str,
     refs: &mut Vec<Reference>,
     errors: &mut Vec<RefError>,
 ) {
-    let subject = if subject.is_empty() {
-        format!("{} {:?}: ", reference.kind, clip(&reference.name))
-    } else {
-        format!("{subject}{} {:?}: ", reference.kind, clip(&reference.name))
-    };
     match validate(&reference, global_id) {
         Ok(()) => refs.push(reference),
-        Err((problem, fix)) => errors.push(RefError::new(&reference.origin, subject, problem, fix)),
+        Err((problem, fix)) => {
+            // Formatted only for a bad reference: this runs for every reference of every pod.
+            let item = item.map(|i| format!("item {i}: ")).unwrap_or_default();
+            let subject = format!("{item}{} {:?}: ", reference.kind, clip(&reference.name));
+            errors.push(RefError::new(&reference.origin, subject, problem, fix))
+        }
     }
 }
 
