@@ -107,6 +107,9 @@ pub struct ServeArgs {
     /// The product's `features.secretsV2.enabled`: when false, pods pass untouched (the guard still runs).
     #[arg(long, env = "SECRETS_WEBHOOK_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub enabled: bool,
+    /// Who decides Use: `ras` (ResourceBundle objects) or `subject-access-review` (Kubernetes RBAC).
+    #[arg(long, env = "SECRETS_WEBHOOK_AUTHORIZER", value_enum, default_value_t = crate::authz::AuthorizerKind::Ras)]
+    pub authorizer: crate::authz::AuthorizerKind,
     /// Log format: `json` (default) or `text`.
     #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]
     pub log_format: String,

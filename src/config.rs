@@ -81,6 +81,8 @@ pub struct Settings {
     pub default_budget: Duration,
     /// Master switch (the product's `features.secretsV2.enabled`): off = admit untouched, guard only.
     pub enabled: bool,
+    /// Who decides `Use` in a cluster: ResourceBundles (RAS) or Kubernetes RBAC.
+    pub authorizer: crate::authz::AuthorizerKind,
 }
 
 impl Default for Settings {
@@ -90,6 +92,7 @@ impl Default for Settings {
             selectors: Selectors::default(),
             default_budget: Duration::from_secs(4),
             enabled: true,
+            authorizer: crate::authz::AuthorizerKind::Ras,
         }
     }
 }
@@ -105,9 +108,9 @@ pub struct LocalConfig {
     #[serde(default)]
     pub vault_configs: Vec<crate::backends::vault::VaultConfigSpec>,
     #[serde(default)]
-    pub resource_bundles: Vec<serde_json::Value>,
+    pub resource_bundles: Vec<crate::authz::ras::LocalResourceBundle>,
     #[serde(default)]
-    pub trusted_controllers: Vec<serde_json::Value>,
+    pub trusted_controllers: Vec<crate::admission::identity::TrustedController>,
 }
 
 /// Key names of the Kubernetes stores, standing in for the Secrets themselves.

@@ -19,12 +19,18 @@ pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
     let input = read_document(&args.file)?;
     let config = LocalConfig::load(&args.config)?;
     let vault = local_vault(&Settings::default(), &config)?;
-    let webhook = Webhook::from_local_parts(
+    let mut webhook = Webhook::from_local_parts(
         Settings::default(),
         &config,
         Arc::new(Metrics::new()),
         vault.clone(),
     )?;
+    if let Some(path) = &args.owner {
+        // The driver pod as the webhook admitted it stands in for the executor's owner lookup.
+        let driver: k8s_openapi::api::core::v1::Pod = serde_json::from_value(read_document(path)?)
+            .with_context(|| format!("{} is not a Pod", path.display()))?;
+        webhook.owners = Arc::new(crate::admission::identity::StaticOwner::new(Some(driver)));
+    }
     let review = as_review(input, &args, &webhook.settings.naming.namespace)?;
     let body = serde_json::to_vec(&review)?;
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -154,7 +154,7 @@ async fn global_references_are_injected_into_every_workload_kind() {
         assert!(env(&mutated).contains(&want), "{name}");
         assert_eq!(
             mutated["metadata"]["annotations"]["secrets.iomete.com/identity"],
-            "alice"
+            r#"{"user":"alice","groups":["system:authenticated"]}"#
         );
     }
 }

@@ -737,3 +737,71 @@ fn vaultconfig_crd_rule_requires_exactly_one_auth_method() {
     assert!(!holds(&both));
     assert!(!holds(&json!({})));
 }
+
+/// Every property path under `.spec` (and `.status`) of a CRD's schema, e.g. `spec.auth.token.secretRef.name`.
+fn schema_paths(schema: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let Some(props) = schema["properties"].as_object() {
+        for (name, sub) in props {
+            let path = format!("{prefix}.{name}");
+            out.insert(path.clone());
+            schema_paths(sub, &path, out);
+        }
+    }
+    if schema["items"].is_object() {
+        schema_paths(&schema["items"], &format!("{prefix}[]"), out);
+    }
+}
+
+fn crd_paths(crd: &Value) -> BTreeSet<String> {
+    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    let mut out = BTreeSet::new();
+    schema_paths(&schema["properties"]["spec"], "spec", &mut out);
+    out
+}
+
+/// The shipped CRDs (hand-written for their printer columns and descriptions) accept exactly the
+/// fields the code reads: no drift between `manifests/` and the Rust types.
+#[test]
+fn shipped_crds_have_the_fields_of_the_rust_types() {
+    use kube::CustomResourceExt as _;
+    let generated = [
+        (
+            "manifests/base/crds/vaultconfigs.yaml",
+            serde_json::to_value(secrets_webhook::backends::vault::VaultConfig::crd()).unwrap(),
+        ),
+        (
+            "manifests/base/crds/resourcebundles.yaml",
+            serde_json::to_value(secrets_webhook::authz::ras::ResourceBundle::crd()).unwrap(),
+        ),
+    ];
+    for (path, generated) in generated {
+        let shipped = &documents(path)[0];
+        assert_eq!(
+            shipped["metadata"]["name"], generated["metadata"]["name"],
+            "{path}"
+        );
+        assert_eq!(
+            shipped["spec"]["versions"][0]["name"], generated["spec"]["versions"][0]["name"],
+            "{path}"
+        );
+        assert_eq!(
+            crd_paths(shipped),
+            crd_paths(&generated),
+            "{path}: fields differ from the Rust type"
+        );
+    }
+}
+
+/// The shipped config file is what `serve` reads at start in a cluster: it must load, and its
+/// trusted controllers must be valid (or the webhook would not start).
+#[test]
+fn shipped_config_file_loads_with_valid_trusted_controllers() {
+    let config =
+        secrets_webhook::config::LocalConfig::load(&repo("manifests/base/config.yaml")).unwrap();
+    assert!(!config.trusted_controllers.is_empty());
+    secrets_webhook::admission::identity::TrustedControllers::new(config.trusted_controllers)
+        .unwrap();
+    let dev =
+        secrets_webhook::config::LocalConfig::load(&repo("examples/dev-config.yaml")).unwrap();
+    secrets_webhook::admission::identity::TrustedControllers::new(dev.trusted_controllers).unwrap();
+}

@@ -528,7 +528,6 @@ async fn drain_is_bounded_when_a_request_never_finishes() {
 /// `secrets-webhook serve --dev` as a real process: prints where it serves and the development CA,
 /// admits over TLS trusted by that CA, reports ready, and exits 0 on SIGTERM.
 #[tokio::test]
-#[ignore = "needs certs::ensure_dev_certs (certs branch); run with --ignored once merged"]
 async fn serve_dev_process_admits_and_exits_0_on_sigterm() {
     use std::io::BufRead;
     use std::process::{Command, Stdio};

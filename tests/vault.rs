@@ -4,9 +4,7 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use secrets_webhook::backends::vault::spec::{
@@ -20,36 +18,11 @@ use secrets_webhook::config::{LocalConfig, Naming};
 use secrets_webhook::refs::{SecretObject, Source, SourceType};
 use serde_json::json;
 use support::fake_apiserver::{Collection, FakeApiServer, secret as k8s_secret};
+use support::logs::captured_logs;
 use support::openbao::{OpenBao, ROOT_TOKEN, require_bao};
 
 const CANARY: &str = "canary-9f3b7d-db-password";
 const CANARY_NESTED: &str = "canary-41c2aa-nested";
-
-/// Every log line of this test binary, at TRACE for all crates.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        struct Sink(Arc<Mutex<Vec<u8>>>);
-        impl Write for Sink {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let writer = buffer.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || Sink(writer.clone()))
-            .try_init();
-        buffer
-    })
-    .clone()
-}
 
 fn vault_ref(config: &str, key: &str) -> SecretObject {
     SecretObject {
@@ -765,6 +738,21 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     )
     .await;
     assert!(dry[0].is_ok(), "{dry:?}");
+    assert_eq!(writes(&api), 0);
+    assert!(secret_data(&api, "spark-apps", managed).is_none());
+
+    // One reference fails: the pod is denied, so no value is copied into its namespace.
+    let partial = deliver(
+        &backend,
+        &[
+            ("vault-prod-finance", "db_password"),
+            ("vault-prod-finance", "no_such_field"),
+        ],
+        false,
+        Duration::from_secs(4),
+    )
+    .await;
+    assert!(partial[1].is_err(), "{partial:?}");
     assert_eq!(writes(&api), 0);
     assert!(secret_data(&api, "spark-apps", managed).is_none());
 

@@ -2,10 +2,11 @@
 //! needs (references, workload, identity, store keys, Vault deliveries, grants), then hands them to
 //! the pure planner, and turns the plan or the denial into a response.
 
+pub mod guard;
 pub mod identity;
 pub mod workload;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::core::Status;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
+use crate::authz::cache::CacheSettings;
 use crate::authz::{Authorizer, Decision, Identity, Resource};
 use crate::backends::kubernetes::StoreWatch;
 use crate::backends::local::LocalStores;
@@ -30,6 +32,10 @@ pub struct Webhook {
     pub stores: Arc<dyn StoreIndex>,
     pub vault: Option<Arc<dyn VaultSource>>,
     pub authz: Arc<dyn Authorizer>,
+    /// Requesters that may submit pods on behalf of a user named in an annotation.
+    pub trusted: identity::TrustedControllers,
+    /// Where executors' owner driver pods are looked up.
+    pub owners: Arc<dyn identity::OwnerLookup>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -45,6 +51,8 @@ pub enum BuildError {
 pub struct Denial {
     pub reason: &'static str,
     pub message: String,
+    /// Audit annotations known at the time of the denial (the resolved identity).
+    pub audit: HashMap<String, String>,
 }
 
 impl Denial {
@@ -52,7 +60,14 @@ impl Denial {
         Self {
             reason,
             message: message.into(),
+            audit: HashMap::new(),
         }
+    }
+
+    /// Records who the denied pod was admitted for.
+    fn for_identity(mut self, resolved: &identity::Resolved) -> Self {
+        self.audit = identity::audit_annotations(Some(resolved), "denied");
+        self
     }
 }
 
@@ -63,6 +78,8 @@ pub struct Outcome {
     pub patch: Vec<json_patch::PatchOperation>,
     pub warnings: Vec<String>,
     pub identity: Option<String>,
+    /// `identity`, `identity-source` for the AdmissionResponse's audit annotations.
+    pub audit: HashMap<String, String>,
 }
 
 /// The API server's `AdmissionReview` version; the only one served.
@@ -90,36 +107,56 @@ impl Webhook {
     ) -> Result<Self, BuildError> {
         let settings = local_settings(settings, config);
         let stores = Arc::new(LocalStores::new(config, &settings.naming));
+        let trusted = identity::TrustedControllers::new(config.trusted_controllers.clone())
+            .map_err(|e| BuildError::Config(e.to_string()))?;
         Ok(Self {
             settings,
             stores,
             vault: vault.map(|v| v as Arc<dyn VaultSource>),
-            authz: Arc::new(NoGrants),
+            authz: crate::authz::local(&config.resource_bundles, CacheSettings::default()),
+            trusted,
+            // No cluster: executors need `review --owner DRIVER.json` (see review.rs).
+            owners: Arc::new(identity::StaticOwner::default()),
             metrics,
         })
     }
 
-    /// In a cluster: watch caches through `client` (spawned on the current runtime).
+    /// In a cluster: watch caches through `client` (spawned on the current runtime). Trusted
+    /// controllers come from the admin's config file (`--config`), everything else from the API.
     pub async fn from_cluster(
         settings: Settings,
         client: kube::Client,
         metrics: Arc<Metrics>,
+        trusted: identity::TrustedControllers,
     ) -> Result<Self, BuildError> {
-        let stores = StoreWatch::spawn(client.clone(), &settings.naming);
+        let naming = &settings.naming;
+        let stores = StoreWatch::spawn(client.clone(), naming);
         let vault =
-            VaultBackend::in_cluster(client, settings.naming.clone(), VaultOptions::default());
+            VaultBackend::in_cluster(client.clone(), naming.clone(), VaultOptions::default());
+        let authz = crate::authz::in_cluster(
+            settings.authorizer,
+            client.clone(),
+            &naming.namespace,
+            CacheSettings::default(),
+        );
+        let owners = Arc::new(identity::KubeOwnerLookup::new(
+            client,
+            identity::KubeOwnerLookup::DEFAULT_TTL,
+        ));
         Ok(Self {
             settings,
             stores,
             vault: Some(vault),
-            authz: Arc::new(NoGrants),
+            authz,
+            trusted,
+            owners,
             metrics,
         })
     }
 
-    /// Ready to admit: every cache has its first listing.
+    /// Ready to admit: every cache has its first listing and the authorizer can decide.
     pub fn ready(&self) -> bool {
-        self.stores.ready() && self.vault.as_ref().is_none_or(|v| v.ready())
+        self.stores.ready() && self.authz.ready() && self.vault.as_ref().is_none_or(|v| v.ready())
     }
 
     /// Time the engine gives itself: 4/5 of the API server's `?timeout=`, else the default budget.
@@ -193,11 +230,15 @@ impl Webhook {
                     duration_ms = started.elapsed().as_secs_f64() * 1e3,
                     "admission"
                 );
-                if let Some(identity) = &outcome.identity {
-                    response
-                        .audit_annotations
-                        .insert("identity".into(), identity.clone());
-                }
+                response.audit_annotations.extend(outcome.audit);
+                let decision = if outcome.patch.is_empty() {
+                    "allowed"
+                } else {
+                    "patched"
+                };
+                response
+                    .audit_annotations
+                    .insert("decision".into(), decision.into());
                 if !outcome.warnings.is_empty() {
                     response.warnings = Some(outcome.warnings);
                 }
@@ -220,6 +261,7 @@ impl Webhook {
                 self.metrics.denial(denial.reason);
                 response.allowed = false;
                 response.result = Status::failure(&denial.message, "Forbidden").with_code(403);
+                response.audit_annotations.extend(denial.audit);
                 response
                     .audit_annotations
                     .insert("decision".into(), format!("denied: {}", denial.reason));
@@ -254,7 +296,7 @@ impl Webhook {
         let annotations = pod.metadata.annotations.as_ref().unwrap_or(&empty);
         if !self.settings.enabled {
             self.guard(pod, namespace, &BTreeSet::new())?;
-            return Ok(Outcome::default());
+            return self.untouched(req, pod, namespace, None, deadline).await;
         }
         let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
             Denial::new("malformed", lines(errors.iter().map(ToString::to_string)))
@@ -273,18 +315,35 @@ impl Webhook {
                 ));
             }
             self.guard(pod, namespace, &BTreeSet::new())?;
-            return Ok(Outcome::default());
+            return self.untouched(req, pod, namespace, None, deadline).await;
         };
         let legacy = plan::legacy_keys(pod, &workload)
             .map_err(|e| Denial::new("malformed", e.to_string()))?;
         if refs.is_empty() && legacy.is_empty() {
             self.guard(pod, namespace, &BTreeSet::new())?;
-            return Ok(Outcome {
-                workload: Some(workload.kind),
-                ..Outcome::default()
-            });
+            return self
+                .untouched(req, pod, namespace, Some(workload.kind), deadline)
+                .await;
         }
-        let identity = identity_of(&req.user_info);
+        // Executors take their driver's identity and grants; only needed when a reference needs a
+        // grant (global secrets need none, so they cost no driver lookup).
+        let is_executor = workload.kind == WorkloadKind::SparkExecutor
+            && refs.iter().any(|r| {
+                !(r.secret.source.kind == SourceType::Kubernetes
+                    && r.secret.source.id == naming.global_id)
+            });
+        let who = identity::resolve(
+            &req.user_info,
+            pod,
+            namespace,
+            is_executor,
+            &self.trusted,
+            self.owners.as_ref(),
+            deadline,
+        )
+        .await
+        .map_err(|e| Denial::new("identity", e.to_string()))?;
+        let identity = &who.identity;
         // Executors get the driver's SparkConf over RPC: only env secrets are theirs.
         let refs: Vec<Reference> = refs
             .into_iter()
@@ -292,8 +351,20 @@ impl Webhook {
                 !(workload.kind == WorkloadKind::SparkExecutor && r.kind == TargetKind::SparkConf)
             })
             .collect();
-        self.check_stores(&refs, &legacy, namespace)?;
-        self.authorize(&identity, &refs, deadline).await?;
+        // An executor may only use what its driver was granted (global secrets excepted).
+        let not_inherited: Vec<String> = refs
+            .iter()
+            .filter_map(|r| who.may_inherit(&r.secret, naming).err())
+            .map(|e| e.to_string())
+            .collect();
+        if !not_inherited.is_empty() {
+            return Err(Denial::new("forbidden", lines(not_inherited)).for_identity(&who));
+        }
+        self.check_stores(&refs, &legacy, namespace)
+            .map_err(|d| d.for_identity(&who))?;
+        self.authorize(identity, &refs, deadline)
+            .await
+            .map_err(|d| d.for_identity(&who))?;
         let resolved = self
             .resolve(&refs, namespace, req.dry_run, deadline)
             .await?;
@@ -315,7 +386,7 @@ impl Webhook {
                 }
                 (env, confs)
             });
-        let stamps = stamps(&identity, &refs);
+        let stamps = identity::stamp_annotations(identity, refs.iter().map(|r| &r.secret));
         let plan = plan::plan(
             Inputs {
                 pod,
@@ -328,13 +399,54 @@ impl Webhook {
             &naming.global_id,
         )
         .map_err(|e| Denial::new("malformed", e.to_string()))?;
-        self.guard(pod, namespace, &plan.wanted)?;
+        self.guard(pod, namespace, &plan.wanted)
+            .map_err(|d| d.for_identity(&who))?;
+        let mut warnings = who.warnings.clone();
+        warnings.extend(plan.warnings);
         Ok(Outcome {
             workload: Some(workload.kind),
             patch: plan.patch,
-            warnings: plan.warnings,
+            warnings,
             identity: Some(identity.username.clone()),
+            audit: identity::audit_annotations(Some(&who), ""),
         })
+    }
+
+    /// A pod the webhook does not mutate. No patch, unless it carries stamp annotations: the
+    /// webhook owns them, so they are reset to the requester's identity with nothing granted (a
+    /// forged driver stamp would otherwise hand grants to its executors). That is also what the
+    /// first pass stamped on a pod whose only references were legacy placeholders, so a
+    /// reinvocation stays a no-op.
+    async fn untouched(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        pod: &Pod,
+        namespace: &str,
+        workload: Option<WorkloadKind>,
+        deadline: Instant,
+    ) -> Result<Outcome, Denial> {
+        let mut outcome = Outcome {
+            workload,
+            ..Outcome::default()
+        };
+        if identity::client_stamps(pod).is_empty() {
+            return Ok(outcome);
+        }
+        let who = identity::resolve(
+            &req.user_info,
+            pod,
+            namespace,
+            false,
+            &self.trusted,
+            self.owners.as_ref(),
+            deadline,
+        )
+        .await
+        .map_err(|e| Denial::new("identity", e.to_string()))?;
+        let stamps = identity::stamp_annotations(&who.identity, std::iter::empty());
+        outcome.patch = identity::stamp_ops(pod, &stamps);
+        outcome.audit = identity::audit_annotations(Some(&who), "");
+        Ok(outcome)
     }
 
     /// Kubernetes references: the store is in this namespace and holds the key.
@@ -525,22 +637,9 @@ impl Webhook {
     /// Guard (DESIGN §5): a direct reference to a managed store must come from this webhook's plan,
     /// or anyone who can create a pod could skip the Use check. Global secrets need no grant, so
     /// the global store is exempt (legacy placeholders become such references).
-    fn guard(&self, pod: &Pod, namespace: &str, wanted: &BTreeSet<KeyRef>) -> Result<(), Denial> {
-        let _ = (pod, namespace, wanted);
-        Ok(())
-    }
-}
-
-/// Until resource bundles are wired in: nothing but global secrets is granted.
-struct NoGrants;
-
-#[async_trait::async_trait]
-impl Authorizer for NoGrants {
-    async fn check_use(&self, who: &Identity, what: &Resource, _deadline: Instant) -> Decision {
-        Decision::Deny(format!(
-            "user {:?} lacks Use on {what:?} (no resource bundles configured)",
-            who.username
-        ))
+    fn guard(&self, pod: &Pod, _namespace: &str, wanted: &BTreeSet<KeyRef>) -> Result<(), Denial> {
+        guard::check(pod, &self.settings.naming, wanted)
+            .map_err(|e| Denial::new("direct-store-reference", e.to_string()))
     }
 }
 
@@ -579,28 +678,6 @@ fn vault_not_configured(r: &Reference) -> Denial {
             r.origin, r.kind, r.name, r.secret
         ),
     )
-}
-
-/// The submitting identity, straight from userInfo.
-fn identity_of(user: &k8s_openapi::api::authentication::v1::UserInfo) -> Identity {
-    Identity {
-        username: user.username.clone().unwrap_or_default(),
-        groups: user.groups.clone().unwrap_or_default(),
-    }
-}
-
-fn stamps(identity: &Identity, refs: &[Reference]) -> BTreeMap<String, String> {
-    let granted: BTreeSet<String> = refs.iter().map(|r| r.secret.to_string()).collect();
-    BTreeMap::from([
-        (
-            "secrets.iomete.com/identity".to_owned(),
-            identity.username.clone(),
-        ),
-        (
-            "secrets.iomete.com/granted".to_owned(),
-            granted.into_iter().collect::<Vec<_>>().join(","),
-        ),
-    ])
 }
 
 /// Problems one per line; a pod with thousands of bad references gets the first few and a count.

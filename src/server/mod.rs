@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Webhook;
+use crate::admission::identity::TrustedControllers;
 use crate::cli::ServeArgs;
 use crate::config::{LocalConfig, Naming, Settings};
 use crate::metrics::Metrics;
@@ -234,6 +235,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
             ..Naming::default()
         },
         enabled: args.enabled,
+        authorizer: args.authorizer,
         ..Settings::default()
     };
     let (webhook, cert, key, dev_ca) = if args.dev {
@@ -243,7 +245,8 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         (webhook, dev.cert, dev.key, Some(dev.ca))
     } else {
         let client = kube::Client::try_default().await?;
-        let webhook = Webhook::from_cluster(settings, client, metrics).await?;
+        let trusted = cluster_trusted_controllers(&args.config)?;
+        let webhook = Webhook::from_cluster(settings, client, metrics, trusted).await?;
         (webhook, args.tls_cert, args.tls_key, None)
     };
     let options = ServerOptions {
@@ -266,6 +269,17 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
     }
     bound.serve(shutdown_signal()).await;
     Ok(())
+}
+
+/// In a cluster only `trustedControllers` comes from the config file (mounted from a ConfigMap);
+/// stores, Vault configs and bundles come from the API. No file: no trusted controllers.
+fn cluster_trusted_controllers(path: &std::path::Path) -> anyhow::Result<TrustedControllers> {
+    if !path.exists() {
+        tracing::info!(config = %path.display(), "no config file: no trusted controllers");
+        return Ok(TrustedControllers::default());
+    }
+    let config = LocalConfig::load(path)?;
+    Ok(TrustedControllers::new(config.trusted_controllers)?)
 }
 
 /// SIGTERM (what the kubelet sends) or Ctrl-C.

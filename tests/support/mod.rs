@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod fake_apiserver;
+pub mod logs;
 pub mod openbao;
 pub mod tls;

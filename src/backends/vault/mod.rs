@@ -628,7 +628,9 @@ impl VaultBackend {
                 .or_default()
                 .insert(key.clone(), value.clone());
         }
-        let written: HashMap<String, Result<(), VaultError>> = if dry_run {
+        // A pod with any failed reference is denied: copy no value into its namespace.
+        let any_failed = resolved.iter().any(Result::is_err);
+        let written: HashMap<String, Result<(), VaultError>> = if dry_run || any_failed {
             HashMap::new()
         } else {
             futures::future::join_all(per_config.into_iter().map(|(config, entries)| async move {

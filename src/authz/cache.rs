@@ -1,0 +1,408 @@
+//! Short-lived caching and request coalescing for authorization decisions (and, through
+//! [`SingleFlight`], for the owner-pod lookups of executors).
+//!
+//! - Allow and Deny are cached for a short TTL (default 10 s) per (identity, resource).
+//! - Identical concurrent checks are coalesced: one call to the inner authorizer, every caller gets
+//!   its answer. The call runs in its own task, so a caller that gives up does not cancel it for the
+//!   others, and its result still lands in the cache.
+//! - Each inner call has a time budget; each caller waits no longer than its own admission deadline.
+//! - Errors and timeouts are never cached: they become a fail-closed denial for the callers that
+//!   shared that one call, and the next check asks again.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
+
+/// Why [`SingleFlight::get`] has no value for a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlightError {
+    /// The caller's deadline passed before the shared call finished.
+    Deadline,
+    /// The shared call ended without a result (its task panicked or the runtime shut down).
+    Lost,
+}
+
+/// Decides per result how long it stays cached (`None`: not at all).
+type KeepFor<V> = Box<dyn Fn(&V) -> Option<Duration> + Send + Sync>;
+
+struct Flights<K, V> {
+    done: HashMap<K, (Instant, V)>,
+    running: HashMap<K, watch::Receiver<Option<V>>>,
+}
+
+/// A TTL cache in which concurrent requests for the same key share one computation.
+pub struct SingleFlight<K, V> {
+    /// How long a result stays cached; `None` keeps it out of the cache.
+    keep_for: KeepFor<V>,
+    max_entries: usize,
+    flights: Mutex<Flights<K, V>>,
+}
+
+impl<K, V> SingleFlight<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// `keep_for` decides per result how long it is cached (`None`: not at all).
+    pub fn new(
+        max_entries: usize,
+        keep_for: impl Fn(&V) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            keep_for: Box::new(keep_for),
+            max_entries,
+            flights: Mutex::new(Flights {
+                done: HashMap::new(),
+                running: HashMap::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Flights<K, V>> {
+        // The map stays consistent under every operation, so a poisoned lock is still usable.
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cached value for `key`, or the result of the running computation for it, or of a new
+    /// one started with `start` (in its own task). Waits until `deadline` at most.
+    pub async fn get(
+        self: &Arc<Self>,
+        key: K,
+        deadline: Instant,
+        start: impl FnOnce() -> BoxFuture<'static, V>,
+    ) -> Result<V, FlightError> {
+        let mut rx = {
+            let mut flights = self.lock();
+            let now = Instant::now();
+            match flights.done.get(&key) {
+                Some((expires, value)) if *expires > now => return Ok(value.clone()),
+                Some(_) => {
+                    flights.done.remove(&key);
+                }
+                None => {}
+            }
+            match flights.running.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.running.insert(key.clone(), rx.clone());
+                    let guard = Finish {
+                        flights: Arc::clone(self),
+                        key: Some(key),
+                    };
+                    let work = start();
+                    tokio::spawn(async move {
+                        let value = work.await;
+                        guard.complete(&value);
+                        // Nobody waiting any more is fine: the value is cached already.
+                        let _ = tx.send(Some(value));
+                    });
+                    rx
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), rx.wait_for(Option::is_some)).await {
+            Ok(Ok(value)) => value.clone().ok_or(FlightError::Lost),
+            Ok(Err(_)) => Err(FlightError::Lost),
+            Err(_) => Err(FlightError::Deadline),
+        }
+    }
+
+    /// Entries currently cached (expired ones included until swept); for tests and metrics.
+    pub fn cached_len(&self) -> usize {
+        self.lock().done.len()
+    }
+}
+
+/// Ends a flight: caches its result (when `keep_for` says so) and retires the running entry in one
+/// step, so no caller can start a duplicate in between. On drop without a result (panic), it only
+/// retires the running entry.
+struct Finish<K, V>
+where
+    K: Eq + Hash,
+{
+    flights: Arc<SingleFlight<K, V>>,
+    key: Option<K>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Finish<K, V> {
+    fn complete(mut self, value: &V) {
+        let Some(key) = self.key.take() else { return };
+        let keep = (self.flights.keep_for)(value);
+        let mut flights = self
+            .flights
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        flights.running.remove(&key);
+        if let Some(ttl) = keep {
+            let now = Instant::now();
+            if flights.done.len() >= self.flights.max_entries {
+                flights.done.retain(|_, (expires, _)| *expires > now);
+                if flights.done.len() >= self.flights.max_entries {
+                    flights.done.clear();
+                }
+            }
+            flights.done.insert(key, (now + ttl, value.clone()));
+        }
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for Finish<K, V> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            let mut flights = self
+                .flights
+                .flights
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            flights.running.remove(&key);
+        }
+    }
+}
+
+/// Tuning of [`CachedAuthorizer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSettings {
+    /// How long an Allow or a Deny is reused.
+    pub ttl: Duration,
+    /// Longest time one call to the inner authorizer may take before it counts as unreachable.
+    pub check_budget: Duration,
+    /// Cached decisions kept at most (expired ones are swept first, then all are dropped).
+    pub max_entries: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            check_budget: Duration::from_secs(2),
+            max_entries: 10_000,
+        }
+    }
+}
+
+type Outcome = Result<Decision, AuthzError>;
+
+/// An [`Authorizer`] that caches, coalesces and time-bounds the checks of an inner [`CheckUse`].
+pub struct CachedAuthorizer<A> {
+    inner: Arc<A>,
+    settings: CacheSettings,
+    flights: Arc<SingleFlight<(Identity, Resource), Outcome>>,
+}
+
+impl<A: CheckUse + 'static> CachedAuthorizer<A> {
+    pub fn new(inner: A, settings: CacheSettings) -> Self {
+        let ttl = settings.ttl;
+        Self {
+            inner: Arc::new(inner),
+            settings,
+            flights: SingleFlight::new(settings.max_entries, move |outcome: &Outcome| {
+                outcome.is_ok().then_some(ttl)
+            }),
+        }
+    }
+
+    /// The wrapped authorizer.
+    pub fn inner(&self) -> &A {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
+    fn ready(&self) -> bool {
+        self.inner.ready()
+    }
+
+    async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
+        let key = (who.clone(), what.clone());
+        let inner = Arc::clone(&self.inner);
+        let budget = self.settings.check_budget;
+        let start = move || -> BoxFuture<'static, Outcome> {
+            Box::pin(async move {
+                let (who, what) = key;
+                match tokio::time::timeout(budget, inner.check(&who, &what)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(AuthzError::Unreachable(format!(
+                        "no answer within {} ms",
+                        budget.as_millis()
+                    ))),
+                }
+            })
+        };
+        let outcome = self
+            .flights
+            .get((who.clone(), what.clone()), deadline, start)
+            .await;
+        match outcome {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(e)) => e.into_decision(),
+            Err(FlightError::Deadline) => AuthzError::Unreachable(format!(
+                "no decision on Use of {what} for {who} before the admission deadline"
+            ))
+            .into_decision(),
+            Err(FlightError::Lost) => {
+                AuthzError::Unreachable("the authorization check was aborted".into())
+                    .into_decision()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Counts calls; answers after `delay`: Allow for alice, Deny otherwise, error for "down".
+    struct Counting {
+        calls: AtomicUsize,
+        delay: Duration,
+    }
+
+    #[async_trait]
+    impl CheckUse for Counting {
+        async fn check(&self, who: &Identity, _what: &Resource) -> Outcome {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            match who.username.as_str() {
+                "alice" => Ok(Decision::Allow),
+                "down" => Err(AuthzError::Unreachable("connection refused".into())),
+                _ => Ok(Decision::Deny(format!("{who} lacks Use"))),
+            }
+        }
+    }
+
+    fn cached(delay: Duration, settings: CacheSettings) -> Arc<CachedAuthorizer<Counting>> {
+        Arc::new(CachedAuthorizer::new(
+            Counting {
+                calls: AtomicUsize::new(0),
+                delay,
+            },
+            settings,
+        ))
+    }
+
+    fn domain() -> Resource {
+        Resource::Domain("finance".into())
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn two_hundred_concurrent_identical_checks_make_one_call() {
+        let authz = cached(Duration::from_millis(50), CacheSettings::default());
+        let alice = Identity::new("alice", vec!["data-eng".to_string()]);
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let authz = Arc::clone(&authz);
+                let alice = alice.clone();
+                tokio::spawn(async move { authz.check_use(&alice, &domain(), soon()).await })
+            })
+            .collect();
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), Decision::Allow);
+        }
+        assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn denials_are_cached_too_and_expire_after_the_ttl() {
+        let settings = CacheSettings {
+            ttl: Duration::from_millis(100),
+            ..CacheSettings::default()
+        };
+        let authz = cached(Duration::ZERO, settings);
+        let bob = Identity::new("bob", Vec::new());
+        for _ in 0..3 {
+            assert!(matches!(
+                authz.check_use(&bob, &domain(), soon()).await,
+                Decision::Deny(_)
+            ));
+        }
+        assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        authz.check_use(&bob, &domain(), soon()).await;
+        assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn different_identities_and_resources_are_checked_separately() {
+        let authz = cached(Duration::ZERO, CacheSettings::default());
+        let alice = Identity::new("alice", Vec::new());
+        let alice_eng = Identity::new("alice", vec!["eng".to_string()]);
+        authz.check_use(&alice, &domain(), soon()).await;
+        authz.check_use(&alice_eng, &domain(), soon()).await;
+        authz
+            .check_use(&alice, &Resource::Domain("hr".into()), soon())
+            .await;
+        assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn errors_fail_closed_and_are_not_cached() {
+        let authz = cached(Duration::ZERO, CacheSettings::default());
+        let down = Identity::new("down", Vec::new());
+        let d = authz.check_use(&down, &domain(), soon()).await;
+        assert_eq!(
+            d,
+            Decision::Deny("authorizer unreachable: connection refused (failing closed)".into())
+        );
+        authz.check_use(&down, &domain(), soon()).await;
+        assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_slow_authorizer_hits_the_budget_and_denies() {
+        let settings = CacheSettings {
+            check_budget: Duration::from_millis(50),
+            ..CacheSettings::default()
+        };
+        let authz = cached(Duration::from_secs(10), settings);
+        let alice = Identity::new("alice", Vec::new());
+        let started = Instant::now();
+        let d = authz.check_use(&alice, &domain(), soon()).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(
+            d,
+            Decision::Deny(
+                "authorizer unreachable: no answer within 50 ms (failing closed)".into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn the_callers_deadline_bounds_its_wait() {
+        let authz = cached(Duration::from_millis(500), CacheSettings::default());
+        let alice = Identity::new("alice", Vec::new());
+        let d = authz
+            .check_use(
+                &alice,
+                &domain(),
+                Instant::now() + Duration::from_millis(30),
+            )
+            .await;
+        let Decision::Deny(text) = d else {
+            panic!("must deny")
+        };
+        assert!(text.contains("before the admission deadline"), "{text}");
+        // The call went on in its task; its Allow is cached for the next caller.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            authz.check_use(&alice, &domain(), soon()).await,
+            Decision::Allow
+        );
+        assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,470 @@
+//! The RAS authorizer: `ResourceBundle` grants evaluated in-process.
+//!
+//! A bundle holds grants (subjects × permissions) and lists the domains whose secrets it governs; a
+//! Vault config names its bundle. `Use` on a Vault config needs `use` in the config's bundle; `Use`
+//! on a domain needs `use` in any bundle that lists the domain. Bundles come from the local config
+//! file or, in a cluster, from `ResourceBundle` objects watched in the data-plane namespace.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use kube::CustomResource;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
+
+/// A permission: `view`, `update` or `use` (only `use` lets a workload reference the secrets).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Permission {
+    View,
+    Update,
+    Use,
+}
+
+/// Whether a subject names a user or a group.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+pub enum SubjectKind {
+    User,
+    Group,
+}
+
+/// A user or a group, as the Kubernetes API server names them (`userInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Subject {
+    pub kind: SubjectKind,
+    pub name: String,
+}
+
+/// Gives every listed subject every listed permission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub subjects: Vec<Subject>,
+    pub permissions: Vec<Permission>,
+}
+
+// In a cluster this is the `ResourceBundle` custom resource (`resourcebundles.secrets.iomete.com`,
+// namespaced, in the data-plane namespace); `ResourceBundle::crd()` (from `kube::CustomResourceExt`)
+// gives its CustomResourceDefinition for `manifests/`. Doc comments here end up in the CRD schema
+// (`kubectl explain`), so they speak to platform admins.
+/// A resource bundle: who holds which permission on the secrets of its domains and of the Vault
+/// configs that name it.
+#[derive(
+    CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "secrets.iomete.com",
+    version = "v1alpha1",
+    kind = "ResourceBundle",
+    plural = "resourcebundles",
+    shortname = "rb",
+    namespaced,
+    doc = "Grants View / Update / Use on the secrets of the listed domains and of the Vault configs that name this bundle."
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ResourceBundleSpec {
+    /// Domains whose secrets this bundle governs.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Who holds which permission (subjects × permissions).
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+/// A bundle as the local config file writes it (`resourceBundles:`): the name next to the spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalResourceBundle {
+    pub name: String,
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+}
+
+impl ResourceBundleSpec {
+    /// Whether any grant gives `permission` to the identity's user or one of its groups.
+    pub fn grants_to(&self, who: &Identity, permission: Permission) -> bool {
+        self.grants.iter().any(|grant| {
+            grant.permissions.contains(&permission)
+                && grant.subjects.iter().any(|s| match s.kind {
+                    SubjectKind::User => s.name == who.username,
+                    SubjectKind::Group => who.groups.contains(&s.name),
+                })
+        })
+    }
+}
+
+/// Where the bundles come from.
+enum Bundles {
+    Local(BTreeMap<String, ResourceBundleSpec>),
+    Watched(Store<ResourceBundle>),
+}
+
+/// Evaluates `ResourceBundle` grants. Cheap (no I/O per check); wrap it in
+/// [`super::cache::CachedAuthorizer`] anyway for the shared budget and metrics of one code path.
+pub struct RasAuthorizer {
+    bundles: Bundles,
+}
+
+impl RasAuthorizer {
+    /// Bundles from the local config file, fixed at start.
+    pub fn from_local(bundles: &[LocalResourceBundle]) -> Self {
+        let map = bundles
+            .iter()
+            .map(|b| {
+                let spec = ResourceBundleSpec {
+                    domains: b.domains.clone(),
+                    grants: b.grants.clone(),
+                };
+                (b.name.clone(), spec)
+            })
+            .collect();
+        Self {
+            bundles: Bundles::Local(map),
+        }
+    }
+
+    /// Bundles watched in `namespace` through `client` (the watch runs on the current runtime for
+    /// as long as the process). Checks before the first listing fail closed.
+    pub fn in_cluster(client: kube::Client, namespace: &str) -> Self {
+        let api = kube::Api::<ResourceBundle>::namespaced(client, namespace);
+        let (reader, writer) = reflector::store();
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .applied_objects();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    tracing::warn!(error = %e, "watching ResourceBundles failed; retrying");
+                }
+            }
+        });
+        Self {
+            bundles: Bundles::Watched(reader),
+        }
+    }
+
+    /// True once the bundles are known (always for local bundles).
+    pub fn ready(&self) -> bool {
+        match &self.bundles {
+            Bundles::Local(_) => true,
+            Bundles::Watched(store) => {
+                matches!(store.wait_until_ready().now_or_never(), Some(Ok(())))
+            }
+        }
+    }
+
+    /// Waits (bounded by the caller) until the first listing of watched bundles is in.
+    async fn wait_ready(&self) {
+        if let Bundles::Watched(store) = &self.bundles {
+            // An error means the watch task is gone; `evaluate` then reports "not loaded".
+            let _ = store.wait_until_ready().await;
+        }
+    }
+
+    /// The decision on the current bundles, or an error while they are not known yet.
+    pub fn evaluate(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
+        match &self.bundles {
+            Bundles::Local(map) => Ok(decide(
+                who,
+                what,
+                map.iter().map(|(name, spec)| (name.as_str(), spec)),
+            )),
+            Bundles::Watched(store) => {
+                if !self.ready() {
+                    return Err(AuthzError::Unreachable(
+                        "resource bundles are not loaded yet from the Kubernetes API".into(),
+                    ));
+                }
+                let all = store.state();
+                Ok(decide(
+                    who,
+                    what,
+                    all.iter()
+                        .map(|rb| (rb.metadata.name.as_deref().unwrap_or_default(), &rb.spec)),
+                ))
+            }
+        }
+    }
+}
+
+/// The RAS rule over a set of named bundles.
+fn decide<'a>(
+    who: &Identity,
+    what: &Resource,
+    bundles: impl Iterator<Item = (&'a str, &'a ResourceBundleSpec)>,
+) -> Decision {
+    match what {
+        Resource::VaultConfig { name, bundle } => {
+            let mut found = false;
+            for (bundle_name, spec) in bundles {
+                if bundle_name == bundle {
+                    found = true;
+                    if spec.grants_to(who, Permission::Use) {
+                        return Decision::Allow;
+                    }
+                }
+            }
+            if found {
+                Decision::Deny(format!(
+                    "{who} lacks Use on {what} (resource bundle {bundle:?}); a platform admin can grant \
+                     Use to the user or one of its groups in that bundle"
+                ))
+            } else {
+                Decision::Deny(format!(
+                    "{who} lacks Use on vault config {name:?}: its resource bundle {bundle:?} does not \
+                     exist; a platform admin must create it and grant Use"
+                ))
+            }
+        }
+        Resource::Domain(domain) => {
+            let mut governing = Vec::new();
+            for (bundle_name, spec) in bundles {
+                if spec.domains.iter().any(|d| d == domain) {
+                    if spec.grants_to(who, Permission::Use) {
+                        return Decision::Allow;
+                    }
+                    governing.push(format!("{bundle_name:?}"));
+                }
+            }
+            if governing.is_empty() {
+                Decision::Deny(format!(
+                    "{who} lacks Use on {what} (no resource bundle lists domain {domain:?}); a platform \
+                     admin must add the domain to a bundle and grant Use"
+                ))
+            } else {
+                governing.sort();
+                let plural = if governing.len() == 1 { "" } else { "s" };
+                Decision::Deny(format!(
+                    "{who} lacks Use on {what} (resource bundle{plural} {}); a platform admin can grant \
+                     Use to the user or one of its groups there",
+                    governing.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl CheckUse for RasAuthorizer {
+    async fn check(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
+        self.wait_ready().await;
+        self.evaluate(who, what)
+    }
+
+    fn ready(&self) -> bool {
+        RasAuthorizer::ready(self)
+    }
+}
+
+#[async_trait]
+impl Authorizer for RasAuthorizer {
+    async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
+        let _ = tokio::time::timeout_at(deadline.into(), self.wait_ready()).await;
+        self.evaluate(who, what)
+            .unwrap_or_else(AuthzError::into_decision)
+    }
+
+    fn ready(&self) -> bool {
+        RasAuthorizer::ready(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundles() -> Vec<LocalResourceBundle> {
+        serde_yaml::from_str(
+            r#"
+- {name: finance-bundle, domains: [finance],
+   grants: [{subjects: [{kind: User, name: alice}, {kind: Group, name: data-eng}], permissions: [use, view]}]}
+- {name: viewers, domains: [finance, marketing],
+   grants: [{subjects: [{kind: User, name: bob}], permissions: [view, update]}]}
+- {name: marketing-bundle, domains: [marketing],
+   grants: [{subjects: [{kind: Group, name: marketing}], permissions: [use]}]}
+"#,
+        )
+        .unwrap()
+    }
+
+    fn vault(name: &str, bundle: &str) -> Resource {
+        Resource::VaultConfig {
+            name: name.into(),
+            bundle: bundle.into(),
+        }
+    }
+
+    fn user(name: &str, groups: &[&str]) -> Identity {
+        Identity::new(name, groups.iter().map(|g| g.to_string()))
+    }
+
+    #[test]
+    fn user_granted_use_on_vault_config_is_allowed() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let d = ras.evaluate(
+            &user("alice", &[]),
+            &vault("vault-prod-finance", "finance-bundle"),
+        );
+        assert_eq!(d, Ok(Decision::Allow));
+    }
+
+    #[test]
+    fn group_grant_allows_a_member() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let carol = user("carol", &["staff", "data-eng"]);
+        assert_eq!(
+            ras.evaluate(&carol, &Resource::Domain("finance".into())),
+            Ok(Decision::Allow)
+        );
+        assert_eq!(
+            ras.evaluate(&carol, &vault("v", "finance-bundle")),
+            Ok(Decision::Allow)
+        );
+    }
+
+    #[test]
+    fn view_and_update_do_not_give_use() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let d = ras
+            .evaluate(&user("bob", &[]), &vault("vault-prod-finance", "viewers"))
+            .unwrap();
+        assert_eq!(
+            d,
+            Decision::Deny(
+                "user \"bob\" lacks Use on vault config \"vault-prod-finance\" (resource bundle \
+                 \"viewers\"); a platform admin can grant Use to the user or one of its groups in \
+                 that bundle"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn denial_names_user_permission_resource_and_bundle() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let Ok(Decision::Deny(text)) = ras.evaluate(
+            &user("bob", &[]),
+            &vault("vault-prod-finance", "finance-bundle"),
+        ) else {
+            panic!("bob must be denied")
+        };
+        assert!(text.starts_with(
+            "user \"bob\" lacks Use on vault config \"vault-prod-finance\" (resource bundle \"finance-bundle\")"
+        ));
+    }
+
+    #[test]
+    fn domain_use_in_any_listing_bundle_is_enough() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let m = user("mia", &["marketing"]);
+        assert_eq!(
+            ras.evaluate(&m, &Resource::Domain("marketing".into())),
+            Ok(Decision::Allow)
+        );
+        // bob holds view/update in "viewers" (lists finance) but Use nowhere.
+        let Ok(Decision::Deny(text)) =
+            ras.evaluate(&user("bob", &[]), &Resource::Domain("finance".into()))
+        else {
+            panic!("bob must be denied")
+        };
+        assert_eq!(
+            text,
+            "user \"bob\" lacks Use on domain \"finance\" (resource bundles \"finance-bundle\", \
+             \"viewers\"); a platform admin can grant Use to the user or one of its groups there"
+        );
+    }
+
+    #[test]
+    fn domain_in_no_bundle_is_denied_with_the_fix() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let Ok(Decision::Deny(text)) =
+            ras.evaluate(&user("alice", &[]), &Resource::Domain("hr".into()))
+        else {
+            panic!("must deny")
+        };
+        assert!(
+            text.contains("no resource bundle lists domain \"hr\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn missing_bundle_is_named() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        let Ok(Decision::Deny(text)) =
+            ras.evaluate(&user("alice", &[]), &vault("vault-x", "gone-bundle"))
+        else {
+            panic!("must deny")
+        };
+        assert_eq!(
+            text,
+            "user \"alice\" lacks Use on vault config \"vault-x\": its resource bundle \
+             \"gone-bundle\" does not exist; a platform admin must create it and grant Use"
+        );
+    }
+
+    #[test]
+    fn a_user_subject_does_not_match_a_group_of_the_same_name() {
+        let ras = RasAuthorizer::from_local(&bundles());
+        // "alice" as a group name must not match the User subject alice.
+        let d = ras.evaluate(&user("eve", &["alice"]), &vault("v", "finance-bundle"));
+        assert!(matches!(d, Ok(Decision::Deny(_))));
+    }
+
+    #[test]
+    fn the_config_file_schema_parses() {
+        let config = crate::config::LocalConfig::parse(
+            r#"
+resourceBundles:
+  - {name: finance-bundle, domains: [finance],
+     grants: [{subjects: [{kind: User, name: alice}, {kind: Group, name: data-eng}], permissions: [use, view]}]}
+trustedControllers:
+  - {username: "system:serviceaccount:jhub:hub", userAnnotation: hub.jupyter.org/username}
+  - {group: "system:serviceaccounts:spark-operator", groupsAnnotation: secrets.iomete.com/run-as-groups}
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.resource_bundles[0].name, "finance-bundle");
+        assert_eq!(
+            config.resource_bundles[0].grants[0].permissions,
+            vec![Permission::Use, Permission::View]
+        );
+        assert_eq!(
+            config.trusted_controllers[1].user_annotation,
+            "secrets.iomete.com/run-as"
+        );
+        // A typo in a permission is an error, not a silently missing grant.
+        assert!(
+            crate::config::LocalConfig::parse(
+                "resourceBundles: [{name: b, grants: [{subjects: [], permissions: [usee]}]}]"
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn crd_has_the_expected_names() {
+        use kube::CustomResourceExt;
+        let crd = ResourceBundle::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("resourcebundles.secrets.iomete.com")
+        );
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert!(crd.spec.versions[0].schema.is_some());
+    }
+}

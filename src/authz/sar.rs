@@ -1,0 +1,114 @@
+//! The Kubernetes RBAC authorizer: one `SubjectAccessReview` per decision, for platforms that keep
+//! RAS in RBAC. Asks whether the identity may `use` `vaultconfigs` / `domains` of the group
+//! `secrets.iomete.com`, named by the config or domain id, in the data-plane namespace, with the
+//! full user info forwarded.
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use kube::api::{Api, PostParams};
+
+use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
+
+/// API group of the resources the webhook asks about.
+pub const GROUP: &str = "secrets.iomete.com";
+/// The verb that stands for RAS `Use`.
+pub const VERB: &str = "use";
+
+/// Asks the API server through a real `kube::Client`.
+#[derive(Clone)]
+pub struct SarAuthorizer {
+    client: kube::Client,
+    namespace: String,
+}
+
+impl SarAuthorizer {
+    /// `namespace` is the data-plane namespace: a Role there (or a ClusterRole) can grant `use`.
+    pub fn new(client: kube::Client, namespace: impl Into<String>) -> Self {
+        Self {
+            client,
+            namespace: namespace.into(),
+        }
+    }
+
+    /// The review the webhook sends for one decision.
+    pub fn review_for(&self, who: &Identity, what: &Resource) -> SubjectAccessReview {
+        let (resource, name) = match what {
+            Resource::Domain(domain) => ("domains", domain.as_str()),
+            Resource::VaultConfig { name, .. } => ("vaultconfigs", name.as_str()),
+        };
+        SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(who.username.clone()),
+                groups: Some(who.groups.clone()),
+                uid: who.uid.clone(),
+                extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
+                resource_attributes: Some(ResourceAttributes {
+                    namespace: Some(self.namespace.clone()),
+                    verb: Some(VERB.into()),
+                    group: Some(GROUP.into()),
+                    resource: Some(resource.into()),
+                    name: Some(name.into()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        }
+    }
+}
+
+#[async_trait]
+impl CheckUse for SarAuthorizer {
+    async fn check(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
+        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let answer = api
+            .create(&PostParams::default(), &self.review_for(who, what))
+            .await
+            .map_err(|e| {
+                AuthzError::Unreachable(format!("SubjectAccessReview for {who} failed: {e}"))
+            })?;
+        let Some(status) = answer.status else {
+            return Err(AuthzError::Unreachable(
+                "SubjectAccessReview answer has no status".into(),
+            ));
+        };
+        if status.allowed && status.denied != Some(true) {
+            return Ok(Decision::Allow);
+        }
+        let (resource, name) = match what {
+            Resource::Domain(d) => ("domains", d),
+            Resource::VaultConfig { name, .. } => ("vaultconfigs", name),
+        };
+        let mut text = format!(
+            "{who} lacks Use on {what} (Kubernetes RBAC: verb \"{VERB}\" on {resource}.{GROUP} \
+             {name:?} in namespace {:?}",
+            self.namespace
+        );
+        if let Some(reason) = status.reason.as_deref().filter(|r| !r.is_empty()) {
+            text.push_str(&format!("; reason: {reason}"));
+        }
+        if let Some(err) = status.evaluation_error.as_deref().filter(|r| !r.is_empty()) {
+            text.push_str(&format!("; evaluation error: {err}"));
+        }
+        text.push_str("); a platform admin can grant it with a Role and RoleBinding");
+        Ok(Decision::Deny(text))
+    }
+}
+
+#[async_trait]
+impl Authorizer for SarAuthorizer {
+    async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
+        match tokio::time::timeout_at(deadline.into(), self.check(who, what)).await {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(e)) => e.into_decision(),
+            Err(_) => AuthzError::Unreachable(
+                "no SubjectAccessReview answer before the admission deadline".into(),
+            )
+            .into_decision(),
+        }
+    }
+}
