@@ -32,6 +32,10 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+#[path = "../tests/support/fake_apiserver.rs"]
+#[allow(dead_code)]
+mod fake_apiserver;
+
 const DRIVER: &str = include_str!("../tests/fixtures/pods/spark35-driver-submit.json");
 const EXECUTOR: &str = include_str!("../tests/fixtures/pods/spark35-executor-submit.json");
 const SERVER_BIN: &str = env!("CARGO_BIN_EXE_secrets-webhook");
@@ -102,7 +106,7 @@ async fn run(knobs: Knobs) -> anyhow::Result<()> {
     );
 
     let mut table = Vec::new();
-    let mut server = Server::start(dir.path(), &pki, &config).await?;
+    let mut server = Server::dev(dir.path(), &pki, &config).await?;
     let idle = server.memory()?;
     println!("idle after start: {idle}");
     let client = Client::new(server.addr, &pki.current_ca())?;
@@ -135,20 +139,27 @@ async fn run(knobs: Knobs) -> anyhow::Result<()> {
         let mut warm_rps = Vec::new();
         let mut base_p99 = Vec::new();
         let mut warm_p99 = Vec::new();
+        let mut base_cpu = Vec::new();
+        let mut warm_cpu = Vec::new();
         for run in 1..=knobs.runs {
-            let b = client.closed_loop(&baseline, &knobs).await?;
-            let w = client.closed_loop(&warm, &knobs).await?;
+            let b = client.closed_loop(&server, &baseline, &knobs).await?;
+            let w = client.closed_loop(&server, &warm, &knobs).await?;
             let rate = client.fixed_rate(&warm, 1000, knobs.rate_secs).await?;
             let base_rate = client.fixed_rate(&baseline, 1000, knobs.rate_secs).await?;
             println!(
-                "run {run} (load average {}): baseline {:.0} req/s (p99 at 1000/s {}), warm {:.0} req/s (p99 at 1000/s {}; {})",
+                "run {run} (load average {}): baseline {:.0} req/s, server CPU {} µs/req, p99 at 1000/s {}; \
+                 warm {:.0} req/s, server CPU {} µs/req, p99 at 1000/s {} ({})",
                 loadavg(),
                 b.rps,
+                b.cpu_per_request.as_micros(),
                 ms(base_rate.p99),
                 w.rps,
+                w.cpu_per_request.as_micros(),
                 ms(rate.p99),
                 rate.summary()
             );
+            base_cpu.push(b.cpu_per_request.as_secs_f64());
+            warm_cpu.push(w.cpu_per_request.as_secs_f64());
             base_rps.push(b.rps);
             warm_rps.push(w.rps);
             base_p99.push(base_rate.p99.as_secs_f64());
@@ -158,6 +169,13 @@ async fn run(knobs: Knobs) -> anyhow::Result<()> {
         table.push(Row::new(
             "1. baseline: throughput",
             format!("{b:.0} req/s"),
+            "(reference)".into(),
+            None,
+        ));
+        let (bc, wc) = (median(&base_cpu), median(&warm_cpu));
+        table.push(Row::new(
+            "1. baseline: server CPU per request",
+            format!("{:.0} µs", bc * 1e6),
             "(reference)".into(),
             None,
         ));
@@ -172,6 +190,12 @@ async fn run(knobs: Knobs) -> anyhow::Result<()> {
             format!("{w:.0} req/s ({:.2}x baseline)", w / b),
             ">= 0.70x baseline".into(),
             Some(w / b >= 0.7),
+        ));
+        table.push(Row::new(
+            "2. warm: server CPU per request",
+            format!("{:.0} µs ({:.2}x baseline)", wc * 1e6, wc / bc),
+            "(for the throughput ratio)".into(),
+            None,
         ));
         let p99 = median(&warm_p99);
         table.push(Row::new(
@@ -202,6 +226,15 @@ async fn run(knobs: Knobs) -> anyhow::Result<()> {
         "<= 32 MiB".into(),
         Some(memory.rss_kib <= 32 * 1024),
     ));
+    if knobs.wants("burst") {
+        let mut runs = Vec::new();
+        for run in 1..=knobs.runs {
+            let b = cold_burst(dir.path(), &pki, &bao).await?;
+            println!("cold burst run {run} (load average {}): {b}", loadavg());
+            runs.push(b);
+        }
+        table.extend(burst_rows(&runs));
+    }
     println!("\nmedian of {} runs:\n", knobs.runs);
     print_table(&table);
     Ok(())
@@ -227,20 +260,6 @@ fn warm_driver() -> Value {
 }
 
 fn ten_references() -> BTreeMap<String, String> {
-    if std::env::var("TMP_GLOBAL").is_ok() {
-        return (0..10)
-            .map(|i| {
-                (
-                    format!("env.secrets.iomete.com/G{i}"),
-                    if i % 2 == 0 {
-                        "kubernetes:global/warehouse_path".to_owned()
-                    } else {
-                        "kubernetes:global/x_password".to_owned()
-                    },
-                )
-            })
-            .collect();
-    }
     let item = |name: &str, kind: &str, id: &str, key: &str| json!({"key": name, "secretObject": {"key": key, "source": {"type": kind, "id": id}}});
     let env = json!([
         item("DB_PASSWORD", "KUBERNETES", "finance", "db_password"),
@@ -290,6 +309,16 @@ fn ten_references() -> BTreeMap<String, String> {
 }
 
 fn review(pod: &Value, uid: &str) -> Bytes {
+    review_as(
+        pod,
+        uid,
+        USER,
+        json!(["data-eng", "system:authenticated"]),
+        json!({}),
+    )
+}
+
+fn review_as(pod: &Value, uid: &str, user: &str, groups: Value, extra: Value) -> Bytes {
     let review = json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -299,9 +328,10 @@ fn review(pod: &Value, uid: &str) -> Bytes {
             "resource": {"group": "", "version": "v1", "resource": "pods"},
             "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
             "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": pod["metadata"]["name"],
             "namespace": NAMESPACE,
             "operation": "CREATE",
-            "userInfo": {"username": USER, "groups": ["data-eng", "system:authenticated"]},
+            "userInfo": {"username": user, "groups": groups, "extra": extra},
             "object": pod,
             "oldObject": null,
             "dryRun": false,
@@ -345,6 +375,269 @@ fn write_config(dir: &Path, bao: &OpenBao) -> anyhow::Result<PathBuf> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Cold burst: 500 executors of one Spark application at once, against a fresh server process in
+// cluster mode (fake API server, SubjectAccessReview authorizer, OpenBao).
+
+/// Executors in the burst.
+const BURST: usize = 500;
+const DRIVER_NAME: &str = "spark-pi-143984a22158e5b5-driver";
+const SPARK_SA: &str = "system:serviceaccount:iomete-system:spark";
+
+/// What one burst measured and counted.
+struct Burst {
+    answered: usize,
+    allowed: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    /// KV v2 reads per secret path during the burst.
+    vault_reads: BTreeMap<String, usize>,
+    driver_lookups: usize,
+    /// SubjectAccessReviews per (user, resource, name).
+    authorizations: BTreeMap<String, usize>,
+    memory: Memory,
+}
+
+impl std::fmt::Display for Burst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{BURST} answered, {} allowed, p50 {}, p99 {}, max {}; Vault reads {:?}; driver lookups {}; \
+             authorizations {:?}; server {}",
+            self.answered,
+            self.allowed,
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max),
+            self.vault_reads,
+            self.driver_lookups,
+            self.authorizations,
+            self.memory
+        )
+    }
+}
+
+/// The executors' references: a domain secret, a global one and three Vault secrets, all granted to
+/// their driver (which has them among its ten).
+fn executor_references() -> BTreeMap<String, String> {
+    [
+        ("DB_PASSWORD", "kubernetes:finance/db_password"),
+        ("WAREHOUSE", "kubernetes:global/warehouse_path"),
+        ("API_TOKEN", "vault:vault-bench/api_token"),
+        ("CATALOG_TOKEN", "vault:vault-bench/catalog#token"),
+        ("VAULT_PW", "vault:vault-bench/sub/db#password"),
+    ]
+    .into_iter()
+    .map(|(var, r)| (format!("env.secrets.iomete.com/{var}"), r.to_owned()))
+    .collect()
+}
+
+/// Distinct Vault secrets the executors read (KV v2 data paths).
+const EXECUTOR_VAULT_SECRETS: usize = 3;
+
+async fn cold_burst(dir: &Path, pki: &Pki, bao: &OpenBao) -> anyhow::Result<Burst> {
+    let api = fake_apiserver::FakeApiServer::start().await;
+    for (name, keys) in [
+        ("iomete-secret-store", &["warehouse_path", "x_password"][..]),
+        (
+            "iomete-secret-store-finance",
+            &["db_password", "db_user", "s3_secret_key", "s3_access_key"][..],
+        ),
+        ("iomete-secret-store-marketing", &["ga_token"][..]),
+    ] {
+        let data: Vec<(&str, &str)> = keys.iter().map(|k| (*k, "bench-value")).collect();
+        api.put(fake_apiserver::secret(NAMESPACE, name, &data));
+    }
+    api.put(fake_apiserver::secret(
+        NAMESPACE,
+        "vault-bench-token",
+        &[("token", BAO_TOKEN)],
+    ));
+    api.put(json!({
+        "apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+        "metadata": {"name": "vault-bench", "namespace": NAMESPACE},
+        "spec": {"resourceBundle": "bench-bundle", "host": bao.url, "path": "/v1/secret/data/bench",
+                 "auth": {"token": {"secretRef": {"name": "vault-bench-token", "key": "token"}}}}
+    }));
+    api.set_sar_responder(|review| {
+        if review["spec"]["user"] == USER {
+            fake_apiserver::SarAnswer::Allow
+        } else {
+            fake_apiserver::SarAnswer::Deny("not alice".into())
+        }
+    });
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\n\
+             users: [{{name: fake, user: {{}}}}]\n\
+             contexts: [{{name: fake, context: {{cluster: fake, user: fake, namespace: {NAMESPACE}}}}}]\n",
+            api.url()
+        ),
+    )?;
+
+    // The driver, admitted by one server process and stored with its stamps, as the API server
+    // would after admission.
+    let mut driver = warm_driver();
+    driver["metadata"]["namespace"] = json!(NAMESPACE);
+    {
+        let mut first = Server::cluster(dir, pki, &kubeconfig, "driver").await?;
+        let client = Client::new(first.addr, &pki.ca_pem)?;
+        let mut conn = client.h1().await?;
+        let answer = send_h1(&mut conn, &review(&driver, "bench-driver")).await?;
+        let answer: Value = serde_json::from_slice(&answer)?;
+        ensure!(
+            answer["response"]["allowed"] == true,
+            "the driver was not admitted: {}",
+            answer["response"]["status"]
+        );
+        use base64::Engine as _;
+        let patch = answer["response"]["patch"]
+            .as_str()
+            .context("no patch for the driver")?;
+        let patch: json_patch::Patch =
+            serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(patch)?)?;
+        json_patch::patch(&mut driver, &patch)?;
+        first.stop();
+    }
+    let stored = api.put(driver);
+
+    // A fresh process: every cache empty.
+    let server = Server::cluster(dir, pki, &kubeconfig, "burst").await?;
+    let client = Client::new(server.addr, &pki.ca_pem)?;
+    let bodies: Vec<Bytes> = (0..BURST)
+        .map(|i| {
+            let mut executor: Value = serde_json::from_str(EXECUTOR).unwrap_or_default();
+            executor["metadata"]["name"] = json!(format!("spark-pi-143984a22158e5b5-exec-{i}"));
+            executor["metadata"]["namespace"] = json!(NAMESPACE);
+            executor["metadata"]["labels"]["spark-exec-id"] = json!(i.to_string());
+            executor["metadata"]["annotations"] = json!(executor_references());
+            executor["metadata"]["ownerReferences"][0]["uid"] = stored["metadata"]["uid"].clone();
+            let extra = json!({"authentication.kubernetes.io/pod-name": [DRIVER_NAME]});
+            review_as(
+                &executor,
+                &format!("bench-exec-{i}"),
+                SPARK_SA,
+                json!(["system:serviceaccounts"]),
+                extra,
+            )
+        })
+        .collect();
+    // The API server sends over a few HTTP/2 connections, up to 250 streams each.
+    let mut conns = Vec::new();
+    for _ in 0..BURST.div_ceil(250) {
+        conns.push(client.h2().await?);
+    }
+    api.clear_log();
+    let reads_before = bao.reads();
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let mut conn = conns[i % conns.len()].clone();
+        tasks.spawn(async move {
+            let answer = send_h2(&mut conn, &body).await;
+            (started.elapsed(), answer.is_ok_and(|a| allowed(&a)))
+        });
+    }
+    let mut latencies = Vec::with_capacity(BURST);
+    let mut allowed_count = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (latency, ok) = done?;
+        latencies.push(latency);
+        allowed_count += usize::from(ok);
+    }
+    latencies.sort_unstable();
+    let memory = server.memory()?;
+    let vault_reads = bao.reads_since(reads_before);
+    let driver_lookups = api.count(
+        "GET",
+        &format!("/api/v1/namespaces/{NAMESPACE}/pods/{DRIVER_NAME}"),
+    );
+    let mut authorizations = BTreeMap::new();
+    for sar in api.sar_requests() {
+        let spec = &sar["spec"];
+        let attrs = &spec["resourceAttributes"];
+        let key = format!(
+            "{} use {}/{}",
+            spec["user"].as_str().unwrap_or("?"),
+            attrs["resource"].as_str().unwrap_or("?"),
+            attrs["name"].as_str().unwrap_or("?")
+        );
+        *authorizations.entry(key).or_insert(0) += 1;
+    }
+    Ok(Burst {
+        answered: latencies.len(),
+        allowed: allowed_count,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: latencies.last().copied().unwrap_or(Duration::MAX),
+        vault_reads,
+        driver_lookups,
+        authorizations,
+        memory,
+    })
+}
+
+fn burst_rows(runs: &[Burst]) -> Vec<Row> {
+    let p99 = median(&runs.iter().map(|b| b.p99.as_secs_f64()).collect::<Vec<_>>());
+    let answered = runs.iter().map(|b| b.answered).min().unwrap_or(0);
+    let allowed = runs.iter().map(|b| b.allowed).min().unwrap_or(0);
+    let worst = |f: &dyn Fn(&Burst) -> String| {
+        let mut seen: Vec<String> = runs.iter().map(f).collect();
+        seen.dedup();
+        seen.join(" / ")
+    };
+    let reads_ok = runs.iter().all(|b| {
+        b.vault_reads.len() == EXECUTOR_VAULT_SECRETS && b.vault_reads.values().all(|n| *n == 1)
+    });
+    let lookups_ok = runs.iter().all(|b| b.driver_lookups == 1);
+    let authz_ok = runs
+        .iter()
+        .all(|b| !b.authorizations.is_empty() && b.authorizations.values().all(|n| *n == 1));
+    let peak = runs.iter().map(|b| b.memory.hwm_kib).max().unwrap_or(0);
+    vec![
+        Row::new(
+            "3. cold burst: answered / allowed",
+            format!("{answered} / {allowed} of {BURST} (worst run)"),
+            format!("{BURST} answered"),
+            Some(answered == BURST && allowed == BURST),
+        ),
+        Row::new(
+            "3. cold burst: p99 (from the burst start)",
+            ms_f(p99),
+            "<= 500 ms".into(),
+            Some(p99 <= 0.5),
+        ),
+        Row::new(
+            "3. cold burst: Vault reads per distinct secret",
+            worst(&|b| format!("{:?}", b.vault_reads)),
+            format!("1 each, {EXECUTOR_VAULT_SECRETS} secrets"),
+            Some(reads_ok),
+        ),
+        Row::new(
+            "3. cold burst: driver lookups (GET pod)",
+            worst(&|b| b.driver_lookups.to_string()),
+            "1".into(),
+            Some(lookups_ok),
+        ),
+        Row::new(
+            "3. cold burst: authorizations (SubjectAccessReviews)",
+            worst(&|b| format!("{:?}", b.authorizations)),
+            "1 per (identity, resource)".into(),
+            Some(authz_ok),
+        ),
+        Row::new(
+            "4. memory: peak RSS of the cold-burst server",
+            mib(peak),
+            "<= 64 MiB".into(),
+            Some(peak <= 64 * 1024),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
 // The server process.
 
 struct Server {
@@ -366,11 +659,46 @@ impl std::fmt::Display for Memory {
 }
 
 impl Server {
-    /// `serve --dev` with the bench's certificate and config; waits for `/readyz`.
-    async fn start(dir: &Path, pki: &Pki, config: &Path) -> anyhow::Result<Self> {
+    /// `serve --dev` with the bench's certificate and local config; waits for `/readyz`.
+    async fn dev(dir: &Path, pki: &Pki, config: &Path) -> anyhow::Result<Self> {
+        let args: Vec<std::ffi::OsString> = vec![
+            "--dev".into(),
+            "--dev-cert-dir".into(),
+            pki.dir.clone().into(),
+            "--config".into(),
+            config.into(),
+        ];
+        Self::start(dir, "dev", args, None).await
+    }
+
+    /// `serve` against the fake API server (`KUBECONFIG`), asking it SubjectAccessReviews, so that
+    /// every authorization is a request the bench can count.
+    async fn cluster(dir: &Path, pki: &Pki, kubeconfig: &Path, name: &str) -> anyhow::Result<Self> {
+        let args: Vec<std::ffi::OsString> = vec![
+            "--tls-cert".into(),
+            pki.dir.join("tls.crt").into(),
+            "--tls-key".into(),
+            pki.dir.join("tls.key").into(),
+            "--namespace".into(),
+            NAMESPACE.into(),
+            "--authorizer".into(),
+            "subject-access-review".into(),
+            // No trusted controllers.
+            "--config".into(),
+            dir.join("no-such-config.yaml").into(),
+        ];
+        Self::start(dir, name, args, Some(kubeconfig)).await
+    }
+
+    async fn start(
+        dir: &Path,
+        name: &str,
+        args: Vec<std::ffi::OsString>,
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let addr = free_addr()?;
         let admin = free_addr()?;
-        let log = dir.join("server.log");
+        let log = dir.join(format!("server-{name}.log"));
         let mut command = match std::env::var("LOAD_SERVER_WRAP") {
             Ok(wrap) if !wrap.trim().is_empty() => {
                 let mut words = wrap.split_whitespace();
@@ -382,24 +710,24 @@ impl Server {
         };
         command
             .arg("serve")
-            .arg("--dev")
-            .arg("--dev-cert-dir")
-            .arg(&pki.dir)
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--admin-listen")
             .arg(admin.to_string())
             .env("RUST_LOG", "info")
+            .env_remove("KUBECONFIG")
             .stdin(Stdio::null())
-            .stdout(Stdio::from(std::fs::File::create(&log)?))
-            .stderr(Stdio::from(std::fs::File::create(dir.join("server.err"))?));
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log)?));
+        if let Some(kubeconfig) = kubeconfig {
+            command.env("KUBECONFIG", kubeconfig);
+        }
         let child = command.spawn().context("cannot start the server")?;
         let mut server = Self {
             child: Some(child),
             addr,
-            log: dir.join("server.err"),
+            log,
         };
         let started = Instant::now();
         loop {
@@ -443,6 +771,22 @@ impl Server {
         })
     }
 
+    /// CPU time (user + system) the server has used so far.
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()?))?;
+        // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            fields
+                .get(i)
+                .and_then(|v| v.parse().ok())
+                .context("unreadable /proc/PID/stat")
+        };
+        let total = ticks(11)? + ticks(12)?;
+        Ok(Duration::from_secs_f64(total as f64 / clock_ticks() as f64))
+    }
+
     /// SIGTERM would drain for up to 20 s; the bench kills by pid and reaps.
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -467,6 +811,19 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `sysconf(_SC_CLK_TCK)`, from `getconf` (no libc binding needed); 100 on Linux in practice.
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
 }
 
 async fn readyz(admin: SocketAddr) -> bool {
@@ -606,20 +963,25 @@ impl OpenBao {
         Ok(())
     }
 
-    /// Reads of KV v2 data the webhook made (root-token seeding is not counted).
-    fn reads(&self) -> usize {
+    /// Paths of the KV v2 data reads so far, in order (from the audit log).
+    fn reads(&self) -> Vec<String> {
         std::fs::read_to_string(&self.audit_log)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| {
-                e["type"] == "request"
-                    && e["request"]["operation"] == "read"
-                    && e["request"]["path"]
-                        .as_str()
-                        .is_some_and(|p| p.starts_with("secret/data/"))
-            })
-            .count()
+            .filter(|e| e["type"] == "request" && e["request"]["operation"] == "read")
+            .filter_map(|e| e["request"]["path"].as_str().map(str::to_owned))
+            .filter(|p| p.starts_with("secret/data/"))
+            .collect()
+    }
+
+    /// KV v2 data reads per path after the first `before` reads.
+    fn reads_since(&self, before: Vec<String>) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for path in self.reads().into_iter().skip(before.len()) {
+            *counts.entry(path).or_insert(0) += 1;
+        }
+        counts
     }
 
     async fn api(
@@ -703,6 +1065,8 @@ type H2 = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
 
 struct ClosedLoop {
     rps: f64,
+    /// Server CPU time per request (both cores counted).
+    cpu_per_request: Duration,
 }
 
 struct FixedRate {
@@ -812,7 +1176,12 @@ impl Client {
     }
 
     /// `conns` connections, each sending its next request as soon as the last is answered.
-    async fn closed_loop(&self, body: &Bytes, knobs: &Knobs) -> anyhow::Result<ClosedLoop> {
+    async fn closed_loop(
+        &self,
+        server: &Server,
+        body: &Bytes,
+        knobs: &Knobs,
+    ) -> anyhow::Result<ClosedLoop> {
         let done = Arc::new(AtomicU64::new(0));
         let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -836,15 +1205,19 @@ impl Client {
         tokio::time::sleep(Duration::from_secs(1)).await;
         counting.store(true, Ordering::Relaxed);
         let started = Instant::now();
+        let cpu_before = server.cpu()?;
         tokio::time::sleep(Duration::from_secs(knobs.secs)).await;
         counting.store(false, Ordering::Relaxed);
         let elapsed = started.elapsed();
+        let cpu = server.cpu()?.saturating_sub(cpu_before);
         stop.store(true, Ordering::Relaxed);
         while let Some(ended) = tasks.join_next().await {
             ended??;
         }
+        let done = done.load(Ordering::Relaxed).max(1);
         Ok(ClosedLoop {
-            rps: done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+            rps: done as f64 / elapsed.as_secs_f64(),
+            cpu_per_request: cpu.div_f64(done as f64),
         })
     }
 
@@ -1023,6 +1396,13 @@ fn loadavg() -> String {
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
         .unwrap_or_default()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or(Duration::MAX)
 }
 
 fn median(values: &[f64]) -> f64 {
