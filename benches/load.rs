@@ -33,7 +33,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 #[path = "../tests/support/fake_apiserver.rs"]
-#[allow(dead_code)]
 mod fake_apiserver;
 
 const DRIVER: &str = include_str!("../tests/fixtures/pods/spark35-driver-submit.json");

@@ -4,12 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// glibc's allocator took about a third of the instructions of a patched admission (small
-/// short-lived JSON values, and a consolidation pass before every larger buffer); see
-/// docs/performance.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     // rustls needs exactly one process-wide provider; ring keeps OpenSSL and aws-lc out of the tree.
     if rustls::crypto::ring::default_provider()

@@ -192,6 +192,20 @@ fn parse_json_items(
     errors: &mut Vec<RefError>,
 ) {
     let fix = r#"write a JSON array like [{"key":"NAME","secretObject":{"key":"secret_key","source":{"type":"KUBERNETES","id":"my-domain"}}}]"#;
+    // Well-formed arrays (nearly all) are read straight into items; only a malformed one goes
+    // through `Value`s below, to name each bad item.
+    if let Ok(items) = serde_json::from_str::<Vec<Item>>(value) {
+        for (index, item) in items.into_iter().enumerate() {
+            let reference = Reference {
+                kind,
+                name: item.key,
+                secret: item.secret_object,
+                origin: origin.to_owned(),
+            };
+            push_checked(reference, Some(index), global_id, refs, errors);
+        }
+        return;
+    }
     let items: Vec<serde_json::Value> = match serde_json::from_str(value) {
         Ok(items) => items,
         Err(e) => {
