@@ -259,6 +259,29 @@ async fn secret_values_reach_no_log_response_or_metric() {
     eventually("ready", || webhook.ready()).await;
 
     let mut seen = Vec::new();
+    let managed_secret = |api: &FakeApiServer| {
+        api.objects(&support::fake_apiserver::Collection::secrets())
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == "iomete-vault-vault-prod-finance")
+    };
+    // Denied by the guard after the Vault read: nothing may be written for it.
+    let mut sneaky = with_refs(
+        fixture("spark35-driver-submit.json"),
+        &[("VDB", "vault:vault-prod-finance/db_password")],
+    );
+    sneaky["spec"]["containers"][0]["env"].as_array_mut().unwrap().push(json!({"name": "STOLEN",
+        "valueFrom": {"secretKeyRef": {"name": "iomete-secret-store-finance", "key": "db_password"}}}));
+    let (allowed, message, _) = admit(&webhook, &review(&sneaky, "alice", json!({}))).await;
+    assert!(
+        !allowed && message.contains("iomete-secret-store-finance"),
+        "{message}"
+    );
+    assert!(
+        managed_secret(&api).is_none(),
+        "a denied pod's Vault value was written"
+    );
+    seen.push(message);
+
     let refs = [
         ("DB", "kubernetes:finance/db_password"),
         ("VDB", "vault:vault-prod-finance/db_password"),
@@ -315,11 +338,7 @@ async fn secret_values_reach_no_log_response_or_metric() {
     seen.push(webhook.metrics.encode());
 
     // The one place a Vault value may be: the managed Secret in the pod's namespace.
-    let managed = api
-        .objects(&support::fake_apiserver::Collection::secrets())
-        .into_iter()
-        .find(|s| s["metadata"]["name"] == "iomete-vault-vault-prod-finance")
-        .expect("the managed Secret was written");
+    let managed = managed_secret(&api).expect("the managed Secret was written");
     let stored = base64::engine::general_purpose::STANDARD
         .decode(managed["data"]["db_password"].as_str().unwrap())
         .unwrap();

@@ -365,9 +365,8 @@ impl Webhook {
         self.authorize(identity, &refs, deadline)
             .await
             .map_err(|d| d.for_identity(&who))?;
-        let resolved = self
-            .resolve(&refs, namespace, req.dry_run, deadline)
-            .await?;
+        // Read and check first, write nothing: the plan or the guard may still deny the pod.
+        let resolved = self.resolve(&refs, namespace, true, deadline).await?;
         let (env, spark_confs): (Vec<Resolved>, Vec<Resolved>) = refs
             .iter()
             .zip(resolved)
@@ -401,6 +400,13 @@ impl Webhook {
         .map_err(|e| Denial::new("malformed", e.to_string()))?;
         self.guard(pod, namespace, &plan.wanted)
             .map_err(|d| d.for_identity(&who))?;
+        let needs_vault = refs
+            .iter()
+            .any(|r| r.secret.source.kind == SourceType::Vault);
+        if needs_vault && !req.dry_run {
+            // Admitted: now materialize the Vault values (served from the read just made).
+            self.resolve(&refs, namespace, false, deadline).await?;
+        }
         let mut warnings = who.warnings.clone();
         warnings.extend(plan.warnings);
         Ok(Outcome {
