@@ -4,6 +4,7 @@
 //! pass over the planner's own output finds nothing to do.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use json_patch::jsonptr::PointerBuf;
@@ -156,8 +157,13 @@ pub fn generated_name(prefix: &str, secret: &SecretObject) -> String {
         .chain_update([0])
         .chain_update(&secret.key)
         .finalize();
-    let hex: String = digest[..6].iter().map(|b| format!("{b:02X}")).collect();
-    format!("{prefix}{hex}")
+    // Written into one buffer: a `format!` per byte was a visible share of every admission.
+    let mut name = String::with_capacity(prefix.len() + 12);
+    name.push_str(prefix);
+    for b in &digest[..6] {
+        let _ = write!(name, "{b:02X}");
+    }
+    name
 }
 
 /// Env var a Spark conf secret travels in.

@@ -158,7 +158,7 @@ pub fn parse_annotations<'a>(
                     secret,
                     origin: name.clone(),
                 },
-                String::new(),
+                None,
                 global_id,
                 &mut refs,
                 &mut errors,
@@ -208,6 +208,20 @@ fn parse_json_items(
     errors: &mut Vec<RefError>,
 ) {
     let fix = r#"write a JSON array like [{"key":"NAME","secretObject":{"key":"secret_key","source":{"type":"KUBERNETES","id":"my-domain"}}}]"#;
+    // Well-formed arrays (nearly all) are read straight into items; only a malformed one goes
+    // through `Value`s below, to name each bad item.
+    if let Ok(items) = serde_json::from_str::<Vec<Item>>(value) {
+        for (index, item) in items.into_iter().enumerate() {
+            let reference = Reference {
+                kind,
+                name: item.key,
+                secret: item.secret_object,
+                origin: origin.to_owned(),
+            };
+            push_checked(reference, Some(index), global_id, refs, errors);
+        }
+        return;
+    }
     let items: Vec<serde_json::Value> = match serde_json::from_str(value) {
         Ok(items) => items,
         Err(e) => {
@@ -221,7 +235,6 @@ fn parse_json_items(
         }
     };
     for (index, item) in items.into_iter().enumerate() {
-        let subject = format!("item {index}: ");
         match Item::deserialize(item) {
             Ok(item) => push_checked(
                 Reference {
@@ -230,12 +243,17 @@ fn parse_json_items(
                     secret: item.secret_object,
                     origin: origin.to_owned(),
                 },
-                subject,
+                Some(index),
                 global_id,
                 refs,
                 errors,
             ),
-            Err(e) => errors.push(RefError::new(origin, subject, json_problem(&e), fix)),
+            Err(e) => errors.push(RefError::new(
+                origin,
+                format!("item {index}: "),
+                json_problem(&e),
+                fix,
+            )),
         }
     }
 }
@@ -263,19 +281,19 @@ fn parse_short(value: &str) -> Result<SecretObject, String> {
 /// Validates one reference and keeps it, or records why not.
 fn push_checked(
     reference: Reference,
-    subject: String,
+    item: Option<usize>,
     global_id: &str,
     refs: &mut Vec<Reference>,
     errors: &mut Vec<RefError>,
 ) {
-    let subject = if subject.is_empty() {
-        format!("{} {:?}: ", reference.kind, clip(&reference.name))
-    } else {
-        format!("{subject}{} {:?}: ", reference.kind, clip(&reference.name))
-    };
     match validate(&reference, global_id) {
         Ok(()) => refs.push(reference),
-        Err((problem, fix)) => errors.push(RefError::new(&reference.origin, subject, problem, fix)),
+        Err((problem, fix)) => {
+            // Formatted only for a bad reference: this runs for every reference of every pod.
+            let item = item.map(|i| format!("item {i}: ")).unwrap_or_default();
+            let subject = format!("{item}{} {:?}: ", reference.kind, clip(&reference.name));
+            errors.push(RefError::new(&reference.origin, subject, problem, fix))
+        }
     }
 }
 

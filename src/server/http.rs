@@ -68,7 +68,8 @@ async fn mutate(State(app): State<Arc<AppState>>, request: Request) -> Response 
         read_limited(body, app.max_body_bytes, app.body_timeout).await
     };
     let answer = match received {
-        Ok(bytes) => app.webhook.review_bytes(&bytes, timeout).await,
+        // Boxed: the engine's future is large, and tower/axum move the handler's future by value.
+        Ok(bytes) => Box::pin(app.webhook.review_bytes(&bytes, timeout)).await,
         Err(e) => {
             tracing::warn!(error = %e, "admission request refused");
             app.webhook

@@ -3,6 +3,8 @@
 //! A key names a field of the secret at the config's path (`db_password`), or, with `#`, a field
 //! of a secret below it (`sub/path#field`).
 
+use std::fmt::Write as _;
+
 use sha2::{Digest, Sha256};
 
 use super::spec::check_segments;
@@ -65,8 +67,11 @@ pub fn data_key(key: &str) -> String {
         sanitized.replace_range(..1, "_");
     }
     let digest = Sha256::digest(key.as_bytes());
-    let hash: String = digest[..5].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{sanitized}-{hash}")
+    sanitized.push('-');
+    for b in &digest[..5] {
+        let _ = write!(sanitized, "{b:02x}");
+    }
+    sanitized
 }
 
 #[cfg(test)]
