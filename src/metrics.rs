@@ -133,7 +133,7 @@ impl Metrics {
         let backend_calls = Family::<BackendLabels, Counter>::default();
         registry.register(
             "secrets_webhook_backend_calls",
-            "Calls to backends (Vault, Kubernetes API), by backend and outcome",
+            "Calls to backends (authorizer, Kubernetes API, Vault), by backend and outcome",
             backend_calls.clone(),
         );
         let cert_expiry = Gauge::<f64, AtomicU64>::default();
@@ -193,7 +193,8 @@ impl Metrics {
             .inc();
     }
 
-    /// One cache lookup (`cache`: e.g. `vault`, `authz`).
+    /// One cache lookup (`cache`: `authz-decisions`, `owner-pods`, `vault-values`); a lookup that
+    /// starts or joins a computation is a miss.
     pub fn cache(&self, cache: &str, hit: bool) {
         let result = if hit { "hit" } else { "miss" };
         self.cache_requests
@@ -204,7 +205,8 @@ impl Metrics {
             .inc();
     }
 
-    /// One call to a backend (`backend`: e.g. `vault`, `kubernetes`; `outcome`: e.g. `ok`, `error`).
+    /// One call to a backend: `ras`|`subject-access-review` (`allow`, `deny`, `error`),
+    /// `kubernetes` (`found`, `not-found`, `error`), `vault` (`ok`, `not-found`, `error`).
     pub fn backend_call(&self, backend: &str, outcome: &str) {
         self.backend_calls
             .get_or_create(&BackendLabels {

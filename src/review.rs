@@ -18,13 +18,10 @@ use crate::metrics::Metrics;
 pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
     let input = read_document(&args.file)?;
     let config = LocalConfig::load(&args.config)?;
-    let vault = local_vault(&Settings::default(), &config)?;
-    let mut webhook = Webhook::from_local_parts(
-        Settings::default(),
-        &config,
-        Arc::new(Metrics::new()),
-        vault.clone(),
-    )?;
+    let metrics = Arc::new(Metrics::new());
+    let vault = local_vault(&Settings::default(), &config, Arc::clone(&metrics))?;
+    let mut webhook =
+        Webhook::from_local_parts(Settings::default(), &config, metrics, vault.clone())?;
     if let Some(path) = &args.owner {
         // The driver pod as the webhook admitted it stands in for the executor's owner lookup.
         let driver: k8s_openapi::api::core::v1::Pod = serde_json::from_value(read_document(path)?)

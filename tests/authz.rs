@@ -291,6 +291,7 @@ async fn unloaded_bundles_fail_closed() {
         api.client(),
         "iomete-system",
         CacheSettings::default(),
+        Arc::new(secrets_webhook::metrics::Metrics::new()),
     );
     assert!(
         !wrapped.ready(),
@@ -445,6 +446,7 @@ mod matrix {
     use serde_json::{Value, json};
 
     use super::support::fake_apiserver::{FakeApiServer, SarAnswer};
+    use super::support::metrics;
 
     const CONFIG: &str = r#"
 namespace: iomete-system
@@ -619,6 +621,37 @@ trustedControllers:
         );
         assert_eq!(a.audit("identity-source"), "request");
         assert_eq!(a.audit("decision"), "patched");
+    }
+
+    #[tokio::test]
+    async fn repeated_decisions_are_served_from_the_cache_and_counted() {
+        let webhook = webhook();
+        let pod = driver(&[FINANCE]);
+        for _ in 0..2 {
+            let a = admit_as(&webhook, &pod, "alice", &["system:authenticated"]).await;
+            assert!(a.allowed(), "{}", a.message());
+        }
+        let text = webhook.metrics.encode();
+        assert_eq!(
+            metrics::cache(&text, "authz-decisions", "miss"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            metrics::cache(&text, "authz-decisions", "hit"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(metrics::backend(&text, "ras", "allow"), 1.0, "{text}");
+        let a = admit_as(&webhook, &pod, "bob", &[]).await;
+        assert!(!a.allowed());
+        let text = webhook.metrics.encode();
+        assert_eq!(metrics::backend(&text, "ras", "deny"), 1.0, "{text}");
+        assert_eq!(
+            metrics::cache(&text, "authz-decisions", "miss"),
+            2.0,
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -1082,10 +1115,12 @@ trustedControllers:
             api.client(),
             NS,
             CacheSettings::default(),
+            webhook.metrics.clone(),
         );
-        webhook.owners = Arc::new(KubeOwnerLookup::new(
+        webhook.owners = Arc::new(KubeOwnerLookup::counted(
             api.client(),
             KubeOwnerLookup::DEFAULT_TTL,
+            webhook.metrics.clone(),
         ));
         let webhook = Arc::new(webhook);
         let tasks: Vec<_> = (0..200)
@@ -1106,6 +1141,25 @@ trustedControllers:
         let sar = &api.sar_requests()[0];
         assert_eq!(sar["spec"]["user"], "alice");
         assert_eq!(sar["spec"]["groups"], json!(["data-eng"]));
+        // 200 lookups each: one GET and one SAR, every other lookup joined them or hit the cache.
+        let text = webhook.metrics.encode();
+        assert_eq!(
+            metrics::backend(&text, "kubernetes", "found"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            metrics::backend(&text, "subject-access-review", "allow"),
+            1.0,
+            "{text}"
+        );
+        for cache in ["owner-pods", "authz-decisions"] {
+            let (hits, misses) = (
+                metrics::cache(&text, cache, "hit"),
+                metrics::cache(&text, cache, "miss"),
+            );
+            assert!(misses >= 1.0 && hits + misses == 200.0, "{cache}: {text}");
+        }
 
         // Denied and unreachable, in SAR mode, through the engine.
         let a = admit_as(&webhook, &driver(&[FINANCE]), "bob", &[]).await;
@@ -1126,5 +1180,16 @@ trustedControllers:
             a.message()
         );
         assert!(a.message().contains("(failing closed)"), "{}", a.message());
+        let text = webhook.metrics.encode();
+        assert_eq!(
+            metrics::backend(&text, "subject-access-review", "deny"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            metrics::backend(&text, "subject-access-review", "error"),
+            1.0,
+            "{text}"
+        );
     }
 }

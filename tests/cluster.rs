@@ -15,6 +15,7 @@ use secrets_webhook::metrics::Metrics;
 use serde_json::{Value, json};
 use support::fake_apiserver::{FakeApiServer, Fault, secret};
 use support::logs::captured_logs;
+use support::metrics;
 
 const NS: &str = "iomete-system";
 
@@ -190,6 +191,23 @@ async fn from_cluster_admits_with_watched_stores_bundles_and_owner_lookups() {
         api.count("GET", &driver_path) - before,
         1,
         "one driver lookup for a burst of executors"
+    );
+    // Counted: the one GET, 50 owner lookups (hits, or misses that started or joined it), and
+    // the RAS decisions for alice and bob.
+    let text = webhook.metrics.encode();
+    assert_eq!(
+        metrics::backend(&text, "kubernetes", "found"),
+        1.0,
+        "{text}"
+    );
+    let owners =
+        metrics::cache(&text, "owner-pods", "hit") + metrics::cache(&text, "owner-pods", "miss");
+    assert_eq!(owners, 50.0, "{text}");
+    assert!(metrics::backend(&text, "ras", "allow") >= 1.0, "{text}");
+    assert_eq!(metrics::backend(&text, "ras", "deny"), 1.0, "{text}");
+    assert!(
+        metrics::cache(&text, "authz-decisions", "hit") >= 1.0,
+        "{text}"
     );
     let greedy = executor_of(&[
         ("WH", "kubernetes:global/warehouse_path"),

@@ -5,6 +5,7 @@
 mod support;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use secrets_webhook::backends::vault::spec::{
@@ -15,10 +16,12 @@ use secrets_webhook::backends::vault::{
 };
 use secrets_webhook::backends::{KeyRef, VaultSource, VaultWant};
 use secrets_webhook::config::{LocalConfig, Naming};
+use secrets_webhook::metrics::Metrics;
 use secrets_webhook::refs::{SecretObject, Source, SourceType};
 use serde_json::json;
 use support::fake_apiserver::{Collection, FakeApiServer, secret as k8s_secret};
 use support::logs::captured_logs;
+use support::metrics::{backend as backend_count, cache as cache_count};
 use support::openbao::{OpenBao, ROOT_TOKEN, require_bao};
 
 const CANARY: &str = "canary-9f3b7d-db-password";
@@ -312,8 +315,12 @@ vaultConfigs:
     let logins_before = bao.requests_to("auth/approle/login");
     let reads_before = bao.requests_to("secret/data/production");
     let nested_before = bao.requests_to("secret/data/production/team/db");
-    let fresh =
-        VaultBackend::from_local(&specs, Naming::default(), VaultOptions::default()).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let counted = VaultOptions {
+        metrics: Some(metrics.clone()),
+        ..VaultOptions::default()
+    };
+    let fresh = VaultBackend::from_local(&specs, Naming::default(), counted).unwrap();
     let burst = 300;
     let results = futures::future::join_all((0..burst).map(|_| {
         let fresh = fresh.clone();
@@ -340,9 +347,41 @@ vaultConfigs:
         1
     );
     assert_eq!(bao.requests_to("auth/approle/login") - logins_before, 1);
+    // Counted: 600 value lookups (each a hit, or a miss that started or joined a read); four HTTP
+    // requests (login, mount lookup, two reads).
+    let text = metrics.encode();
+    let misses = cache_count(&text, "vault-values", "miss");
+    assert!(misses >= 2.0, "{text}");
+    assert_eq!(
+        cache_count(&text, "vault-values", "hit") + misses,
+        600.0,
+        "{text}"
+    );
+    assert_eq!(backend_count(&text, "vault", "ok"), 4.0, "{text}");
+    assert_eq!(backend_count(&text, "vault", "error"), 0.0, "{text}");
     // And later admissions within the TTL are served from the cache.
     assert!(one(&fresh, "vault-prod-finance", "user").await.is_ok());
     assert_eq!(bao.requests_to("secret/data/production") - reads_before, 1);
+    let after = metrics.encode();
+    assert_eq!(
+        cache_count(&after, "vault-values", "miss"),
+        misses,
+        "{after}"
+    );
+    assert_eq!(
+        cache_count(&after, "vault-values", "hit"),
+        601.0 - misses,
+        "{after}"
+    );
+    // A missing secret is Vault's 404 answer, not an error of Vault.
+    assert!(
+        one(&fresh, "vault-prod-finance", "nothing#x")
+            .await
+            .is_err()
+    );
+    let after = metrics.encode();
+    assert_eq!(backend_count(&after, "vault", "not-found"), 1.0, "{after}");
+    assert_eq!(backend_count(&after, "vault", "error"), 0.0, "{after}");
 
     // Test Connection, as the binary runs it, with a hostile environment.
     let (ok, out) = vault_check("vault-prod-finance", &config_file);

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::authz::Identity;
 use crate::authz::cache::{FlightError, SingleFlight};
 use crate::config::Naming;
+use crate::metrics::Metrics;
 use crate::refs::{SecretObject, SourceType};
 
 /// Stamp: the identity the webhook admitted the pod for (JSON `{"user":..,"groups":[..]}`).
@@ -285,17 +286,37 @@ type OwnerOutcome = Result<Option<Arc<Pod>>, LookupError>;
 pub struct KubeOwnerLookup {
     client: kube::Client,
     flights: Arc<SingleFlight<(String, String), OwnerOutcome>>,
+    metrics: Option<Arc<Metrics>>,
 }
+
+/// The `cache` label of owner-pod lookups.
+pub const OWNER_CACHE: &str = "owner-pods";
 
 impl KubeOwnerLookup {
     /// Default cache time for found driver pods.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
 
     pub fn new(client: kube::Client, ttl: Duration) -> Self {
-        let flights = SingleFlight::new(10_000, move |outcome: &OwnerOutcome| {
-            matches!(outcome, Ok(Some(_))).then_some(ttl)
-        });
-        Self { client, flights }
+        Self::build(client, ttl, None)
+    }
+
+    /// [`KubeOwnerLookup::new`] that counts its lookups (cache `owner-pods`, hit or miss) and
+    /// each Pod GET (backend `kubernetes`, outcome `found`, `not-found` or `error`).
+    pub fn counted(client: kube::Client, ttl: Duration, metrics: Arc<Metrics>) -> Self {
+        Self::build(client, ttl, Some(metrics))
+    }
+
+    fn build(client: kube::Client, ttl: Duration, metrics: Option<Arc<Metrics>>) -> Self {
+        let keep_for = move |outcome: &OwnerOutcome| matches!(outcome, Ok(Some(_))).then_some(ttl);
+        let flights = match &metrics {
+            Some(m) => SingleFlight::counted(10_000, Arc::clone(m), OWNER_CACHE, keep_for),
+            None => SingleFlight::new(10_000, keep_for),
+        };
+        Self {
+            client,
+            flights,
+            metrics,
+        }
     }
 }
 
@@ -304,17 +325,21 @@ impl OwnerLookup for KubeOwnerLookup {
     async fn owner_pod(&self, namespace: &str, name: &str, deadline: Instant) -> OwnerOutcome {
         let api: kube::Api<Pod> = kube::Api::namespaced(self.client.clone(), namespace);
         let pod_name = name.to_string();
+        let metrics = self.metrics.clone();
         // The shared GET gets a budget of its own so a caller with a short deadline does not
         // shorten it for the others.
         let start = move || -> BoxFuture<'static, OwnerOutcome> {
             Box::pin(async move {
-                match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&pod_name)).await {
-                    Ok(Ok(pod)) => Ok(pod.map(Arc::new)),
-                    Ok(Err(e)) => Err(LookupError(format!("Kubernetes API: {e}"))),
-                    Err(_) => Err(LookupError(
-                        "Kubernetes API gave no answer within 5 s".into(),
-                    )),
+                let outcome = get_owner(&api, &pod_name).await;
+                if let Some(metrics) = metrics {
+                    let label = match &outcome {
+                        Ok(Some(_)) => "found",
+                        Ok(None) => "not-found",
+                        Err(_) => "error",
+                    };
+                    metrics.backend_call("kubernetes", label);
                 }
+                outcome
             })
         };
         match self
@@ -328,6 +353,17 @@ impl OwnerLookup for KubeOwnerLookup {
             )),
             Err(FlightError::Lost) => Err(LookupError("the lookup was aborted".into())),
         }
+    }
+}
+
+/// One Pod GET, within 5 s.
+async fn get_owner(api: &kube::Api<Pod>, name: &str) -> OwnerOutcome {
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(name)).await {
+        Ok(Ok(pod)) => Ok(pod.map(Arc::new)),
+        Ok(Err(e)) => Err(LookupError(format!("Kubernetes API: {e}"))),
+        Err(_) => Err(LookupError(
+            "Kubernetes API gave no answer within 5 s".into(),
+        )),
     }
 }
 

@@ -93,7 +93,7 @@ impl Webhook {
         config: &LocalConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BuildError> {
-        let vault = local_vault(&settings, config)?;
+        let vault = local_vault(&settings, config, Arc::clone(&metrics))?;
         Self::from_local_parts(settings, config, metrics, vault)
     }
 
@@ -113,7 +113,11 @@ impl Webhook {
             settings,
             stores,
             vault: vault.map(|v| v as Arc<dyn VaultSource>),
-            authz: crate::authz::local(&config.resource_bundles, CacheSettings::default()),
+            authz: crate::authz::local(
+                &config.resource_bundles,
+                CacheSettings::default(),
+                Arc::clone(&metrics),
+            ),
             trusted,
             // No cluster: executors need `review --owner DRIVER.json` (see review.rs).
             owners: Arc::new(identity::StaticOwner::default()),
@@ -131,17 +135,25 @@ impl Webhook {
     ) -> Result<Self, BuildError> {
         let naming = &settings.naming;
         let stores = StoreWatch::spawn(client.clone(), naming);
-        let vault =
-            VaultBackend::in_cluster(client.clone(), naming.clone(), VaultOptions::default());
+        let vault = VaultBackend::in_cluster(
+            client.clone(),
+            naming.clone(),
+            VaultOptions {
+                metrics: Some(Arc::clone(&metrics)),
+                ..VaultOptions::default()
+            },
+        );
         let authz = crate::authz::in_cluster(
             settings.authorizer,
             client.clone(),
             &naming.namespace,
             CacheSettings::default(),
+            Arc::clone(&metrics),
         );
-        let owners = Arc::new(identity::KubeOwnerLookup::new(
+        let owners = Arc::new(identity::KubeOwnerLookup::counted(
             client,
             identity::KubeOwnerLookup::DEFAULT_TTL,
+            Arc::clone(&metrics),
         ));
         Ok(Self {
             settings,
@@ -657,10 +669,11 @@ fn local_settings(mut settings: Settings, config: &LocalConfig) -> Settings {
     settings
 }
 
-/// The config file's Vault configs, if any.
+/// The config file's Vault configs, if any; their cache lookups and Vault calls count in `metrics`.
 pub fn local_vault(
     settings: &Settings,
     config: &LocalConfig,
+    metrics: Arc<Metrics>,
 ) -> Result<Option<Arc<VaultBackend>>, BuildError> {
     if config.vault_configs.is_empty() {
         return Ok(None);
@@ -669,7 +682,10 @@ pub fn local_vault(
     VaultBackend::from_local(
         &config.vault_configs,
         settings.naming,
-        VaultOptions::default(),
+        VaultOptions {
+            metrics: Some(metrics),
+            ..VaultOptions::default()
+        },
     )
     .map(Some)
     .map_err(|e| BuildError::Config(e.to_string()))

@@ -8,6 +8,8 @@
 //! - Each inner call has a time budget; each caller waits no longer than its own admission deadline.
 //! - Errors and timeouts are never cached: they become a fail-closed denial for the callers that
 //!   shared that one call, and the next check asks again.
+//! - When given [`Metrics`], every lookup counts as a cache `hit` (a cached result served) or
+//!   `miss` (a computation started or joined), and every inner call as a backend call.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -19,6 +21,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
+use crate::metrics::Metrics;
 
 /// Why [`SingleFlight::get`] has no value for a caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub struct SingleFlight<K, V> {
     keep_for: KeepFor<V>,
     max_entries: usize,
     flights: Mutex<Flights<K, V>>,
+    /// Where lookups are counted, under which `cache` label.
+    counted: Option<(Arc<Metrics>, &'static str)>,
 }
 
 impl<K, V> SingleFlight<K, V>
@@ -55,6 +60,26 @@ where
         max_entries: usize,
         keep_for: impl Fn(&V) -> Option<Duration> + Send + Sync + 'static,
     ) -> Arc<Self> {
+        Self::build(max_entries, None, keep_for)
+    }
+
+    /// [`SingleFlight::new`] that counts each lookup in `secrets_webhook_cache_requests_total`
+    /// with label `cache`: `hit` when a cached result is served, `miss` when a computation is
+    /// started or joined.
+    pub fn counted(
+        max_entries: usize,
+        metrics: Arc<Metrics>,
+        cache: &'static str,
+        keep_for: impl Fn(&V) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Self::build(max_entries, Some((metrics, cache)), keep_for)
+    }
+
+    fn build(
+        max_entries: usize,
+        counted: Option<(Arc<Metrics>, &'static str)>,
+        keep_for: impl Fn(&V) -> Option<Duration> + Send + Sync + 'static,
+    ) -> Arc<Self> {
         Arc::new(Self {
             keep_for: Box::new(keep_for),
             max_entries,
@@ -62,7 +87,14 @@ where
                 done: HashMap::new(),
                 running: HashMap::new(),
             }),
+            counted,
         })
+    }
+
+    fn count(&self, hit: bool) {
+        if let Some((metrics, cache)) = &self.counted {
+            metrics.cache(cache, hit);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Flights<K, V>> {
@@ -82,12 +114,16 @@ where
             let mut flights = self.lock();
             let now = Instant::now();
             match flights.done.get(&key) {
-                Some((expires, value)) if *expires > now => return Ok(value.clone()),
+                Some((expires, value)) if *expires > now => {
+                    self.count(true);
+                    return Ok(value.clone());
+                }
                 Some(_) => {
                     flights.done.remove(&key);
                 }
                 None => {}
             }
+            self.count(false);
             match flights.running.get(&key) {
                 Some(rx) => rx.clone(),
                 None => {
@@ -196,17 +232,50 @@ pub struct CachedAuthorizer<A> {
     inner: Arc<A>,
     settings: CacheSettings,
     flights: Arc<SingleFlight<(Identity, Resource), Outcome>>,
+    /// Where inner calls are counted, under which `backend` label.
+    counted: Option<(Arc<Metrics>, &'static str)>,
 }
+
+/// The `cache` label of authorization decisions.
+pub const DECISION_CACHE: &str = "authz-decisions";
 
 impl<A: CheckUse + 'static> CachedAuthorizer<A> {
     pub fn new(inner: A, settings: CacheSettings) -> Self {
+        Self::build(inner, settings, None)
+    }
+
+    /// [`CachedAuthorizer::new`] that counts its lookups (cache `authz-decisions`, hit or miss)
+    /// and each call of `inner` (`backend`, outcome `allow`, `deny` or `error`).
+    pub fn counted(
+        inner: A,
+        settings: CacheSettings,
+        metrics: Arc<Metrics>,
+        backend: &'static str,
+    ) -> Self {
+        Self::build(inner, settings, Some((metrics, backend)))
+    }
+
+    fn build(
+        inner: A,
+        settings: CacheSettings,
+        counted: Option<(Arc<Metrics>, &'static str)>,
+    ) -> Self {
         let ttl = settings.ttl;
+        let keep_for = move |outcome: &Outcome| outcome.is_ok().then_some(ttl);
+        let flights = match &counted {
+            Some((metrics, _)) => SingleFlight::counted(
+                settings.max_entries,
+                Arc::clone(metrics),
+                DECISION_CACHE,
+                keep_for,
+            ),
+            None => SingleFlight::new(settings.max_entries, keep_for),
+        };
         Self {
             inner: Arc::new(inner),
             settings,
-            flights: SingleFlight::new(settings.max_entries, move |outcome: &Outcome| {
-                outcome.is_ok().then_some(ttl)
-            }),
+            flights,
+            counted,
         }
     }
 
@@ -226,16 +295,26 @@ impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
         let key = (who.clone(), what.clone());
         let inner = Arc::clone(&self.inner);
         let budget = self.settings.check_budget;
+        let counted = self.counted.clone();
         let start = move || -> BoxFuture<'static, Outcome> {
             Box::pin(async move {
                 let (who, what) = key;
-                match tokio::time::timeout(budget, inner.check(&who, &what)).await {
+                let outcome = match tokio::time::timeout(budget, inner.check(&who, &what)).await {
                     Ok(outcome) => outcome,
                     Err(_) => Err(AuthzError::Unreachable(format!(
                         "no answer within {} ms",
                         budget.as_millis()
                     ))),
+                };
+                if let Some((metrics, backend)) = counted {
+                    let label = match &outcome {
+                        Ok(Decision::Allow) => "allow",
+                        Ok(Decision::Deny(_)) => "deny",
+                        Err(_) => "error",
+                    };
+                    metrics.backend_call(backend, label);
                 }
+                outcome
             })
         };
         let outcome = self
@@ -315,6 +394,36 @@ mod tests {
             assert_eq!(t.await.unwrap(), Decision::Allow);
         }
         assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn counts_hits_misses_and_inner_calls() {
+        let metrics = Arc::new(Metrics::new());
+        let authz = CachedAuthorizer::counted(
+            Counting {
+                calls: AtomicUsize::new(0),
+                delay: Duration::ZERO,
+            },
+            CacheSettings::default(),
+            Arc::clone(&metrics),
+            "ras",
+        );
+        let alice = Identity::new("alice", Vec::new());
+        let bob = Identity::new("bob", Vec::new());
+        let down = Identity::new("down", Vec::new());
+        for who in [&alice, &alice, &alice, &bob, &down, &down] {
+            authz.check_use(who, &domain(), soon()).await;
+        }
+        let text = metrics.encode();
+        for line in [
+            "secrets_webhook_cache_requests_total{cache=\"authz-decisions\",result=\"hit\"} 2",
+            "secrets_webhook_cache_requests_total{cache=\"authz-decisions\",result=\"miss\"} 4",
+            "secrets_webhook_backend_calls_total{backend=\"ras\",outcome=\"allow\"} 1",
+            "secrets_webhook_backend_calls_total{backend=\"ras\",outcome=\"deny\"} 1",
+            "secrets_webhook_backend_calls_total{backend=\"ras\",outcome=\"error\"} 2",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
     }
 
     #[tokio::test]

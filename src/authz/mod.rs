@@ -9,9 +9,12 @@ pub mod sar;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+
+use crate::metrics::Metrics;
 
 /// The identity a pod is admitted for (after trusted-controller and executor resolution).
 ///
@@ -121,34 +124,53 @@ pub enum AuthorizerKind {
     Rbac,
 }
 
+impl AuthorizerKind {
+    /// The `backend` label of its calls in `secrets_webhook_backend_calls_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthorizerKind::Ras => "ras",
+            AuthorizerKind::Rbac => "subject-access-review",
+        }
+    }
+}
+
 /// The authorizer for running without a cluster: the config file's bundles, cached like in a
-/// cluster so that both paths behave the same.
+/// cluster so that both paths behave the same. Decisions and checks are counted in `metrics`.
 pub fn local(
     bundles: &[ras::LocalResourceBundle],
     settings: cache::CacheSettings,
-) -> std::sync::Arc<dyn Authorizer> {
-    std::sync::Arc::new(cache::CachedAuthorizer::new(
+    metrics: Arc<Metrics>,
+) -> Arc<dyn Authorizer> {
+    Arc::new(cache::CachedAuthorizer::counted(
         ras::RasAuthorizer::from_local(bundles),
         settings,
+        metrics,
+        AuthorizerKind::Ras.label(),
     ))
 }
 
 /// The authorizer in a cluster: `ResourceBundle`s watched in `namespace`, or SubjectAccessReviews.
-/// Must be called on a Tokio runtime (the RAS watch is spawned).
+/// Decisions and checks are counted in `metrics`. Must be called on a Tokio runtime (the RAS watch
+/// is spawned).
 pub fn in_cluster(
     kind: AuthorizerKind,
     client: kube::Client,
     namespace: &str,
     settings: cache::CacheSettings,
-) -> std::sync::Arc<dyn Authorizer> {
+    metrics: Arc<Metrics>,
+) -> Arc<dyn Authorizer> {
     match kind {
-        AuthorizerKind::Ras => std::sync::Arc::new(cache::CachedAuthorizer::new(
+        AuthorizerKind::Ras => Arc::new(cache::CachedAuthorizer::counted(
             ras::RasAuthorizer::in_cluster(client, namespace),
             settings,
+            metrics,
+            kind.label(),
         )),
-        AuthorizerKind::Rbac => std::sync::Arc::new(cache::CachedAuthorizer::new(
+        AuthorizerKind::Rbac => Arc::new(cache::CachedAuthorizer::counted(
             sar::SarAuthorizer::new(client, namespace),
             settings,
+            metrics,
+            kind.label(),
         )),
     }
 }

@@ -3,5 +3,6 @@
 
 pub mod fake_apiserver;
 pub mod logs;
+pub mod metrics;
 pub mod openbao;
 pub mod tls;

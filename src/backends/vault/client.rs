@@ -380,6 +380,7 @@ impl Conn {
                 Err(_) => Err(Failure::TimedOut),
                 Ok(r) => r.map_err(Failure::from),
             };
+            self.count_request(&result);
             match result {
                 Err(Failure::Status { code, errors, .. })
                     if matches!(code, 412 | 429 | 503)
@@ -393,6 +394,19 @@ impl Conn {
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// One HTTP request to Vault: `ok`, `not-found` (404: no such secret, or an empty folder), or
+    /// `error` (any other status, a transport failure, a timeout).
+    fn count_request<T>(&self, result: &Result<T, Failure>) {
+        if let Some(metrics) = &self.opts.metrics {
+            let outcome = match result {
+                Ok(_) => "ok",
+                Err(Failure::Status { code: 404, .. }) => "not-found",
+                Err(_) => "error",
+            };
+            metrics.backend_call("vault", outcome);
         }
     }
 
@@ -835,13 +849,19 @@ impl Conn {
         let mut cache = lock(&self.cache);
         if let Some(slot) = cache.get(rel) {
             match slot.fetch.peek() {
-                None => return slot.fetch.clone(),
+                None => {
+                    // Joins the read under way: counted as a miss.
+                    self.count_lookup(false);
+                    return slot.fetch.clone();
+                }
                 Some(done) if done.at + self.keep_for(&done.result) > Instant::now() => {
+                    self.count_lookup(true);
                     return slot.fetch.clone();
                 }
                 Some(_) => {}
             }
         }
+        self.count_lookup(false);
         let id = self.next_slot.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::clone(self);
         let path = rel.to_string();
@@ -872,6 +892,12 @@ impl Conn {
             },
         );
         fetch
+    }
+
+    fn count_lookup(&self, hit: bool) {
+        if let Some(metrics) = &self.opts.metrics {
+            metrics.cache("vault-values", hit);
+        }
     }
 
     /// Drops a cached result when its time is up, so values stay in memory no longer than the TTL.

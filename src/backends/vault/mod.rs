@@ -32,6 +32,7 @@ pub use self::spec::{
 };
 use super::{KeyRef, VaultSource, VaultWant};
 use crate::config::{LocalConfig, Naming};
+use crate::metrics::Metrics;
 
 /// Why a Vault value could not be delivered. `Display` is the user-facing denial text (the engine
 /// prefixes the annotation and the reference). Never holds a value or a credential.
@@ -238,6 +239,9 @@ pub struct VaultOptions {
     /// In a cluster, how often each VaultConfig is tested again for its `Ready` condition
     /// (default 5 min; 0 = only when its spec changes).
     pub recheck_interval: Duration,
+    /// Where value-cache lookups (cache `vault-values`) and HTTP requests to Vault (backend
+    /// `vault`) are counted; `None`: nowhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl Default for VaultOptions {
@@ -248,6 +252,7 @@ impl Default for VaultOptions {
             request_timeout: Duration::from_secs(3),
             read_budget: Duration::from_secs(8),
             recheck_interval: Duration::from_secs(300),
+            metrics: None,
         }
     }
 }
