@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
+use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::{Container, EnvVar, EnvVarSource, Pod, SecretKeySelector};
 use regex::Regex;
 use serde_json::Value;
@@ -224,8 +224,8 @@ fn to_value<T: serde::Serialize>(v: &T) -> Value {
 struct EnvEditor<'a> {
     path: [String; 3],
     env: Vec<EnvVar>,
-    /// Names in `env`, so declaring a generated variable stays cheap on pods with huge env lists.
-    names: HashSet<String>,
+    /// Generated variables already declared, so each is looked up once even on huge env lists.
+    declared: HashSet<String>,
     present: bool,
     ops: &'a mut Vec<PatchOperation>,
 }
@@ -235,12 +235,7 @@ impl<'a> EnvEditor<'a> {
         Self {
             path: ["spec".into(), slot.field().into(), slot.index.to_string()],
             env: container.env.clone().unwrap_or_default(),
-            names: container
-                .env
-                .iter()
-                .flatten()
-                .map(|e| e.name.clone())
-                .collect(),
+            declared: HashSet::new(),
             present: container.env.is_some(),
             ops,
         }
@@ -273,7 +268,6 @@ impl<'a> EnvEditor<'a> {
                 value: to_value(&var),
             }));
         }
-        self.names.insert(var.name.clone());
         self.env.insert(index, var);
     }
 
@@ -300,11 +294,35 @@ impl<'a> EnvEditor<'a> {
     /// Makes sure `name` is declared before position `before` (the kubelet only expands `$(X)`
     /// from earlier vars); returns how many items were inserted in front of `before`.
     fn declare_before(&mut self, before: usize, name: &str, key_ref: &KeyRef) -> usize {
-        if self.names.contains(name) {
+        if !self.declared.insert(name.to_owned()) {
             return 0;
         }
-        self.insert(before, secret_var(name, key_ref));
-        1
+        let desired = secret_var(name, key_ref);
+        match self.position(name) {
+            Some(i) if i < before && self.env[i] == desired => 0,
+            // Generated names belong to the webhook: a pod's own variable of that name (or one
+            // declared too late to be expanded) is replaced by the webhook's, before its use.
+            Some(i) if i < before => {
+                self.replace(i, desired);
+                0
+            }
+            Some(i) => {
+                self.remove(i);
+                self.insert(before, desired);
+                1
+            }
+            None => {
+                self.insert(before, desired);
+                1
+            }
+        }
+    }
+
+    fn remove(&mut self, index: usize) {
+        self.ops.push(PatchOperation::Remove(RemoveOperation {
+            path: self.at(&[&index.to_string()]),
+        }));
+        self.env.remove(index);
     }
 }
 

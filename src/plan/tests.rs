@@ -475,3 +475,48 @@ fn escaped_placeholders_alone_are_not_rewritten() {
     let env = env_of(&doc, 0);
     assert!(env.contains(&json!({"name": "LITERAL", "value": "$${secrets.not_a_placeholder}"})));
 }
+
+#[test]
+fn a_pod_var_with_a_generated_name_is_replaced_by_the_webhooks() {
+    let (name, key_ref) = legacy_var("global", "db_pw", GLOBAL);
+    for position in ["before", "after"] {
+        let mut case = Case::new(DRIVER);
+        let env = case.pod.spec.as_mut().unwrap().containers[0]
+            .env
+            .as_mut()
+            .unwrap();
+        let squat = EnvVar {
+            name: name.clone(),
+            value: Some("attacker-chosen".into()),
+            value_from: None,
+        };
+        let user = EnvVar {
+            name: "JDBC".into(),
+            value: Some("u:${secrets.db_pw}".into()),
+            value_from: None,
+        };
+        if position == "before" {
+            env.extend([squat, user]);
+        } else {
+            env.extend([user, squat]);
+        }
+        let (doc, _) = case.apply();
+        let env = env_of(&doc, 0);
+        let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            names.iter().filter(|n| **n == name).count(),
+            1,
+            "{position}"
+        );
+        let declared = names.iter().position(|n| *n == name).unwrap();
+        assert!(
+            declared < names.iter().position(|n| *n == "JDBC").unwrap(),
+            "{position}"
+        );
+        assert_eq!(
+            env[declared],
+            secret_ref(&name, &key_ref.secret, &key_ref.key),
+            "{position}"
+        );
+    }
+}
