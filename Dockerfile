@@ -11,12 +11,13 @@ RUN apt-get update \
 WORKDIR /src
 # Dependencies first, so a source change does not rebuild them: build a stub with the real manifests.
 COPY Cargo.toml Cargo.lock ./
+# Cargo.toml declares [[bench]] targets: their sources must exist for any build.
+COPY benches ./benches
 RUN mkdir -p src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && cargo build --release --locked --target x86_64-unknown-linux-musl \
  && rm -rf src
-# (If Cargo.toml declares [[bench]] or [[example]] targets, copy their directories too.)
 COPY src ./src
 # touch: the stub's artefacts are newer than the copied sources' mtimes.
 RUN touch src/main.rs src/lib.rs \

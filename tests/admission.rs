@@ -353,6 +353,12 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
     let mut invalid_utf8 = serde_json::to_vec(&good).unwrap();
     let at = invalid_utf8.windows(5).position(|w| w == b"alice").unwrap();
     invalid_utf8[at] = 0xff;
+    let mut invalid_utf8_unknown = with(&|r| r["request"]["object"]["spec"]["x"] = json!("a?b"));
+    let at = invalid_utf8_unknown
+        .windows(3)
+        .position(|w| w == b"a?b")
+        .unwrap();
+    invalid_utf8_unknown[at + 1] = 0xf8;
     let many_env: Vec<Value> = (0..10_000)
         .map(|i| json!({"name": format!("V{i}"), "value": "x ${secrets.warehouse_path} y"}))
         .collect();
@@ -370,6 +376,8 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
         ("empty body", Vec::new(), "not an admission.k8s.io/v1 AdmissionReview"),
         ("deeply nested", nested.into_bytes(), "not an admission.k8s.io/v1 AdmissionReview"),
         ("invalid utf-8", invalid_utf8, "not an admission.k8s.io/v1 AdmissionReview"),
+        // Found by the review_decode fuzz target: serde skips unknown fields without checking them.
+        ("invalid utf-8 in an unknown field", invalid_utf8_unknown, "invalid utf-8 sequence"),
         (
             "duplicate keys",
             br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"a","uid":"b"}}"#.to_vec(),

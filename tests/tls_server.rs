@@ -742,3 +742,58 @@ async fn shutdown_under_sustained_load_completes_every_request_it_took() {
     assert!(total > 50, "sustained load answered only {total} requests");
     assert!(took < drain + Duration::from_secs(1), "drained in {took:?}");
 }
+
+/// The install path without cert-manager: `secrets-webhook certs` (the real binary) makes the
+/// serving certificate; the server serves it; a client that trusts only the printed caBundle and
+/// connects by the Service DNS name — as the API server does — verifies it and is answered.
+#[tokio::test]
+async fn certs_subcommand_output_serves_tls_for_the_service_name() {
+    use base64::Engine as _;
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("certs");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_secrets-webhook"))
+        .args(["certs", "--namespace", "iomete-system", "--out-dir"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let ca_bundle = String::from_utf8(output.stdout).unwrap();
+    let ca_pem = base64::engine::general_purpose::STANDARD
+        .decode(ca_bundle.trim())
+        .unwrap();
+    let ca = CertificateDer::from_pem_slice(&ca_pem).unwrap();
+
+    let chain = std::fs::read_to_string(out_dir.join("tls.crt")).unwrap();
+    let key = std::fs::read_to_string(out_dir.join("tls.key")).unwrap();
+    let serving = tmp.path().join("serving");
+    std::fs::create_dir(&serving).unwrap();
+    let dir = CertDir::new(&serving, &chain, &key);
+    let server = TestServer::start(&dir, |_| {}).await;
+
+    let connect = |name: &'static str| {
+        let config = http1_config(std::slice::from_ref(&ca));
+        async move {
+            let tcp = TcpStream::connect(server.addr).await.unwrap();
+            tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::try_from(name).unwrap(), tcp)
+                .await
+        }
+    };
+    let mut conn = connect("secrets-webhook.iomete-system.svc")
+        .await
+        .expect("verified by the caBundle");
+    let answer = exchange(&mut conn, &post("/mutate", review("uid-certs").as_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["response"]["uid"], "uid-certs");
+    assert!(
+        connect("other.iomete-system.svc").await.is_err(),
+        "a name not in the certificate is refused"
+    );
+}

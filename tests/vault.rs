@@ -491,6 +491,11 @@ vaultConfigs:
         "{elapsed:?}"
     );
     bao.api("DELETE", "sys/quotas/rate-limit/slow", None).await;
+    // Recovery: a transient failure is not cached; once the quota is gone, reads work again.
+    assert!(
+        one(&backend, "v", "k").await.is_ok(),
+        "no recovery after the rate limit cleared"
+    );
 
     bao.api("PUT", "sys/seal", None).await;
     let started = Instant::now();

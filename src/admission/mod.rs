@@ -774,9 +774,13 @@ fn encode_review(response: &AdmissionResponse) -> Vec<u8> {
 
 /// Reads an `admission.k8s.io/v1` AdmissionReview of a Pod. The error is the `invalid` message.
 pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<Pod>, String> {
-    let review: AdmissionReview<Pod> = serde_json::from_slice(body).map_err(|e| {
+    let not_a_review = |e: &dyn std::fmt::Display| {
         format!("the body is not an admission.k8s.io/v1 AdmissionReview of a Pod ({e})")
-    })?;
+    };
+    // JSON is UTF-8 (RFC 8259); serde_json validates only the strings it keeps, so invalid bytes
+    // in a field it skips would otherwise be admitted.
+    let text = std::str::from_utf8(body).map_err(|e| not_a_review(&e))?;
+    let review: AdmissionReview<Pod> = serde_json::from_str(text).map_err(|e| not_a_review(&e))?;
     if review.types.api_version != REVIEW_API_VERSION || review.types.kind != "AdmissionReview" {
         return Err(format!(
             "expected apiVersion {REVIEW_API_VERSION}, kind AdmissionReview; got {:?}, {:?}",

@@ -424,7 +424,10 @@ fn resolve_env_placeholders(
                 }
             }
         }
-        env.set_value(index, composed);
+        // Only escaped `$${secrets.` text: nothing to rewrite.
+        if composed != value {
+            env.set_value(index, composed);
+        }
         index += 1;
     }
     Ok(())

@@ -454,3 +454,24 @@ fn long_warnings_are_cut_to_120_characters() {
     assert!(w.len() <= 120 + '…'.len_utf8(), "{}", w.len());
     assert!(w.ends_with('…'));
 }
+
+/// An env value whose only `${secrets.` is escaped (`$$`) is text: planning it must not rewrite
+/// it (it did, with a no-op `replace`, on every pass).
+#[test]
+fn escaped_placeholders_alone_are_not_rewritten() {
+    let mut case = Case::new(DRIVER);
+    let env = case.pod.spec.as_mut().unwrap().containers[0]
+        .env
+        .as_mut()
+        .unwrap();
+    env.push(EnvVar {
+        name: "LITERAL".into(),
+        value: Some("$${secrets.not_a_placeholder}".into()),
+        value_from: None,
+    });
+    case.env = vec![k8s("A", "finance", "db_password")];
+    let (doc, plan) = case.apply();
+    assert_eq!(plan.patch.len(), 1, "{:?}", plan.patch);
+    let env = env_of(&doc, 0);
+    assert!(env.contains(&json!({"name": "LITERAL", "value": "$${secrets.not_a_placeholder}"})));
+}

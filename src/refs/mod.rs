@@ -1,6 +1,9 @@
 //! Reference grammar: what a pod asks for, read from its annotations and legacy placeholders.
 
 use std::fmt;
+use std::sync::LazyLock;
+
+use regex::Regex;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +30,19 @@ pub struct Source {
 pub struct SecretObject {
     pub key: String,
     pub source: Source,
+}
+
+impl SecretObject {
+    /// For messages about a reference that may be invalid: id and key clipped like any input.
+    fn clipped(&self) -> Self {
+        Self {
+            key: clip(&self.key).to_owned(),
+            source: Source {
+                kind: self.source.kind,
+                id: clip(&self.source.id).to_owned(),
+            },
+        }
+    }
 }
 
 impl fmt::Display for SecretObject {
@@ -212,7 +228,7 @@ fn parse_json_items(
             errors.push(RefError::new(
                 origin,
                 String::new(),
-                format!("not a JSON array of references ({e})"),
+                format!("not a JSON array of references ({})", json_problem(&e)),
                 fix,
             ));
             return;
@@ -235,7 +251,7 @@ fn parse_json_items(
             Err(e) => errors.push(RefError::new(
                 origin,
                 format!("item {index}: "),
-                e.to_string(),
+                json_problem(&e),
                 fix,
             )),
         }
@@ -313,20 +329,25 @@ fn validate(r: &Reference, global_id: &str) -> Result<(), Problem> {
             "domains and Vault configs are lowercase letters, digits and '-' (at most 63)",
         ));
     }
+    // Not yet valid, so the key may be anything (even a pasted value): clip it like any input.
+    let shown = s.clipped();
     if s.key.is_empty() {
-        return Err((format!("{s}: the key is empty"), "name the secret's key"));
+        return Err((
+            format!("{shown}: the key is empty"),
+            "name the secret's key",
+        ));
     }
     match s.source.kind {
         SourceType::Kubernetes if !is_secret_data_key(&s.key) => Err((
-            format!("{s}: key is not a valid Kubernetes secret key"),
+            format!("{shown}: key is not a valid Kubernetes secret key"),
             "Kubernetes store keys use letters, digits, '.', '_' or '-'",
         )),
         SourceType::Vault if id == global_id => Err((
-            format!("{s}: the global store is a Kubernetes source"),
+            format!("{shown}: the global store is a Kubernetes source"),
             "use kubernetes:global/<key>, or name a Vault config",
         )),
         SourceType::Vault if !is_vault_key(&s.key) => Err((
-            format!("{s}: key is not a valid Vault key"),
+            format!("{shown}: key is not a valid Vault key"),
             "write <field> or <sub/path>#<field>, without '.' or '..' path segments",
         )),
         _ => Ok(()),
@@ -392,10 +413,25 @@ fn is_vault_key(key: &str) -> bool {
 
 /// At most 64 characters of user input in a message, so a huge annotation cannot flood a denial.
 fn clip(s: &str) -> &str {
-    match s.char_indices().nth(64) {
+    clip_to(s, 64)
+}
+
+fn clip_to(s: &str, chars: usize) -> &str {
+    match s.char_indices().nth(chars) {
         Some((i, _)) => &s[..i],
         None => s,
     }
+}
+
+/// serde's description of a JSON problem, bounded, without the strings it would quote
+/// (`invalid type: string "hunter2"`): someone may have pasted a secret into the annotation.
+fn json_problem(e: &serde_json::Error) -> String {
+    static QUOTED: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r#"string "(?:[^"\\]|\\.)*""#).unwrap_or_else(|_| unreachable!())
+    });
+    let text = e.to_string();
+    let text = QUOTED.replace_all(&text, "a string");
+    clip_to(&text, 200).to_owned()
 }
 
 /// Start of a legacy placeholder, `${secrets.<key>}`, resolved from the global store.

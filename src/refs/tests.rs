@@ -224,6 +224,43 @@ fn long_input_is_clipped_in_messages() {
     assert!(error.len() < 400, "{}", error.len());
 }
 
+/// Found by the `refs_grammar` fuzz target: an invalid key was quoted whole, so one annotation
+/// could make a denial of any size.
+#[test]
+fn an_invalid_key_of_any_length_is_clipped() {
+    let key = "x y".repeat(100_000);
+    for value in [
+        format!("kubernetes:global/{key}"),
+        format!("vault:cfg/{key}"),
+    ] {
+        let error = one_error(&[("env.secrets.iomete.com/X", &value)]);
+        assert!(error.len() < 400, "{}", error.len());
+        assert!(error.contains(&key[..64]), "{error}");
+    }
+}
+
+/// Found by the `refs_grammar` fuzz target: serde quotes the strings it rejects, so a value pasted
+/// where a reference belongs came back in the denial (and unbounded).
+#[test]
+fn json_problems_never_quote_strings() {
+    let fix = r#"write a JSON array like [{"key":"NAME","secretObject":{"key":"secret_key","source":{"type":"KUBERNETES","id":"my-domain"}}}]"#;
+    assert_eq!(
+        one_error(&[(
+            ENV_SECRETS,
+            r#"[{"key":"X","secretObject":"hunter2 \" pasted"}]"#
+        )]),
+        format!(
+            "annotation secrets.iomete.com/env-secrets: item 0: invalid type: a string, expected struct SecretObject; {fix}"
+        )
+    );
+    let error = one_error(&[(ENV_SECRETS, &format!("{:?}", "hunter2".repeat(10_000)))]);
+    assert!(!error.contains("hunter2"), "{error}");
+    assert!(error.len() < 600, "{}", error.len());
+    let field = "f".repeat(10_000);
+    let error = one_error(&[(ENV_SECRETS, &format!(r#"[{{"key":"X","{field}":1}}]"#))]);
+    assert!(error.len() < 600, "{}", error.len());
+}
+
 #[test]
 fn placeholders_split_and_escape_like_the_kubelet() {
     use Piece::*;
