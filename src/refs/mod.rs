@@ -330,24 +330,25 @@ fn validate(r: &Reference, global_id: &str) -> Result<(), Problem> {
         ));
     }
     // Not yet valid, so the key may be anything (even a pasted value): clip it like any input.
-    let shown = s.clipped();
+    // Built only for a message: this runs for every reference of every pod.
+    let shown = || s.clipped();
     if s.key.is_empty() {
         return Err((
-            format!("{shown}: the key is empty"),
+            format!("{}: the key is empty", shown()),
             "name the secret's key",
         ));
     }
     match s.source.kind {
         SourceType::Kubernetes if !is_secret_data_key(&s.key) => Err((
-            format!("{shown}: key is not a valid Kubernetes secret key"),
+            format!("{}: key is not a valid Kubernetes secret key", shown()),
             "Kubernetes store keys use letters, digits, '.', '_' or '-'",
         )),
         SourceType::Vault if id == global_id => Err((
-            format!("{shown}: the global store is a Kubernetes source"),
+            format!("{}: the global store is a Kubernetes source", shown()),
             "use kubernetes:global/<key>, or name a Vault config",
         )),
         SourceType::Vault if !is_vault_key(&s.key) => Err((
-            format!("{shown}: key is not a valid Vault key"),
+            format!("{}: key is not a valid Vault key", shown()),
             "write <field> or <sub/path>#<field>, without '.' or '..' path segments",
         )),
         _ => Ok(()),
