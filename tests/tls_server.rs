@@ -659,10 +659,38 @@ async fn sustained_client(
     (answered, refused, failed)
 }
 
+/// `n` sustained clients running until [`Load::finish`].
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<(usize, usize, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(
+        addr: std::net::SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        n: usize,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..n)
+            .map(|id| tokio::spawn(sustained_client(addr, config.clone(), id, stop.clone())))
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Stops the clients; (answered, refused, failed) of each.
+    async fn finish(self) -> Vec<(usize, usize, Vec<String>)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut out = Vec::new();
+        for client in self.clients {
+            out.push(client.await.unwrap());
+        }
+        out
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_under_sustained_load_fails_no_request() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let (_tmp, pki_one, _pair, mut dir) = setup();
     let pkis: Vec<Pki> = (0..3)
         .map(|i| Pki::new(&format!("rotation CA {i}")))
@@ -671,27 +699,15 @@ async fn certificate_rotation_under_sustained_load_fails_no_request() {
     cas.extend(pkis.iter().map(Pki::ca_der));
     let config = http1_config(&cas);
     let server = TestServer::start(&dir, |o| o.header_timeout = Duration::from_secs(5)).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..8)
-        .map(|id| {
-            tokio::spawn(sustained_client(
-                server.addr,
-                config.clone(),
-                id,
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let load = Load::start(server.addr, config, 8);
     for pki in &pkis {
         tokio::time::sleep(Duration::from_millis(400)).await;
         let pair = pki.serving_pair();
         dir.swap(&pair.chain_pem, &pair.key_pem);
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
-    stop.store(true, Ordering::Relaxed);
     let mut total = 0;
-    for client in clients {
-        let (answered, refused, failed) = client.await.unwrap();
+    for (answered, refused, failed) in load.finish().await {
         assert!(failed.is_empty(), "{failed:?}");
         assert_eq!(refused, 0, "no connection may be refused during rotation");
         total += answered;
@@ -705,23 +721,11 @@ async fn certificate_rotation_under_sustained_load_fails_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_under_sustained_load_completes_every_request_it_took() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let (_tmp, pki, _pair, dir) = setup();
     let drain = Duration::from_secs(3);
     let mut server = TestServer::start(&dir, |o| o.drain = drain).await;
     let config = http1_config(&[pki.ca_der()]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..8)
-        .map(|id| {
-            tokio::spawn(sustained_client(
-                server.addr,
-                config.clone(),
-                id,
-                stop.clone(),
-            ))
-        })
-        .collect();
+    let load = Load::start(server.addr, config, 8);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
     server.begin_shutdown();
@@ -729,10 +733,8 @@ async fn shutdown_under_sustained_load_completes_every_request_it_took() {
         .await
         .expect("serve returns within the drain bound");
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
     let mut total = 0;
-    for client in clients {
-        let (answered, _refused, failed) = client.await.unwrap();
+    for (answered, _refused, failed) in load.finish().await {
         assert!(
             failed.is_empty(),
             "requests the server took must complete: {failed:?}"
