@@ -42,7 +42,7 @@ const BAO_TOKEN: &str = "bench-root-token";
 /// The data-plane namespace of the bench config; Spark runs there.
 const NAMESPACE: &str = "iomete-system";
 const USER: &str = "alice";
-/// Warm requests sent by the `profile` scenario.
+/// Requests sent by the `profile` scenarios, unless `LOAD_PROFILE_REQUESTS` says otherwise.
 const PROFILE_REQUESTS: usize = 2000;
 
 fn main() -> anyhow::Result<()> {
@@ -121,7 +121,11 @@ async fn run(knobs: Knobs) -> anyhow::Result<()> {
         let body = review(&pod, "bench-profile");
         client.check(&body, expect).await?;
         let started = Instant::now();
-        let count = client.sequential(&body, 4, PROFILE_REQUESTS).await?;
+        let requests = std::env::var("LOAD_PROFILE_REQUESTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(PROFILE_REQUESTS);
+        let count = client.sequential(&body, 4, requests).await?;
         println!(
             "profile: {count} requests in {:.1} s",
             started.elapsed().as_secs_f64()

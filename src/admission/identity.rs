@@ -17,6 +17,7 @@ use crate::authz::Identity;
 use crate::authz::cache::{FlightError, SingleFlight};
 use crate::config::Naming;
 use crate::metrics::Metrics;
+use crate::plan::JsonPatch;
 use crate::refs::{SecretObject, SourceType};
 
 /// Stamp: the identity the webhook admitted the pod for (JSON `{"user":..,"groups":[..]}`).
@@ -712,37 +713,26 @@ pub fn client_stamps(pod: &Pod) -> Vec<&'static str> {
 /// JSON Patch operations that make the pod's stamps exactly `stamps`: set (add or replace) the
 /// given ones, remove client-supplied stamps not among them (`stamps` empty: remove all). Nothing
 /// when the pod already carries exactly these values, so a second pass is a no-op.
-pub fn stamp_ops(pod: &Pod, stamps: &BTreeMap<String, String>) -> Vec<json_patch::PatchOperation> {
-    use json_patch::jsonptr::PointerBuf;
-    use json_patch::{AddOperation, PatchOperation, RemoveOperation, ReplaceOperation};
-
+pub fn stamp_ops(pod: &Pod, stamps: &BTreeMap<String, String>) -> JsonPatch {
     let current = pod.metadata.annotations.as_ref();
-    let pointer = |key: &str| PointerBuf::from_tokens(["metadata", "annotations", key]);
-    let mut ops = Vec::new();
+    let pointer = |key| ["metadata", "annotations", key];
+    let mut ops = JsonPatch::default();
     if current.is_none() && !stamps.is_empty() {
-        ops.push(PatchOperation::Add(AddOperation {
-            path: PointerBuf::from_tokens(["metadata", "annotations"]),
-            value: serde_json::json!({}),
-        }));
+        ops.add(
+            ["metadata", "annotations"],
+            &BTreeMap::<String, String>::new(),
+        );
     }
     for (key, value) in stamps {
         match current.and_then(|a| a.get(key)) {
             Some(existing) if existing == value => {}
-            Some(_) => ops.push(PatchOperation::Replace(ReplaceOperation {
-                path: pointer(key),
-                value: value.clone().into(),
-            })),
-            None => ops.push(PatchOperation::Add(AddOperation {
-                path: pointer(key),
-                value: value.clone().into(),
-            })),
+            Some(_) => ops.replace(pointer(key), value),
+            None => ops.add(pointer(key), value),
         }
     }
     for key in client_stamps(pod) {
         if !stamps.contains_key(key) {
-            ops.push(PatchOperation::Remove(RemoveOperation {
-                path: pointer(key),
-            }));
+            ops.remove(pointer(key));
         }
     }
     ops
@@ -1183,9 +1173,9 @@ mod tests {
         assert_eq!(client_stamps(&pod), vec![STAMP_GRANTED]);
     }
 
-    fn apply(pod: &Pod, ops: Vec<json_patch::PatchOperation>) -> Pod {
+    fn apply(pod: &Pod, ops: JsonPatch) -> Pod {
         let mut doc = serde_json::to_value(pod).unwrap();
-        json_patch::patch(&mut doc, &json_patch::Patch(ops)).unwrap();
+        json_patch::patch(&mut doc, &ops.operations().unwrap()).unwrap();
         serde_json::from_value(doc).unwrap()
     }
 

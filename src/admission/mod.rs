@@ -22,7 +22,7 @@ use crate::backends::vault::{VaultBackend, VaultOptions};
 use crate::backends::{KeyRef, StoreCheck, StoreIndex, VaultSource, VaultWant};
 use crate::config::{LocalConfig, Settings};
 use crate::metrics::Metrics;
-use crate::plan::{self, Inputs, Resolved};
+use crate::plan::{self, Inputs, JsonPatch, Resolved};
 use crate::refs::{self, Reference, SourceType, TargetKind};
 use workload::WorkloadKind;
 
@@ -75,7 +75,7 @@ impl Denial {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub workload: Option<WorkloadKind>,
-    pub patch: Vec<json_patch::PatchOperation>,
+    pub patch: JsonPatch,
     pub warnings: Vec<String>,
     pub identity: Option<String>,
     /// `identity`, `identity-source` for the AdmissionResponse's audit annotations.
@@ -181,7 +181,10 @@ impl Webhook {
     pub async fn review_bytes(&self, body: &[u8], timeout: Option<Duration>) -> Vec<u8> {
         let started = Instant::now();
         let deadline = started + self.budget(timeout);
-        let (response, workload, outcome) = match parse_review(body) {
+        // Boxed: a request holds two Pods inline (`object`, `oldObject`), kilobytes this future
+        // would otherwise carry, and copy with it on every move.
+        let parsed = parse_review(body).map(Box::new);
+        let (response, workload, outcome) = match parsed {
             Ok(req) => {
                 let (response, workload) = self.respond(&req, deadline).await;
                 let outcome = outcome_label(&response);
@@ -254,12 +257,15 @@ impl Webhook {
                 if !outcome.warnings.is_empty() {
                     response.warnings = Some(outcome.warnings);
                 }
+                // `encode_review` writes `patchType` with it (kube keeps that field private).
                 if !outcome.patch.is_empty() {
-                    response = match response.with_patch(json_patch::Patch(outcome.patch)) {
-                        Ok(r) => r,
-                        Err(_) => AdmissionResponse::from(req)
-                            .deny("secrets-webhook could not encode its patch"),
-                    };
+                    match outcome.patch.into_bytes() {
+                        Ok(bytes) => response.patch = Some(bytes),
+                        Err(_) => {
+                            response = AdmissionResponse::from(req)
+                                .deny("secrets-webhook could not encode its patch")
+                        }
+                    }
                 }
                 outcome.workload
             }

@@ -5,23 +5,25 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
-use std::sync::LazyLock;
 
-use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation};
 use k8s_openapi::api::core::v1::{Container, EnvVar, EnvVarSource, Pod, SecretKeySelector};
-use regex::Regex;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::admission::workload::{Slot, Workload, WorkloadKind, first_arg};
 use crate::backends::KeyRef;
 use crate::refs::{self, Piece, PlaceholderError, SecretObject, SourceType};
 
-/// Spark's default `spark.redaction.regex`: keys it hides in the UI and logs.
-static SPARK_REDACTION: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)secret|password|token|access[.]?key").unwrap_or_else(|_| unreachable!())
-});
+mod patch;
+pub use patch::{JsonPatch, PatchError};
+
+/// Whether Spark's default `spark.redaction.regex`, `(?i)secret|password|token|access[.]?key`,
+/// hides this conf key in its UI and logs. Java's `(?i)` folds ASCII case only, as here.
+fn spark_redacts(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["secret", "password", "token", "accesskey", "access.key"]
+        .iter()
+        .any(|word| key.contains(word))
+}
 
 /// Env var PySpark reads its spark-submit arguments from.
 pub const PYSPARK_SUBMIT_ARGS: &str = "PYSPARK_SUBMIT_ARGS";
@@ -53,16 +55,10 @@ pub struct Inputs<'a> {
 /// The result: a patch (empty when the pod is already as wanted) and warnings for the client.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
-    pub patch: Vec<PatchOperation>,
+    pub patch: JsonPatch,
     pub warnings: Vec<String>,
     /// Every Secret key the planned pod reads from a managed store (the guard's allow-list).
     pub wanted: BTreeSet<KeyRef>,
-}
-
-impl Plan {
-    pub fn into_patch(self) -> Patch {
-        Patch(self.patch)
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -212,26 +208,25 @@ fn warning(text: String) -> String {
     format!("{}…", &text[..end])
 }
 
-fn pointer<'t>(tokens: impl IntoIterator<Item = &'t str>) -> PointerBuf {
-    PointerBuf::from_tokens(tokens)
-}
-
-fn to_value<T: serde::Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
+/// The JSON Pointer tokens of `tail` inside a container's env.
+fn env_path<'t>(container: &'t [String; 3], tail: &'t [&'t str]) -> impl Iterator<Item = &'t str> {
+    let base = container.iter().map(String::as_str);
+    base.chain(["env"]).chain(tail.iter().copied())
 }
 
 /// A container's env under edit: every change is applied to the copy and recorded as an op.
 struct EnvEditor<'a> {
+    /// `spec`, `containers` or `initContainers`, the index.
     path: [String; 3],
     env: Vec<EnvVar>,
     /// Generated variables already declared, so each is looked up once even on huge env lists.
     declared: HashSet<String>,
     present: bool,
-    ops: &'a mut Vec<PatchOperation>,
+    ops: &'a mut JsonPatch,
 }
 
 impl<'a> EnvEditor<'a> {
-    fn new(slot: Slot, container: &Container, ops: &'a mut Vec<PatchOperation>) -> Self {
+    fn new(slot: Slot, container: &Container, ops: &'a mut JsonPatch) -> Self {
         Self {
             path: ["spec".into(), slot.field().into(), slot.index.to_string()],
             env: container.env.clone().unwrap_or_default(),
@@ -241,11 +236,6 @@ impl<'a> EnvEditor<'a> {
         }
     }
 
-    fn at(&self, tail: &[&str]) -> PointerBuf {
-        let base = self.path.iter().map(String::as_str);
-        pointer(base.chain(["env"]).chain(tail.iter().copied()))
-    }
-
     fn position(&self, name: &str) -> Option<usize> {
         self.env.iter().position(|e| e.name == name)
     }
@@ -253,20 +243,14 @@ impl<'a> EnvEditor<'a> {
     fn insert(&mut self, index: usize, var: EnvVar) {
         if !self.present {
             self.present = true;
-            self.ops.push(PatchOperation::Add(AddOperation {
-                path: self.at(&[]),
-                value: Value::Array(vec![to_value(&var)]),
-            }));
+            self.ops.add(env_path(&self.path, &[]), &[&var]);
         } else {
             let index_token = if index == self.env.len() {
                 "-".to_owned()
             } else {
                 index.to_string()
             };
-            self.ops.push(PatchOperation::Add(AddOperation {
-                path: self.at(&[&index_token]),
-                value: to_value(&var),
-            }));
+            self.ops.add(env_path(&self.path, &[&index_token]), &var);
         }
         self.env.insert(index, var);
     }
@@ -276,18 +260,14 @@ impl<'a> EnvEditor<'a> {
     }
 
     fn replace(&mut self, index: usize, var: EnvVar) {
-        self.ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: self.at(&[&index.to_string()]),
-            value: to_value(&var),
-        }));
+        self.ops
+            .replace(env_path(&self.path, &[&index.to_string()]), &var);
         self.env[index] = var;
     }
 
     fn set_value(&mut self, index: usize, value: String) {
-        self.ops.push(PatchOperation::Replace(ReplaceOperation {
-            path: self.at(&[&index.to_string(), "value"]),
-            value: Value::String(value.clone()),
-        }));
+        self.ops
+            .replace(env_path(&self.path, &[&index.to_string(), "value"]), &value);
         self.env[index].value = Some(value);
     }
 
@@ -319,9 +299,7 @@ impl<'a> EnvEditor<'a> {
     }
 
     fn remove(&mut self, index: usize) {
-        self.ops.push(PatchOperation::Remove(RemoveOperation {
-            path: self.at(&[&index.to_string()]),
-        }));
+        self.ops.remove(env_path(&self.path, &[&index.to_string()]));
         self.env.remove(index);
     }
 }
@@ -350,7 +328,7 @@ pub fn plan(input: Inputs<'_>, global_id: &str) -> Result<Plan, PlanError> {
         let Some(container) = slot.get(spec) else {
             continue;
         };
-        let mut ops = Vec::new();
+        let mut ops = JsonPatch::default();
         let mut args = container.args.clone();
         let mut env = EnvEditor::new(slot, container, &mut ops);
         if workload.env_targets.contains(&slot) {
@@ -384,15 +362,14 @@ pub fn plan(input: Inputs<'_>, global_id: &str) -> Result<Plan, PlanError> {
             }
         }
         if args != container.args {
-            let path = pointer(["spec", slot.field(), &slot.index.to_string(), "args"]);
-            let value = to_value(&args);
-            ops.push(if container.args.is_some() {
-                PatchOperation::Replace(ReplaceOperation { path, value })
+            let path = ["spec", slot.field(), &slot.index.to_string(), "args"];
+            if container.args.is_some() {
+                ops.replace(path, &args);
             } else {
-                PatchOperation::Add(AddOperation { path, value })
-            });
+                ops.add(path, &args);
+            }
         }
-        plan.patch.extend(ops);
+        plan.patch.append(ops);
     }
     set_stamps(input.pod, input.stamps, &mut plan);
     Ok(plan)
@@ -510,7 +487,7 @@ fn set_reference(env: &mut EnvEditor<'_>, r: &Resolved, plan: &mut Plan) {
 /// so a reinvocation does not repeat them.
 fn redaction_warnings(confs: &[Resolved], plan: &mut Plan) {
     for r in confs {
-        if !SPARK_REDACTION.is_match(&r.name) {
+        if !spark_redacts(&r.name) {
             plan.warnings.push(warning(format!(
                 "Spark conf {} does not match spark.redaction.regex: its value may show in the Spark UI",
                 r.name
@@ -657,19 +634,14 @@ fn set_stamps(pod: &Pod, stamps: &BTreeMap<String, String>, plan: &mut Plan) {
     let current = pod.metadata.annotations.as_ref();
     if current.is_none() {
         if !stamps.is_empty() {
-            plan.patch.push(PatchOperation::Add(AddOperation {
-                path: pointer(["metadata", "annotations"]),
-                value: to_value(stamps),
-            }));
+            plan.patch.add(["metadata", "annotations"], stamps);
         }
         return;
     }
     for (key, value) in stamps {
         if current.and_then(|a| a.get(key)) != Some(value) {
-            plan.patch.push(PatchOperation::Add(AddOperation {
-                path: pointer(["metadata", "annotations", key.as_str()]),
-                value: Value::String(value.clone()),
-            }));
+            plan.patch
+                .add(["metadata", "annotations", key.as_str()], value);
         }
     }
 }

@@ -70,7 +70,7 @@ impl Case {
     fn apply(&mut self) -> (Value, Plan) {
         let plan = self.run().unwrap();
         let mut doc = serde_json::to_value(&self.pod).unwrap();
-        json_patch::patch(&mut doc, &plan.patch).unwrap();
+        json_patch::patch(&mut doc, &plan.patch.operations().unwrap()).unwrap();
         self.pod = serde_json::from_value(doc.clone()).unwrap();
         let again = self.run().unwrap();
         assert!(
@@ -138,9 +138,9 @@ fn driver_gets_env_and_conf_right_after_driver_arg() {
     assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
     assert_eq!(plan.wanted.len(), 2);
     // Only appends: existing env items are never rewritten.
-    assert!(plan.patch.iter().all(|op| match op {
-        PatchOperation::Add(a) => a.path.as_str().ends_with("/env/-"),
-        PatchOperation::Replace(r) => r.path.as_str() == "/spec/containers/0/args",
+    assert!(plan.patch.operations().unwrap().iter().all(|op| match op {
+        json_patch::PatchOperation::Add(a) => a.path.as_str().ends_with("/env/-"),
+        json_patch::PatchOperation::Replace(r) => r.path.as_str() == "/spec/containers/0/args",
         _ => false,
     }));
 }
@@ -391,8 +391,8 @@ fn stamps_are_added_with_escaped_pointers_and_overwrite_client_values() {
         doc["metadata"]["annotations"]["secrets.iomete.com/identity"],
         "user=alice"
     );
-    assert!(plan.patch.iter().any(
-        |op| matches!(op, PatchOperation::Add(a) if a.path.as_str() == "/metadata/annotations")
+    assert!(plan.patch.operations().unwrap().iter().any(
+        |op| matches!(op, json_patch::PatchOperation::Add(a) if a.path.as_str() == "/metadata/annotations")
     ));
 
     let mut case = Case::new(JUPYTER);
@@ -415,8 +415,10 @@ fn stamps_are_added_with_escaped_pointers_and_overwrite_client_values() {
     );
     assert!(
         plan.patch
+            .operations()
+            .unwrap()
             .iter()
-            .any(|op| matches!(op, PatchOperation::Add(a)
+            .any(|op| matches!(op, json_patch::PatchOperation::Add(a)
         if a.path.as_str() == "/metadata/annotations/secrets.iomete.com~1identity"))
     );
 }
@@ -435,6 +437,26 @@ fn containers_annotation_reaches_sidecars_and_init_containers() {
         json!([secret_ref("A", "iomete-secret-store-finance", "a")])
     );
     assert!(!env_of(&doc, 0).iter().any(|e| e["name"] == "A"));
+}
+
+#[test]
+fn redaction_follows_sparks_default_pattern() {
+    for key in [
+        "spark.hadoop.fs.s3a.secret.key",
+        "spark.hadoop.fs.s3a.ACCESS.KEY",
+        "spark.myapp.accesskey",
+        "spark.jdbc.Password",
+        "spark.api.token",
+    ] {
+        assert!(spark_redacts(key), "{key}");
+    }
+    for key in [
+        "spark.myapp.endpoint",
+        "spark.access_key",
+        "spark.pass.word",
+    ] {
+        assert!(!spark_redacts(key), "{key}");
+    }
 }
 
 #[test]

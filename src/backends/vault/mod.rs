@@ -14,7 +14,7 @@ mod materialize;
 pub mod spec;
 mod watch;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -549,6 +549,8 @@ impl VaultBackend {
     }
 
     /// Reads every wanted field (one shared read per secret) and, unless `dry_run`, writes them.
+    /// Everything is borrowed from `wants` and the cache: a warm admission runs this twice (check,
+    /// then materialize), so it builds no owned copies of keys, paths or values it does not write.
     async fn deliver_all(
         &self,
         namespace: &str,
@@ -556,94 +558,97 @@ impl VaultBackend {
         dry_run: bool,
         deadline: Instant,
     ) -> Vec<Result<KeyRef, VaultError>> {
-        struct Wanted {
-            config: String,
+        struct Wanted<'w> {
+            config: &'w str,
+            /// The reference's key, `path#field`.
+            secret_key: &'w str,
             conn: Arc<Conn>,
             key: VaultKey,
-            data_key: String,
         }
-        let wanted: Vec<Result<Wanted, VaultError>> = wants
+        let wanted: Vec<Result<Wanted<'_>, VaultError>> = wants
             .iter()
             .map(|want| {
-                let config = want.secret.source.id.clone();
-                let conn = self.conn(&config)?;
+                let config = want.secret.source.id.as_str();
+                let conn = self.conn(config)?;
                 let key =
                     VaultKey::parse(&want.secret.key).map_err(|reason| VaultError::BadKey {
-                        config: config.clone(),
+                        config: config.to_owned(),
                         key: want.secret.key.clone(),
                         reason,
                     })?;
                 Ok(Wanted {
-                    data_key: data_key(&want.secret.key),
                     config,
+                    secret_key: &want.secret.key,
                     conn,
                     key,
                 })
             })
             .collect();
 
-        // One read per distinct (config, secret), all at once.
-        let mut reads: BTreeMap<(String, String), Arc<Conn>> = BTreeMap::new();
+        // One read per distinct (config, secret), all at once (a fresh cached result is no read).
+        let mut read_of: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        let mut reads: Vec<(&Arc<Conn>, &str)> = Vec::new();
         for w in wanted.iter().flatten() {
-            reads
-                .entry((w.config.clone(), w.key.path.clone()))
-                .or_insert_with(|| w.conn.clone());
+            read_of
+                .entry((w.config, w.key.path.as_str()))
+                .or_insert_with(|| {
+                    reads.push((&w.conn, &w.key.path));
+                    reads.len() - 1
+                });
         }
-        let fetched: HashMap<(String, String), Result<Arc<SecretFields>, VaultError>> =
-            futures::future::join_all(reads.into_iter().map(|(id, conn)| async move {
-                let result = conn.get(&id.1, deadline).await;
-                (id, result)
-            }))
-            .await
-            .into_iter()
-            .collect();
+        let fetched: Vec<Result<Arc<SecretFields>, VaultError>> =
+            futures::future::join_all(reads.iter().map(|(conn, path)| conn.get(path, deadline)))
+                .await;
 
-        let resolved: Vec<Result<(String, String, SecretValue), VaultError>> = wanted
-            .into_iter()
+        // Per reference: its config and Secret data key, or why not. Values are copied only to be
+        // written.
+        let mut to_write: BTreeMap<&str, BTreeMap<String, SecretValue>> = BTreeMap::new();
+        let resolved: Vec<Result<(&str, String), VaultError>> = wanted
+            .iter()
             .map(|w| {
-                let w = w?;
-                let fields = fetched
-                    .get(&(w.config.clone(), w.key.path.clone()))
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        Err(VaultError::Internal {
-                            config: w.config.clone(),
-                        })
-                    })?;
-                let value = fields.get(&w.key.field).cloned().ok_or_else(|| {
+                let w = w.as_ref().map_err(Clone::clone)?;
+                let fields = read_of
+                    .get(&(w.config, w.key.path.as_str()))
+                    .and_then(|&i| fetched.get(i))
+                    .ok_or_else(|| VaultError::Internal {
+                        config: w.config.to_owned(),
+                    })?
+                    .as_ref()
+                    .map_err(Clone::clone)?;
+                let value = fields.get(&w.key.field).ok_or_else(|| {
                     let path = match w.conn.layout_now() {
                         Some(layout) => layout.api_path(&layout.secret_path(&w.key.path)),
                         None => w.key.path.clone(),
                     };
                     VaultError::FieldNotFound {
-                        config: w.config.clone(),
+                        config: w.config.to_owned(),
                         path,
                         field: w.key.field.clone(),
-                        available: available(&fields),
+                        available: available(fields),
                     }
                 })?;
-                Ok((w.config, w.data_key, value))
+                let key = data_key(w.secret_key);
+                if !dry_run {
+                    to_write
+                        .entry(w.config)
+                        .or_default()
+                        .insert(key.clone(), value.clone());
+                }
+                Ok((w.config, key))
             })
             .collect();
 
-        let mut per_config: BTreeMap<String, BTreeMap<String, SecretValue>> = BTreeMap::new();
-        for (config, key, value) in resolved.iter().flatten() {
-            per_config
-                .entry(config.clone())
-                .or_default()
-                .insert(key.clone(), value.clone());
-        }
         // A pod with any failed reference is denied: copy no value into its namespace.
         let any_failed = resolved.iter().any(Result::is_err);
-        let written: HashMap<String, Result<(), VaultError>> = if dry_run || any_failed {
-            HashMap::new()
+        let written: BTreeMap<&str, Result<(), VaultError>> = if dry_run || any_failed {
+            BTreeMap::new()
         } else {
-            futures::future::join_all(per_config.into_iter().map(|(config, entries)| async move {
-                let secret = self.naming.vault_secret_for(&config);
+            futures::future::join_all(to_write.iter().map(|(config, entries)| async move {
+                let secret = self.naming.vault_secret_for(config);
                 let result = self
-                    .write(namespace, &secret, &config, &entries, deadline)
+                    .write(namespace, &secret, config, entries, deadline)
                     .await;
-                (config, result)
+                (*config, result)
             }))
             .await
             .into_iter()
@@ -653,12 +658,12 @@ impl VaultBackend {
         resolved
             .into_iter()
             .map(|r| {
-                let (config, key, _) = r?;
-                if let Some(Err(e)) = written.get(&config) {
+                let (config, key) = r?;
+                if let Some(Err(e)) = written.get(config) {
                     return Err(e.clone());
                 }
                 Ok(KeyRef {
-                    secret: self.naming.vault_secret_for(&config),
+                    secret: self.naming.vault_secret_for(config),
                     key,
                 })
             })
