@@ -350,17 +350,9 @@ impl Webhook {
                 !(r.secret.source.kind == SourceType::Kubernetes
                     && r.secret.source.id == naming.global_id)
             });
-        let who = identity::resolve(
-            &req.user_info,
-            pod,
-            namespace,
-            is_executor,
-            &self.trusted,
-            self.owners.as_ref(),
-            deadline,
-        )
-        .await
-        .map_err(|e| Denial::new("identity", e.to_string()))?;
+        let who = self
+            .identify(req, pod, namespace, is_executor, deadline)
+            .await?;
         let identity = &who.identity;
         // Executors get the driver's SparkConf over RPC: only env secrets are theirs.
         let refs: Vec<Reference> = refs
@@ -456,21 +448,33 @@ impl Webhook {
         if identity::client_stamps(pod).is_empty() {
             return Ok(outcome);
         }
-        let who = identity::resolve(
+        let who = self.identify(req, pod, namespace, false, deadline).await?;
+        let stamps = identity::stamp_annotations(&who.identity, std::iter::empty());
+        outcome.patch = identity::stamp_ops(pod, &stamps);
+        outcome.audit = identity::audit_annotations(Some(&who), "");
+        Ok(outcome)
+    }
+
+    /// Whom the pod is admitted for (an executor: its driver's identity and grants).
+    async fn identify(
+        &self,
+        req: &AdmissionRequest<Pod>,
+        pod: &Pod,
+        namespace: &str,
+        is_executor: bool,
+        deadline: Instant,
+    ) -> Result<identity::Resolved, Denial> {
+        identity::resolve(
             &req.user_info,
             pod,
             namespace,
-            false,
+            is_executor,
             &self.trusted,
             self.owners.as_ref(),
             deadline,
         )
         .await
-        .map_err(|e| Denial::new("identity", e.to_string()))?;
-        let stamps = identity::stamp_annotations(&who.identity, std::iter::empty());
-        outcome.patch = identity::stamp_ops(pod, &stamps);
-        outcome.audit = identity::audit_annotations(Some(&who), "");
-        Ok(outcome)
+        .map_err(|e| Denial::new("identity", e.to_string()))
     }
 
     /// Kubernetes references: the store is in this namespace and holds the key.

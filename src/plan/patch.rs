@@ -86,12 +86,23 @@ impl JsonPatch {
         self.len
     }
 
+    /// False also when a value failed to serialize, so that the caller asks for the bytes and
+    /// learns of the failure instead of sending no patch.
     pub fn is_empty(&self) -> bool {
         self.len == 0 && !self.failed
     }
 
     /// The patch document, `[...]`.
     pub fn into_bytes(self) -> Result<Vec<u8>, PatchError> {
+        self.document()
+    }
+
+    /// The operations as `json_patch` values, to apply or inspect them (tests, tools).
+    pub fn operations(&self) -> Result<json_patch::Patch, PatchError> {
+        serde_json::from_slice(&self.document()?).map_err(|_| PatchError)
+    }
+
+    fn document(&self) -> Result<Vec<u8>, PatchError> {
         if self.failed {
             return Err(PatchError);
         }
@@ -100,12 +111,6 @@ impl JsonPatch {
         out.extend_from_slice(&self.json);
         out.push(b']');
         Ok(out)
-    }
-
-    /// The operations as `json_patch` values, to apply or inspect them (tests, tools).
-    pub fn operations(&self) -> Result<json_patch::Patch, PatchError> {
-        let bytes = self.clone().into_bytes()?;
-        serde_json::from_slice(&bytes).map_err(|_| PatchError)
     }
 }
 
