@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_apiserver;
+pub mod kube_e2e;
 pub mod logs;
 pub mod metrics;
 pub mod openbao;
