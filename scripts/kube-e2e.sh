@@ -2,8 +2,8 @@
 # A real Kubernetes control plane on 127.0.0.1 with secrets-webhook installed, for end-to-end tests
 # and for trying the webhook by hand (docs/testing.md, "The real control plane").
 #
-#   scripts/kube-e2e.sh up      etcd, kube-apiserver, kube-controller-manager, the project's own
-#                               manifests, the webhook as a local process; prints `export KUBECONFIG=…`
+#   scripts/kube-e2e.sh up      etcd, kube-apiserver, kube-controller-manager, the project's Helm
+#                               chart, the webhook as a local process; prints `export KUBECONFIG=…`
 #   scripts/kube-e2e.sh down    stops what `up` started (by process id) and removes the state
 #   scripts/kube-e2e.sh env     prints the exports again
 #   scripts/kube-e2e.sh webhook-stop | webhook-start
@@ -311,20 +311,24 @@ ENV
   print_env
 }
 
-# The project's manifests (the self-managed overlay), changed only in the webhook's clientConfig:
-# a local URL and the caBundle of its certificate. The TLS Secret is created as the install docs
-# say; the local webhook process reads it from the API like a kubelet mounting it.
+# The project's chart (generated from manifests/, docs/install.md) in self-managed certificate mode,
+# changed only in the webhook's clientConfig: a local URL and the caBundle of its certificate. The
+# TLS Secret is created as the install docs say; the local webhook process reads it from the API
+# like a kubelet mounting it.
 install_manifests() {
   local admin=("$bin/kubectl" --kubeconfig "$state/admin.kubeconfig")
   "${admin[@]}" -n "$NS" create secret tls secrets-webhook-tls \
     --cert="$state/pki/webhook.crt" --key="$state/pki/webhook.key" > /dev/null
-  "${admin[@]}" kustomize "$repo/manifests/overlays/self-managed" > "$state/manifests.yaml"
-  "${admin[@]}" apply --server-side -f "$state/manifests.yaml" > "$state/logs/apply.log"
-  local bundle
-  bundle=$(base64 -w0 < "$state/pki/webhook-ca.crt")
-  "${admin[@]}" patch mutatingwebhookconfiguration secrets-webhook --type=json -p "[
-    {\"op\": \"replace\", \"path\": \"/webhooks/0/clientConfig\",
-     \"value\": {\"url\": \"https://127.0.0.1:$WEBHOOK_PORT/mutate\", \"caBundle\": \"$bundle\"}}]" > /dev/null
+  helm upgrade --install secrets-webhook "$repo/charts/secrets-webhook" --namespace "$NS" \
+    --set certificate.mode=self-managed \
+    --set webhook.url="https://127.0.0.1:$WEBHOOK_PORT/mutate" \
+    --set webhook.caBundle="$(base64 -w0 < "$state/pki/webhook-ca.crt")" \
+    > "$state/logs/helm.log"
+}
+
+helm() {
+  HELM_CACHE_HOME="$state/helm/cache" HELM_CONFIG_HOME="$state/helm/config" HELM_DATA_HOME="$state/helm/data" \
+    "$bin/helm" --kubeconfig "$state/admin.kubeconfig" "$@"
 }
 
 stop_all() {

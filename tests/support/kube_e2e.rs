@@ -1,5 +1,5 @@
 //! A real Kubernetes control plane for end-to-end tests: `scripts/kube-e2e.sh up` (etcd,
-//! kube-apiserver, kube-controller-manager, the project's manifests, the webhook as a local process
+//! kube-apiserver, kube-controller-manager, the project's chart, the webhook as a local process
 //! with its ServiceAccount's token), started once per test binary and stopped when it exits.
 //!
 //! ```ignore
