@@ -497,7 +497,9 @@ fn chart_renders_exactly_what_kustomize_renders() {
         normalized(documents(&run(&mut command)))
     };
     let placeholder = "webhook.caBundle=UkVQTEFDRS1NRQ==";
-    let cases: [(&str, Vec<&str>, &[&str], &[&str]); 4] = [
+    /// (what, helm --set values, kustomize resources, kustomize components)
+    type Case<'a> = (&'a str, Vec<&'a str>, &'a [&'a str], &'a [&'a str]);
+    let cases: [Case; 4] = [
         (
             "cert-manager overlay",
             vec![],
