@@ -257,3 +257,199 @@ fn alice_creates_a_spark_driver_with_every_reference_form_and_bob_is_denied() {
     assert!(k.get("pod", NS, name(&for_bob)).is_none());
     assert_no_canary("the webhook log", &k.webhook_log());
 }
+
+/// A plain pod that cannot matter to the webhook (no reference, no workload label).
+fn plain_pod(namespace: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": unique("plain"), "namespace": namespace},
+           "spec": {"containers": [{"name": "c", "image": "busybox", "env": [{"name": "A", "value": "b"}]}]}})
+}
+
+/// An opted-in pod (`secrets.iomete.com/inject=true`) with env references.
+fn opted_in_pod(namespace: &str, refs: &[(&str, &str)]) -> Value {
+    let annotations: serde_json::Map<String, Value> = refs
+        .iter()
+        .map(|(var, r)| (format!("env.secrets.iomete.com/{var}"), json!(r)))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": unique("app"), "namespace": namespace,
+                        "labels": {"secrets.iomete.com/inject": "true"}, "annotations": annotations},
+           "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+}
+
+/// The webhook's log lines (JSON) about pod `name`.
+fn admissions_of(k: &Cluster, name: &str) -> Vec<Value> {
+    k.webhook_log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "admission" && l["fields"]["pod"] == name)
+        .collect()
+}
+
+fn admissions_total(k: &Cluster) -> f64 {
+    k.metrics()
+        .lines()
+        .filter(|l| l.starts_with("secrets_webhook_admissions_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn crds_and_custom_resources_meet_the_real_schema_validation() {
+    let Some(k) = cluster("crds_and_custom_resources_meet_the_real_schema_validation") else {
+        return;
+    };
+    let _shared = k.shared();
+    // The CRDs were installed by the chart and are served.
+    for crd in [
+        "resourcebundles.secrets.iomete.com",
+        "vaultconfigs.secrets.iomete.com",
+    ] {
+        let crd = k.get("crd", "", crd).expect("CRD installed");
+        let established = crd["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True");
+        assert!(established, "{crd}");
+    }
+    // The shipped examples are accepted as written (server-side, strict field validation).
+    for example in ["examples/resourcebundle.yaml", "examples/vaultconfig.yaml"] {
+        let path = format!("{}/{example}", env!("CARGO_MANIFEST_DIR"));
+        k.kubectl()
+            .args(["apply", "--dry-run=server", "--validate=strict", "-f", &path])
+            .run()
+            .ok();
+    }
+    let name = unique("vc");
+    let vault_config = |auth: Value, extra: Value| {
+        let mut spec = json!({"resourceBundle": "b", "host": "http://127.0.0.1:1",
+                              "path": "/v1/secret/data/x", "auth": auth});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+               "metadata": {"name": name, "namespace": NS}, "spec": spec})
+        .to_string()
+    };
+    let create = |body: String| {
+        k.kubectl()
+            .args(["create", "--validate=strict", "-f", "-"])
+            .stdin(body)
+            .run()
+    };
+    // Both auth methods: the CRD's CEL rule, evaluated by the API server.
+    let both = json!({"token": {"secretRef": {"name": "s", "key": "t"}},
+                      "appRole": {"roleId": "r", "secretIdRef": {"name": "s", "key": "id"}}});
+    let error = create(vault_config(both, json!({}))).err();
+    assert!(
+        error.contains("set exactly one of auth.appRole and auth.token"),
+        "{error}"
+    );
+    // An unknown field: strict validation rejects it.
+    let token = json!({"token": {"secretRef": {"name": "s", "key": "t"}}});
+    let error = create(vault_config(token.clone(), json!({"password": "x"}))).err();
+    assert!(error.contains("unknown field"), "{error}");
+    // A wrong type.
+    let error = create(vault_config(token.clone(), json!({"host": 5}))).err();
+    assert!(error.contains("spec.host"), "{error}");
+    // A ResourceBundle with a grant missing its subjects.
+    let bundle = json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+                        "metadata": {"name": unique("rb"), "namespace": NS},
+                        "spec": {"domains": ["x"], "grants": [{"permissions": ["use"]}]}});
+    let error = create(bundle.to_string()).err();
+    assert!(error.contains("subjects"), "{error}");
+    // Status is a subresource: a client's status in the main resource is dropped.
+    let mut with_status: Value = serde_json::from_str(&vault_config(token, json!({}))).unwrap();
+    with_status["status"] =
+        json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Forged",
+                               "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+    let stored = k
+        .kubectl()
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(with_status.to_string())
+        .run()
+        .json();
+    let forged = stored["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["reason"] == "Forged");
+    assert!(!forged, "status written through the main resource: {stored}");
+    k.kubectl()
+        .ns(NS)
+        .args(["delete", "vaultconfig", &name, "--wait=false"])
+        .run()
+        .ok();
+}
+
+#[test]
+fn pods_that_cannot_matter_never_reach_the_webhook() {
+    let Some(k) = cluster("pods_that_cannot_matter_never_reach_the_webhook") else {
+        return;
+    };
+    // Exclusive: no other test's pods move the admission counters meanwhile.
+    let _exclusive = k.exclusive();
+    let ns = k.namespace("plain");
+    let before = admissions_total(k);
+    let mut names = Vec::new();
+    for namespace in [NS, ns.as_str()] {
+        for _ in 0..3 {
+            let pod = plain_pod(namespace);
+            names.push(name(&pod).to_owned());
+            create_as(k, &pod, "alice", &[]).unwrap();
+        }
+    }
+    // A pod that does match (an opted-in pod without references) is counted: the counters move.
+    let matching = opted_in_pod(&ns, &[]);
+    create_as(k, &matching, "alice", &[]).unwrap();
+    k.wait_until("the matching pod is counted", || {
+        admissions_total(k) >= before + 1.0
+    });
+    assert_eq!(
+        admissions_total(k),
+        before + 1.0,
+        "only the matching pod reached the webhook"
+    );
+    for name in &names {
+        assert!(admissions_of(k, name).is_empty(), "{name} reached the webhook");
+    }
+    assert_eq!(admissions_of(k, name(&matching)).len(), 1);
+}
+
+#[test]
+fn failure_policy_fail_rejects_matching_pods_while_the_webhook_is_down() {
+    let Some(k) = cluster("failure_policy_fail_rejects_matching_pods_while_the_webhook_is_down")
+    else {
+        return;
+    };
+    let _exclusive = k.exclusive();
+    let d = domain(k, &["db_password"], &["User:alice"]);
+    let pod = opted_in_pod(NS, &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))]);
+    create_when_ready(k, &pod, "alice", &[]);
+
+    k.stop_webhook();
+    let mut again = pod.clone();
+    again["metadata"]["name"] = json!(unique("app"));
+    let error = create_as(k, &again, "alice", &[]).unwrap_err();
+    assert!(
+        error.contains("failed calling webhook \"pods.secrets.iomete.com\""),
+        "{error}"
+    );
+    assert!(k.get("pod", NS, name(&again)).is_none());
+    // Pods the pre-filter drops are still created.
+    create_as(k, &plain_pod(NS), "alice", &[]).unwrap();
+    // The guard's pods too are rejected, never admitted unchecked.
+    let mut direct = plain_pod(NS);
+    direct["spec"]["containers"][0]["env"] = json!([{"name": "X", "valueFrom":
+        {"secretKeyRef": {"name": format!("iomete-secret-store-{d}"), "key": "db_password"}}}]);
+    let error = create_as(k, &direct, "alice", &[]).unwrap_err();
+    assert!(error.contains("failed calling webhook"), "{error}");
+
+    k.start_webhook();
+    let stored = create_when_ready(k, &again, "alice", &[]);
+    assert_eq!(
+        secret_key_ref(&stored, "DB_PASSWORD"),
+        (format!("iomete-secret-store-{d}"), "db_password".into())
+    );
+}
