@@ -253,6 +253,17 @@ VARS
     --unsafe-no-fsync --log-level=warn
   wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health" || { tail -20 "$state/logs/etcd.log" >&2; exit 1; }
 
+  # Audit: every request of the webhook's ServiceAccount (metadata only: never a body), so tests
+  # can check that each call it makes is allowed by the shipped RBAC.
+  cat > "$state/audit-policy.yaml" <<YAML
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: ["system:serviceaccount:$NS:secrets-webhook"]
+- level: None
+YAML
   log "kube-apiserver on $server"
   start_proc apiserver "$bin/kube-apiserver" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
@@ -268,6 +279,7 @@ VARS
     --authorization-mode=RBAC \
     --allow-privileged=true \
     --profiling=false \
+    --audit-policy-file="$state/audit-policy.yaml" --audit-log-path="$state/logs/audit.log" \
     --v=1
   local admin=("$bin/kubectl" --kubeconfig "$state/admin.kubeconfig")
   wait_for apiserver 120 "${admin[@]}" get --raw /readyz \

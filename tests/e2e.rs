@@ -29,6 +29,7 @@ kind: ServiceAccount
 metadata: {{name: spark, namespace: {NS}}}
 "
         ));
+        k.bind_tenant_service_account("spark");
     });
     Some(k)
 }
@@ -317,7 +318,13 @@ fn crds_and_custom_resources_meet_the_real_schema_validation() {
     for example in ["examples/resourcebundle.yaml", "examples/vaultconfig.yaml"] {
         let path = format!("{}/{example}", env!("CARGO_MANIFEST_DIR"));
         k.kubectl()
-            .args(["apply", "--dry-run=server", "--validate=strict", "-f", &path])
+            .args([
+                "apply",
+                "--dry-run=server",
+                "--validate=strict",
+                "-f",
+                &path,
+            ])
             .run()
             .ok();
     }
@@ -361,8 +368,7 @@ fn crds_and_custom_resources_meet_the_real_schema_validation() {
     assert!(error.contains("subjects"), "{error}");
     // Status is a subresource: a client's status in the main resource is dropped.
     let mut with_status: Value = serde_json::from_str(&vault_config(token, json!({}))).unwrap();
-    with_status["status"] =
-        json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Forged",
+    with_status["status"] = json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Forged",
                                "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
     let stored = k
         .kubectl()
@@ -375,7 +381,10 @@ fn crds_and_custom_resources_meet_the_real_schema_validation() {
         .into_iter()
         .flatten()
         .any(|c| c["reason"] == "Forged");
-    assert!(!forged, "status written through the main resource: {stored}");
+    assert!(
+        !forged,
+        "status written through the main resource: {stored}"
+    );
     k.kubectl()
         .ns(NS)
         .args(["delete", "vaultconfig", &name, "--wait=false"])
@@ -412,7 +421,10 @@ fn pods_that_cannot_matter_never_reach_the_webhook() {
         "only the matching pod reached the webhook"
     );
     for name in &names {
-        assert!(admissions_of(k, name).is_empty(), "{name} reached the webhook");
+        assert!(
+            admissions_of(k, name).is_empty(),
+            "{name} reached the webhook"
+        );
     }
     assert_eq!(admissions_of(k, name(&matching)).len(), 1);
 }
@@ -425,7 +437,10 @@ fn failure_policy_fail_rejects_matching_pods_while_the_webhook_is_down() {
     };
     let _exclusive = k.exclusive();
     let d = domain(k, &["db_password"], &["User:alice"]);
-    let pod = opted_in_pod(NS, &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))]);
+    let pod = opted_in_pod(
+        NS,
+        &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))],
+    );
     create_when_ready(k, &pod, "alice", &[]);
 
     k.stop_webhook();
@@ -452,4 +467,310 @@ fn failure_policy_fail_rejects_matching_pods_while_the_webhook_is_down() {
         secret_key_ref(&stored, "DB_PASSWORD"),
         (format!("iomete-secret-store-{d}"), "db_password".into())
     );
+}
+
+/// A real OpenBao for this test (stopped when dropped), or `None` after a SKIP line.
+fn openbao(test: &str) -> Option<(tokio::runtime::Runtime, support::openbao::OpenBao)> {
+    let bin = support::openbao::require_bao(test)?;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bao = runtime.block_on(support::openbao::OpenBao::start(&bin));
+    Some((runtime, bao))
+}
+
+/// A VaultConfig (token auth, credentials in a Secret) over `path` of `bao`, governed by a new
+/// bundle granting Use to `subjects`; its name.
+fn vault_config(k: &Cluster, host: &str, path: &str, token: &str, subjects: &[&str]) -> String {
+    let name = unique("vc");
+    let subjects: Vec<Value> = subjects
+        .iter()
+        .map(|s| {
+            let (kind, n) = s.split_once(':').unwrap();
+            json!({"kind": kind, "name": n})
+        })
+        .collect();
+    let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": format!("{name}-credentials"), "namespace": NS},
+         "stringData": {"token": token}},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+         "metadata": {"name": format!("{name}-bundle"), "namespace": NS},
+         "spec": {"grants": [{"subjects": subjects, "permissions": ["use"]}]}},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+         "metadata": {"name": name, "namespace": NS},
+         "spec": {"resourceBundle": format!("{name}-bundle"), "host": host,
+                  "path": format!("/v1/secret/data/{path}"),
+                  "auth": {"token": {"secretRef": {"name": format!("{name}-credentials"), "key": "token"}}}}}
+    ]});
+    k.apply(&objects.to_string());
+    name
+}
+
+/// The VaultConfig's `Ready` condition, once the webhook wrote one.
+fn ready_condition(k: &Cluster, name: &str) -> Value {
+    k.eventually(&format!("VaultConfig {name} has a Ready condition"), || {
+        let config = k.get("vaultconfig", NS, name).ok_or("gone")?;
+        config["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+            .ok_or_else(|| config.to_string())
+    })
+}
+
+fn secret_value(k: &Cluster, namespace: &str, name: &str, key: &str) -> Option<String> {
+    use base64::Engine as _;
+    let secret = k.get("secret", namespace, name)?;
+    let b64 = secret["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    Some(String::from_utf8(bytes).unwrap())
+}
+
+#[test]
+fn vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shipped_rbac() {
+    const TEST: &str =
+        "vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shipped_rbac";
+    let Some(k) = cluster(TEST) else { return };
+    let Some((rt, bao)) = openbao(TEST) else {
+        return;
+    };
+    let _shared = k.shared();
+    let path = unique("prod");
+    let s3 = format!("canary-vault-s3-{path}-Zq81");
+    let token_value = format!("canary-vault-tok-{path}-Zq81");
+    rt.block_on(async {
+        bao.put_kv2(
+            None,
+            "secret",
+            &path,
+            json!({"s3_secret": s3, "token": token_value}),
+        )
+        .await;
+        bao.policy(
+            "e2e-reader",
+            r#"path "secret/data/*" { capabilities = ["read"] }
+               path "secret/metadata/*" { capabilities = ["read", "list"] }"#,
+        )
+        .await;
+    });
+    let reader = rt.block_on(bao.token(&["e2e-reader"], None, false));
+    let vc = vault_config(k, &bao.addr, &path, &reader, &["User:alice"]);
+    let bad = vault_config(k, &bao.addr, &path, "not-a-token-Zq81", &["User:alice"]);
+
+    // The webhook tests each config and writes Ready through the status subresource.
+    let ready = ready_condition(k, &vc);
+    assert_eq!(ready["status"], "True", "{ready}");
+    let failed = ready_condition(k, &bad);
+    assert_eq!(failed["status"], "False", "{failed}");
+    assert_no_canary("the Ready condition", &failed.to_string());
+
+    // A Spark driver in a tenant namespace, run by the `spark` ServiceAccount.
+    let ns = k.namespace("vault");
+    k.kubectl()
+        .ns(&ns)
+        .args(["create", "serviceaccount", "spark"])
+        .run()
+        .ok();
+    let mut driver = spark_driver(json!({
+        "env.secrets.iomete.com/S3_SECRET": format!("vault:{vc}/s3_secret"),
+        "spark-conf.secrets.iomete.com/spark.sql.catalog.token": format!("vault:{vc}/token"),
+    }));
+    driver["metadata"]["namespace"] = json!(ns);
+    let managed = format!("iomete-vault-{vc}");
+
+    // --dry-run=server: admitted exactly as a real create would be, and nothing is written.
+    let dry = k.eventually("a dry run admits the driver", || {
+        let run = k
+            .kubectl()
+            .user("alice", &[])
+            .args(["create", "--dry-run=server", "-o", "json", "-f", "-"])
+            .stdin(driver.to_string())
+            .run();
+        if run.success {
+            Ok(serde_json::from_str::<Value>(&run.stdout).unwrap())
+        } else {
+            Err(run.stderr)
+        }
+    });
+    assert_eq!(
+        secret_key_ref(&dry, "S3_SECRET"),
+        (managed.clone(), "s3_secret".into())
+    );
+    assert!(
+        k.get("secret", &ns, &managed).is_none(),
+        "a dry run wrote {managed}"
+    );
+    assert!(k.get("pod", &ns, name(&driver)).is_none());
+    // bob: the dry run and the real create deny with the same text.
+    let as_bob = |dry_run: bool| {
+        let mut args = vec!["create", "-o", "name", "-f", "-"];
+        if dry_run {
+            args.push("--dry-run=server");
+        }
+        k.kubectl()
+            .user("bob", &[])
+            .args(args)
+            .stdin(driver.to_string())
+            .run()
+            .err()
+    };
+    let (dry_denial, denial) = (as_bob(true), as_bob(false));
+    assert!(denial.contains(DENIED), "{denial}");
+    assert!(
+        denial.contains(&format!("vault:{vc}/s3_secret")),
+        "{denial}"
+    );
+    assert_eq!(dry_denial, denial);
+    assert!(k.get("secret", &ns, &managed).is_none());
+
+    // The real create: the value is materialized in the pod's namespace and referenced.
+    let stored = create_as(k, &driver, "alice", &[]).unwrap();
+    assert_eq!(
+        secret_key_ref(&stored, "S3_SECRET"),
+        (managed.clone(), "s3_secret".into())
+    );
+    assert_no_canary("the stored driver", &stored.to_string());
+    assert!(secret_value(k, &ns, &managed, "s3_secret") == Some(s3.clone()));
+    let labels = k.get("secret", &ns, &managed).unwrap()["metadata"]["labels"].clone();
+    assert_eq!(
+        labels["app.kubernetes.io/managed-by"], "secrets-webhook",
+        "{labels}"
+    );
+
+    // An executor created by the driver's ServiceAccount inherits the driver's grants: the
+    // webhook looks the owner up through the API (get pods, with its own token).
+    let token = k.token(&ns, "spark", None);
+    let executor = |refs: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": unique("exec"), "namespace": ns,
+                            "labels": {"spark-role": "executor",
+                                       "spark-app-selector": driver["metadata"]["labels"]["spark-app-selector"]},
+                            "annotations": refs,
+                            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "controller": true,
+                                                 "name": name(&driver), "uid": stored["metadata"]["uid"]}]},
+               "spec": {"serviceAccountName": "spark",
+                        "containers": [{"name": "spark-kubernetes-executor", "image": "spark", "args": ["executor"]}]}})
+    };
+    let within =
+        executor(json!({"env.secrets.iomete.com/S3_SECRET": format!("vault:{vc}/s3_secret")}));
+    let admitted = k
+        .kubectl_with_token(&token)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(within.to_string())
+        .run()
+        .json();
+    assert_eq!(
+        secret_key_ref(&admitted, "S3_SECRET"),
+        (managed.clone(), "s3_secret".into())
+    );
+    let beyond =
+        executor(json!({"env.secrets.iomete.com/OTHER": format!("vault:{bad}/s3_secret")}));
+    let error = k
+        .kubectl_with_token(&token)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(beyond.to_string())
+        .run()
+        .err();
+    assert!(error.contains(DENIED), "{error}");
+    assert!(error.contains(&format!("vault:{bad}/s3_secret")), "{error}");
+    assert_no_canary("the webhook log", &k.webhook_log());
+
+    // RBAC: everything the webhook asked the API server for, with its own token, was allowed.
+    let events = k.webhook_audit();
+    let forbidden: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            let code = e["responseStatus"]["code"].as_u64().unwrap_or(0);
+            code == 401 || code == 403
+        })
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "calls the shipped RBAC refused: {forbidden:?}"
+    );
+    let seen: std::collections::BTreeSet<(String, String)> = events
+        .iter()
+        .map(|e| {
+            let r = &e["objectRef"];
+            let mut resource = r["resource"].as_str().unwrap_or_default().to_owned();
+            if let Some(sub) = r["subresource"].as_str() {
+                resource = format!("{resource}/{sub}");
+            }
+            (e["verb"].as_str().unwrap_or_default().to_owned(), resource)
+        })
+        .collect();
+    for (verb, resource) in [
+        ("watch", "secrets"),
+        ("get", "secrets"),
+        ("create", "secrets"),
+        ("get", "pods"),
+        ("watch", "vaultconfigs"),
+        ("watch", "resourcebundles"),
+        ("patch", "vaultconfigs/status"),
+    ] {
+        assert!(
+            seen.contains(&(verb.to_owned(), resource.to_owned())),
+            "the webhook never made {verb} {resource} (seen: {seen:?})"
+        );
+    }
+    for config in [&vc, &bad] {
+        k.kubectl()
+            .ns(NS)
+            .args(["delete", "vaultconfig", config, "--wait=false"])
+            .run()
+            .ok();
+    }
+}
+
+#[test]
+fn the_webhook_service_account_holds_exactly_the_shipped_rbac() {
+    let Some(k) = cluster("the_webhook_service_account_holds_exactly_the_shipped_rbac") else {
+        return;
+    };
+    let _shared = k.shared();
+    let sa = format!("system:serviceaccount:{NS}:secrets-webhook");
+    let can = |ns: &str, verb: &str, resource: &str| {
+        let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+        let run = k
+            .kubectl()
+            .ns(ns)
+            .args(["auth", "can-i", verb, resource, "--as", &sa])
+            .args((!sub.is_empty()).then(|| format!("--subresource={sub}")))
+            .run();
+        run.stdout.trim() == "yes"
+    };
+    let tenant = k.namespace("rbac");
+    for (ns, verb, resource, want) in [
+        (NS, "watch", "secrets", true),
+        (NS, "list", "secrets", true),
+        (tenant.as_str(), "list", "secrets", false),
+        (tenant.as_str(), "watch", "secrets", false),
+        (tenant.as_str(), "create", "secrets", true),
+        (tenant.as_str(), "get", "secrets", true),
+        (tenant.as_str(), "delete", "secrets", false),
+        (tenant.as_str(), "get", "pods", true),
+        (tenant.as_str(), "list", "pods", false),
+        (tenant.as_str(), "create", "pods", false),
+        (NS, "list", "vaultconfigs.secrets.iomete.com", true),
+        (NS, "update", "vaultconfigs.secrets.iomete.com", false),
+        (NS, "patch", "vaultconfigs.secrets.iomete.com/status", true),
+        (NS, "create", "resourcebundles.secrets.iomete.com", false),
+        (
+            NS,
+            "create",
+            "subjectaccessreviews.authorization.k8s.io",
+            false,
+        ),
+    ] {
+        assert_eq!(can(ns, verb, resource), want, "{verb} {resource} in {ns}");
+    }
+    // The webhook process authenticates as that ServiceAccount (its kubeconfig holds the token).
+    let kubeconfig = k.dir.join("webhook.kubeconfig");
+    let whoami = k
+        .kubectl()
+        .args(["auth", "whoami", "-o", "json"])
+        .args(["--kubeconfig", &kubeconfig.to_string_lossy()])
+        .run()
+        .json();
+    assert_eq!(whoami["status"]["userInfo"]["username"], sa.as_str());
 }

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// Users the tests impersonate; they (and group `e2e-tenants`) may manage pods in test namespaces.
+pub const TENANT_USERS: &[&str] = &["alice", "bob", "carol", "dave", "erin"];
+
 /// The data-plane namespace (the stores live there; Spark and Jupyter pods using them run there).
 pub const NS: &str = "iomete-system";
 
@@ -299,8 +302,9 @@ impl Cluster {
         (!text.trim().is_empty()).then(|| serde_json::from_str(&text).expect("JSON"))
     }
 
-    /// A fresh namespace where every authenticated user may manage pods, configmaps and services
-    /// (the `e2e-tenant` ClusterRole), with its `default` ServiceAccount in place.
+    /// A fresh namespace where the test users and the namespace's own ServiceAccounts may manage
+    /// pods, configmaps and services (the `e2e-tenant` ClusterRole), with its `default`
+    /// ServiceAccount in place.
     pub fn namespace(&self, prefix: &str) -> String {
         let name = unique(prefix);
         self.kubectl()
@@ -314,18 +318,37 @@ impl Cluster {
         name
     }
 
-    fn bind_tenants(&self, namespace: &str) {
-        self.kubectl()
-            .ns(namespace)
-            .args([
-                "create",
-                "rolebinding",
-                "e2e-tenants",
-                "--clusterrole=e2e-tenant",
-                "--group=system:authenticated",
-            ])
-            .run()
-            .ok();
+    /// The `e2e-tenant` role for the test users ([`TENANT_USERS`], group `e2e-tenants`) and, in a
+    /// tenant namespace, its own ServiceAccounts. Not `system:authenticated`: the webhook's
+    /// ServiceAccount must hold nothing but the shipped RBAC.
+    pub fn bind_tenants(&self, namespace: &str) {
+        let mut subjects: Vec<Value> = TENANT_USERS
+            .iter()
+            .map(|u| serde_json::json!({"kind": "User", "name": u, "apiGroup": "rbac.authorization.k8s.io"}))
+            .collect();
+        subjects.push(serde_json::json!({"kind": "Group", "name": "e2e-tenants", "apiGroup": "rbac.authorization.k8s.io"}));
+        if namespace != NS {
+            subjects.push(serde_json::json!({"kind": "Group", "name": format!("system:serviceaccounts:{namespace}"),
+                                             "apiGroup": "rbac.authorization.k8s.io"}));
+        }
+        self.apply(
+            &serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "e2e-tenants", "namespace": namespace},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "e2e-tenant"},
+                "subjects": subjects})
+            .to_string(),
+        );
+    }
+
+    /// Grants the tenant role to one ServiceAccount of the data-plane namespace (e.g. Spark's).
+    pub fn bind_tenant_service_account(&self, name: &str) {
+        self.apply(
+            &serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": format!("e2e-tenant-{name}"), "namespace": NS},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "e2e-tenant"},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NS}]})
+            .to_string(),
+        );
     }
 
     /// What a tenant may do: pods, and what Spark's submission client creates with them. No
@@ -377,6 +400,15 @@ rules:
     /// Everything the webhook process logged so far (JSON lines).
     pub fn webhook_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("logs/webhook.log")).unwrap_or_default()
+    }
+
+    /// The API server's audit events for the webhook's ServiceAccount (metadata only).
+    pub fn webhook_audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("logs/audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Stops the webhook process (hold [`Cluster::exclusive`]).
