@@ -774,3 +774,223 @@ fn the_webhook_service_account_holds_exactly_the_shipped_rbac() {
         .json();
     assert_eq!(whoami["status"]["userInfo"]["username"], sa.as_str());
 }
+
+/// A second mutating webhook, as another platform component would register: it adds the env var
+/// `ADDED_BY_E2E` to the first container (once). HTTPS on 127.0.0.1 with its own CA.
+struct EnvAdder {
+    url: String,
+    ca_bundle: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn env_adder() -> EnvAdder {
+    use base64::Engine as _;
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    support::tls::init();
+    let pki = support::tls::Pki::new("e2e env adder");
+    let pair = pki.serving_pair();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pair.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("https://{}/mutate", listener.local_addr().unwrap());
+    let handle = |request: hyper::Request<hyper::body::Incoming>| async move {
+        let body = request.into_body().collect().await?.to_bytes();
+        let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let request = &review["request"];
+        let container = &request["object"]["spec"]["containers"][0];
+        let has = container["env"]
+            .as_array()
+            .is_some_and(|env| env.iter().any(|e| e["name"] == "ADDED_BY_E2E"));
+        let var = json!({"name": "ADDED_BY_E2E", "value": "1"});
+        let patch = match (has, container["env"].is_array()) {
+            (true, _) => json!([]),
+            (false, true) => json!([{"op": "add", "path": "/spec/containers/0/env/-", "value": var}]),
+            (false, false) => json!([{"op": "add", "path": "/spec/containers/0/env", "value": [var]}]),
+        };
+        let response = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "response": {"uid": request["uid"], "allowed": true, "patchType": "JSONPatch",
+                         "patch": base64::engine::general_purpose::STANDARD.encode(patch.to_string())}});
+        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+            hyper::body::Bytes::from(response.to_string()),
+        )))
+    };
+    runtime.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(tls),
+                            hyper::service::service_fn(handle),
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    EnvAdder {
+        url,
+        ca_bundle: base64::engine::general_purpose::STANDARD.encode(pki.ca_pem()),
+        _runtime: runtime,
+    }
+}
+
+#[test]
+fn reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty() {
+    let Some(k) = cluster("reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty")
+    else {
+        return;
+    };
+    let _shared = k.shared();
+    let adder = env_adder();
+    let id = unique("reinvoke");
+    // Named after ours: the API server calls mutating webhooks in name order.
+    let config = format!("zz-{id}");
+    k.apply(
+        &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": config},
+            "webhooks": [{"name": "env-adder.e2e.test", "admissionReviewVersions": ["v1"],
+                "sideEffects": "None", "failurePolicy": "Fail", "reinvocationPolicy": "Never",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": adder.url, "caBundle": adder.ca_bundle},
+                "objectSelector": {"matchLabels": {"e2e-reinvoke": id}},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}]}]})
+        .to_string(),
+    );
+    let d = domain(k, &["db_password"], &["User:alice"]);
+    let pod = |name: String| {
+        let mut pod = opted_in_pod(NS, &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))]);
+        pod["metadata"]["name"] = json!(name);
+        pod["metadata"]["labels"]["e2e-reinvoke"] = json!(id);
+        pod
+    };
+    // Both webhooks are in effect once a dry run shows both changes.
+    k.eventually("both webhooks mutate", || {
+        let run = k
+            .kubectl()
+            .user("alice", &[])
+            .args(["create", "--dry-run=server", "-o", "json", "-f", "-"])
+            .stdin(pod(unique("probe")).to_string())
+            .run();
+        let text = if run.success { run.stdout } else { run.stderr };
+        if text.contains("ADDED_BY_E2E") && text.contains("secretKeyRef") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    let wanted = pod(unique("app"));
+    let stored = create_as(k, &wanted, "alice", &[]).unwrap();
+    let env = stored["spec"]["containers"][0]["env"].as_array().unwrap();
+    let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"ADDED_BY_E2E"));
+    assert_eq!(
+        secret_key_ref(&stored, "DB_PASSWORD"),
+        (format!("iomete-secret-store-{d}"), "db_password".into())
+    );
+    // Ours ran twice: the first pass patched, the reinvocation found nothing left to do.
+    let passes = admissions_of(k, name(&wanted));
+    assert_eq!(passes.len(), 2, "{passes:?}");
+    assert!(passes[0]["fields"]["ops"].as_u64().unwrap() > 0, "{passes:?}");
+    assert_eq!(passes[1]["fields"]["ops"], 0, "{passes:?}");
+    k.kubectl()
+        .args(["delete", "mutatingwebhookconfiguration", &config])
+        .run()
+        .ok();
+}
+
+/// Sets `features.secretsV2.enabled` with `helm upgrade` and restarts the webhook from the
+/// upgraded Deployment, as a rollout would.
+fn set_feature(k: &Cluster, enabled: bool) -> Value {
+    let chart = format!("{}/charts/secrets-webhook", env!("CARGO_MANIFEST_DIR"));
+    let set = format!("features.secretsV2.enabled={enabled}");
+    let run = k.helm([
+        "upgrade", "secrets-webhook", &chart, "--namespace", NS, "--reuse-values", "--set", &set,
+    ]);
+    assert!(run.success, "helm upgrade: {}", run.stderr);
+    k.start_webhook();
+    k.get("deployment", NS, "secrets-webhook").unwrap()
+}
+
+/// Switches the feature back on when a test that turned it off ends, even by a panic.
+struct FeatureOn<'a>(&'a Cluster);
+
+impl Drop for FeatureOn<'_> {
+    fn drop(&mut self) {
+        set_feature(self.0, true);
+    }
+}
+
+#[test]
+fn helm_upgrade_switches_injection_off_and_on_with_nothing_lost() {
+    let Some(k) = cluster("helm_upgrade_switches_injection_off_and_on_with_nothing_lost") else {
+        return;
+    };
+    let _exclusive = k.exclusive();
+    let d = domain(k, &["db_password"], &["User:alice"]);
+    let reference = format!("kubernetes:{d}/db_password");
+    let before = create_when_ready(k, &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]), "alice", &[]);
+    let revision = |k: &Cluster| {
+        let status: Value = serde_json::from_str(&k.helm(["status", "secrets-webhook", "-n", NS, "-o", "json"]).ok()).unwrap();
+        status["version"].as_u64().unwrap()
+    };
+    let first = revision(k);
+
+    let restore = FeatureOn(k);
+    let deployment = set_feature(k, false);
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--enabled=false"), "{args}");
+    assert_eq!(revision(k), first + 1);
+    // Off: a pod with references passes untouched (no secretKeyRef, no stamps)...
+    let off = k.eventually("injection is off", || {
+        let pod = opted_in_pod(NS, &[("DB_PASSWORD", &reference)]);
+        let stored = create_as(k, &pod, "alice", &[])?;
+        if stored["spec"]["containers"][0]["env"].is_null() {
+            Ok(stored)
+        } else {
+            Err(stored.to_string())
+        }
+    });
+    assert!(off["metadata"]["annotations"]["secrets.iomete.com/identity"].is_null());
+    // ...while the guard still denies a direct reference to a managed store.
+    let mut direct = plain_pod(NS);
+    direct["spec"]["containers"][0]["env"] = json!([{"name": "X", "valueFrom":
+        {"secretKeyRef": {"name": format!("iomete-secret-store-{d}"), "key": "db_password"}}}]);
+    let error = create_as(k, &direct, "alice", &[]).unwrap_err();
+    assert!(error.contains(DENIED), "{error}");
+
+    drop(restore);
+    assert_eq!(revision(k), first + 2);
+    let deployment = k.get("deployment", NS, "secrets-webhook").unwrap();
+    assert!(!deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string().contains("--enabled"));
+    // On again: the same reference is wired, with nothing re-created: the bundle, the store, the
+    // registration (its local URL and caBundle kept by --reuse-values) and earlier pods are intact.
+    let after = create_when_ready(k, &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]), "alice", &[]);
+    assert_eq!(
+        secret_key_ref(&after, "DB_PASSWORD"),
+        (format!("iomete-secret-store-{d}"), "db_password".into())
+    );
+    let kept = k.get("pod", NS, name(&before)).unwrap();
+    assert_eq!(secret_key_ref(&kept, "DB_PASSWORD"), secret_key_ref(&before, "DB_PASSWORD"));
+    assert!(k.get("resourcebundle", NS, &format!("{d}-bundle")).is_some());
+    for crd in ["resourcebundles.secrets.iomete.com", "vaultconfigs.secrets.iomete.com"] {
+        assert!(k.get("crd", "", crd).is_some(), "{crd} lost");
+    }
+}
