@@ -149,9 +149,18 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
             ..PostParams::default()
         };
         match with.create(&dry, &probe).await {
-            Ok(pod) if serde_json::to_string(&pod).unwrap().contains("secretKeyRef") => break,
+            Ok(pod)
+                if serde_json::to_string(&pod)
+                    .unwrap()
+                    .contains("secretKeyRef") =>
+            {
+                break;
+            }
             other => {
-                assert!(Instant::now() < until, "the webhook never wired the probe: {other:?}");
+                assert!(
+                    Instant::now() < until,
+                    "the webhook never wired the probe: {other:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -207,10 +216,15 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
     lat_with.sort();
     lat_without.sort();
     let (p50w, p99w) = (percentile(&lat_with, 0.5), percentile(&lat_with, 0.99));
-    let (p50o, p99o) = (percentile(&lat_without, 0.5), percentile(&lat_without, 0.99));
+    let (p50o, p99o) = (
+        percentile(&lat_without, 0.5),
+        percentile(&lat_without, 0.99),
+    );
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (tw, to) = (mean(&rate_with), mean(&rate_without));
-    println!("\n## Pod create through kube-apiserver, 10-reference Spark driver ({samples} pairs after {warmup} warm-up, alternating)\n");
+    println!(
+        "\n## Pod create through kube-apiserver, 10-reference Spark driver ({samples} pairs after {warmup} warm-up, alternating)\n"
+    );
     println!("| | webhook called | webhook not called | added |");
     println!("|---|---|---|---|");
     println!(
@@ -348,7 +362,12 @@ async fn burst(
             tokio::spawn(async move {
                 let result = api.create(&PostParams::default(), &pod).await;
                 done.lock().unwrap().push(started.elapsed());
-                result.map(|p| serde_json::to_string(&p).unwrap().matches("secretKeyRef").count())
+                result.map(|p| {
+                    serde_json::to_string(&p)
+                        .unwrap()
+                        .matches("secretKeyRef")
+                        .count()
+                })
             })
         })
         .collect();
@@ -372,18 +391,28 @@ async fn burst(
         .map(|key| bao.requests_to(&format!("secret/data/{path}/{key}")))
         .collect();
     let gets = owner_gets(k, &ns, &driver_name) - audit_before;
-    println!("\n## {executors}-executor burst through kube-apiserver (3 Vault references each, all creates at once)\n");
+    println!(
+        "\n## {executors}-executor burst through kube-apiserver (3 Vault references each, all creates at once)\n"
+    );
     println!("| | |");
     println!("|---|---|");
     println!("| executors admitted and wired | {wired} of {executors} |");
     println!("| time to the last admission | {:.0} ms |", ms(last));
     println!(
         "| Vault reads per key during the burst | {} |",
-        reads.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+        reads
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "| Vault reads per key, driver + burst | {} |",
-        total_reads.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+        total_reads
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!("| owner driver GETs by the webhook during the burst | {gets} |");
     if !failed.is_empty() {

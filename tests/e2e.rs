@@ -1416,3 +1416,225 @@ fn real_kubespawner_spawns_a_wired_server_and_fails_with_the_denial_without_a_gr
         "{error}"
     );
 }
+
+// ----- Components against the real API server (these ran against the fake before; the fake
+// keeps only the faults: tests/kube_stores.rs, tests/authz.rs) -----
+
+/// Polls `done` (inside a runtime) for up to 20 s.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn secret_object(namespace: &str, name: &str, keys: &[&str]) -> Value {
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| (k.to_string(), json!("canary-Zq81")))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": namespace}, "stringData": data})
+}
+
+#[test]
+fn store_watch_follows_real_secrets_and_ignores_what_is_not_a_store() {
+    use secrets_webhook::backends::kubernetes::StoreWatch;
+    use secrets_webhook::backends::{StoreCheck, StoreIndex};
+    use secrets_webhook::config::Naming;
+
+    let Some(k) = cluster("store_watch_follows_real_secrets_and_ignores_what_is_not_a_store")
+    else {
+        return;
+    };
+    let _shared = k.shared();
+    let ns = k.namespace("stores");
+    let other = k.namespace("stores-other");
+    for secret in [
+        secret_object(&ns, "iomete-secret-store", &["legacy_token"]),
+        secret_object(
+            &ns,
+            "iomete-secret-store-finance",
+            &["db_password", "api_key"],
+        ),
+        secret_object(&ns, "unrelated", &["k"]),
+        secret_object(&ns, "iomete-secret-storefinance", &["k"]),
+        secret_object(&ns, "iomete-vault-prod", &["k"]),
+        secret_object(&other, "iomete-secret-store-hr", &["k"]),
+    ] {
+        k.apply(&secret.to_string());
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let naming = Naming {
+            namespace: ns.clone(),
+            ..Naming::default()
+        };
+        let watch = StoreWatch::spawn(k.client().await, &naming);
+        tokio::time::timeout(std::time::Duration::from_secs(20), watch.wait_ready())
+            .await
+            .expect("ready");
+        assert_eq!(
+            watch.stores(),
+            ["iomete-secret-store", "iomete-secret-store-finance"]
+        );
+        assert_eq!(
+            watch.check("iomete-secret-store", "legacy_token"),
+            StoreCheck::Present
+        );
+        assert_eq!(
+            watch.check("iomete-secret-store-finance", "db_pasword"),
+            StoreCheck::MissingKey
+        );
+        assert_eq!(
+            watch.check("iomete-secret-store-hr", "k"),
+            StoreCheck::MissingStore,
+            "a store in another namespace"
+        );
+        assert_eq!(
+            watch.keys("iomete-secret-store-finance"),
+            Some(vec!["api_key".to_owned(), "db_password".to_owned()])
+        );
+        // An added key, a new store, a deleted store: seen through the watch.
+        k.apply(
+            &secret_object(
+                &ns,
+                "iomete-secret-store-finance",
+                &["db_password", "api_key", "new_key"],
+            )
+            .to_string(),
+        );
+        until("new key", || {
+            watch.check("iomete-secret-store-finance", "new_key") == StoreCheck::Present
+        })
+        .await;
+        k.apply(&secret_object(&ns, "iomete-secret-store-hr", &["payroll"]).to_string());
+        until("new store", || {
+            watch.check("iomete-secret-store-hr", "payroll") == StoreCheck::Present
+        })
+        .await;
+        k.kubectl()
+            .ns(&ns)
+            .args(["delete", "secret", "iomete-secret-store-finance"])
+            .run()
+            .ok();
+        until("store gone", || {
+            watch.check("iomete-secret-store-finance", "db_password") == StoreCheck::MissingStore
+        })
+        .await;
+        assert_eq!(
+            watch.stores(),
+            ["iomete-secret-store", "iomete-secret-store-hr"]
+        );
+        // Key names only: no value in what the watch exposes.
+        assert_no_canary("the watch", &format!("{watch:?}"));
+
+        // Store names and namespace come from the configuration.
+        k.apply(&secret_object(&other, "keys", &["a"]).to_string());
+        k.apply(&secret_object(&other, "keys-sales", &["b"]).to_string());
+        let naming = Naming {
+            namespace: other.clone(),
+            global_store: "keys".into(),
+            ..Naming::default()
+        };
+        let renamed = StoreWatch::spawn(k.client().await, &naming);
+        tokio::time::timeout(std::time::Duration::from_secs(20), renamed.wait_ready())
+            .await
+            .expect("ready");
+        assert_eq!(renamed.stores(), ["keys", "keys-sales"]);
+        assert_eq!(renamed.check("keys-sales", "b"), StoreCheck::Present);
+    });
+}
+
+#[test]
+fn subject_access_reviews_are_decided_by_real_rbac() {
+    use secrets_webhook::authz::sar::SarAuthorizer;
+    use secrets_webhook::authz::{Authorizer, Decision, Identity, Resource};
+
+    let Some(k) = cluster("subject_access_reviews_are_decided_by_real_rbac") else {
+        return;
+    };
+    let _shared = k.shared();
+    let ns = k.namespace("sar");
+    let domain = unique("dom");
+    let group = unique("grp");
+    // An ordinary Role grants `use` on one domain to one group.
+    k.apply(
+        &json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": "use-domain", "namespace": ns},
+             "rules": [{"apiGroups": ["secrets.iomete.com"], "resources": ["domains"],
+                        "resourceNames": [domain], "verbs": ["use"]}]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "use-domain", "namespace": ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "use-domain"},
+             "subjects": [{"kind": "Group", "name": group, "apiGroup": "rbac.authorization.k8s.io"}]}]})
+        .to_string(),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sar = SarAuthorizer::new(k.client().await, ns.clone());
+        let soon = || std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let alice = Identity::new("alice", vec![group.clone(), "system:authenticated".into()]);
+        let bob = Identity::new("bob", vec!["system:authenticated".into()]);
+        let resource = Resource::Domain(domain.clone());
+        assert_eq!(sar.check_use(&alice, &resource, soon()).await, Decision::Allow);
+        // Another domain, another verb's worth: not granted.
+        let other = Resource::Domain(unique("dom"));
+        assert!(matches!(sar.check_use(&alice, &other, soon()).await, Decision::Deny(_)));
+        let Decision::Deny(text) = sar.check_use(&bob, &resource, soon()).await else {
+            panic!("bob must be denied")
+        };
+        assert!(
+            text.starts_with(&format!(
+                "user \"bob\" lacks Use on domain \"{domain}\" (Kubernetes RBAC: verb \"use\" on domains.secrets.iomete.com \"{domain}\" in namespace \"{ns}\""
+            )),
+            "{text}"
+        );
+        assert!(text.ends_with("a platform admin can grant it with a Role and RoleBinding"), "{text}");
+    });
+}
+
+#[test]
+fn resource_bundles_are_watched_in_the_data_plane_namespace_only() {
+    use secrets_webhook::authz::ras::RasAuthorizer;
+    use secrets_webhook::authz::{Authorizer, Decision, Identity, Resource};
+
+    let Some(k) = cluster("resource_bundles_are_watched_in_the_data_plane_namespace_only") else {
+        return;
+    };
+    let _shared = k.shared();
+    let ns = k.namespace("ras");
+    let other = k.namespace("ras-other");
+    let bundle = |namespace: &str, user: &str| {
+        json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+               "metadata": {"name": "finance-bundle", "namespace": namespace},
+               "spec": {"domains": ["finance"], "grants": [{"subjects": [{"kind": "User", "name": user}],
+                        "permissions": ["use"]}]}})
+        .to_string()
+    };
+    k.apply(&bundle(&ns, "alice"));
+    k.apply(&bundle(&other, "bob"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ras = RasAuthorizer::in_cluster(k.client().await, &ns);
+        let soon = || std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let alice = Identity::new("alice", Vec::new());
+        let bob = Identity::new("bob", Vec::new());
+        let finance = Resource::Domain("finance".into());
+        assert_eq!(ras.check_use(&alice, &finance, soon()).await, Decision::Allow);
+        assert!(matches!(ras.check_use(&bob, &finance, soon()).await, Decision::Deny(t) if t.contains("(resource bundle \"finance-bundle\")")));
+        // Revoke alice, grant bob: the change arrives through the watch.
+        k.apply(&bundle(&ns, "bob"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while ras.check_use(&bob, &finance, soon()).await != Decision::Allow {
+            assert!(std::time::Instant::now() < deadline, "the update never arrived");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(matches!(ras.check_use(&alice, &finance, soon()).await, Decision::Deny(_)));
+    });
+}

@@ -244,6 +244,18 @@ impl Cluster {
         }
     }
 
+    /// A `kube::Client` with the admin credentials (call inside a tokio runtime).
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("kube config");
+        kube::Client::try_from(config).expect("kube client")
+    }
+
     /// `kubectl` authenticated by a bearer token only (e.g. a ServiceAccount's, see [`Cluster::token`]).
     pub fn kubectl_with_token(&self, token: &str) -> Kubectl {
         let mut command = Command::new(self.bin.join("kubectl"));
