@@ -115,7 +115,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SECRETS_WEBHOOK_API_LISTEN")]
     pub api_listen: Option<String>,
     /// Audiences a bearer token of the API must be issued for (TokenReview); default: the API server's.
-    #[arg(long = "api-token-audience", env = "SECRETS_WEBHOOK_API_TOKEN_AUDIENCES", value_delimiter = ',')]
+    #[arg(
+        long = "api-token-audience",
+        env = "SECRETS_WEBHOOK_API_TOKEN_AUDIENCES",
+        value_delimiter = ','
+    )]
     pub api_token_audiences: Vec<String>,
     /// Log format: `json` (default) or `text`.
     #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]

@@ -71,7 +71,9 @@ pub enum Via {
     DevToken,
     TokenReview,
     /// A console backend acting for the user; `backend` is the backend's own username.
-    ConsoleBackend { backend: String },
+    ConsoleBackend {
+        backend: String,
+    },
 }
 
 /// An authenticated caller.
@@ -114,9 +116,7 @@ pub struct Authenticator {
 /// Why `Authenticator` could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthConfigError {
-    #[error(
-        "consoleBackends[{0}] must name exactly one of username or group; fix the config file"
-    )]
+    #[error("consoleBackends[{0}] must name exactly one of username or group; fix the config file")]
     Backend(usize),
     #[error("apiTokens[{0}] needs a non-empty token and user; fix the config file")]
     Token(usize),
@@ -206,7 +206,12 @@ impl Authenticator {
     }
 
     /// Applies `X-Remote-User` / `X-Remote-Group`: only from a console backend.
-    fn on_behalf(&self, identity: Identity, via: Via, headers: &HeaderMap) -> Result<Caller, Problem> {
+    fn on_behalf(
+        &self,
+        identity: Identity,
+        via: Via,
+        headers: &HeaderMap,
+    ) -> Result<Caller, Problem> {
         let user = headers.get(REMOTE_USER);
         let groups: Vec<&axum::http::HeaderValue> = headers.get_all(REMOTE_GROUP).iter().collect();
         if user.is_none() && groups.is_empty() {
@@ -228,18 +233,17 @@ impl Authenticator {
             .at("X-Remote-User"));
         }
         let Some(user) = user else {
-            return Err(
-                Problem::bad_request("X-Remote-User", "X-Remote-Group needs X-Remote-User"),
-            );
+            return Err(Problem::bad_request(
+                "X-Remote-User",
+                "X-Remote-Group needs X-Remote-User",
+            ));
         };
-        let user = header_text(user)
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| {
-                Problem::bad_request(
-                    "X-Remote-User",
-                    "X-Remote-User must be a non-empty user name of visible ASCII characters",
-                )
-            })?;
+        let user = header_text(user).filter(|u| !u.is_empty()).ok_or_else(|| {
+            Problem::bad_request(
+                "X-Remote-User",
+                "X-Remote-User must be a non-empty user name of visible ASCII characters",
+            )
+        })?;
         let mut names = Vec::new();
         for value in groups {
             let text = header_text(value).ok_or_else(|| {
@@ -293,7 +297,9 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Problem> {
         ));
     };
     let text = value.to_str().map_err(|_| {
-        Problem::unauthenticated("the Authorization header is not visible ASCII; send `Bearer <token>`")
+        Problem::unauthenticated(
+            "the Authorization header is not visible ASCII; send `Bearer <token>`",
+        )
     })?;
     let token = match text.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
@@ -324,14 +330,21 @@ async fn review(client: kube::Client, audiences: Vec<String>, token: String) -> 
     let answer = tokio::time::timeout(REVIEW_BUDGET, api.create(&PostParams::default(), &request))
         .await
         .map_err(|_| "the TokenReview timed out (failing closed); try again".to_string())?
-        .map_err(|e| format!("the TokenReview failed (failing closed): {}", kube_reason(&e)))?;
+        .map_err(|e| {
+            format!(
+                "the TokenReview failed (failing closed): {}",
+                kube_reason(&e)
+            )
+        })?;
     let Some(status) = answer.status else {
         return Ok(None);
     };
     if status.authenticated != Some(true) {
         return Ok(None);
     }
-    let Some(user) = status.user.filter(|u| u.username.as_deref().is_some_and(|n| !n.is_empty()))
+    let Some(user) = status
+        .user
+        .filter(|u| u.username.as_deref().is_some_and(|n| !n.is_empty()))
     else {
         return Ok(None);
     };

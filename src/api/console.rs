@@ -28,7 +28,10 @@ pub(super) fn router() -> Router<Arc<Api>> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/console/") }))
         .route("/console", get(|| async { Redirect::to("/console/") }))
-        .route("/console/", get(|| async { file(INDEX, "text/html; charset=utf-8") }))
+        .route(
+            "/console/",
+            get(|| async { file(INDEX, "text/html; charset=utf-8") }),
+        )
         .route(
             "/console/app.js",
             get(|| async { file(SCRIPT, "text/javascript; charset=utf-8") }),

@@ -48,7 +48,10 @@ fn json<T: Serialize>(status: StatusCode, body: &T, etag: Option<&str>) -> Respo
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut response = (status, bytes).into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     if let Some(etag) = etag.and_then(|v| HeaderValue::from_str(&format!("\"{v}\"")).ok()) {
         headers.insert(header::ETAG, etag);
     }
@@ -170,7 +173,10 @@ async fn read_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Valu
         Value::Object(map) => Ok(map),
         other => Err(Problem::bad_request(
             "body",
-            format!("the body is JSON {}, not an object; send a JSON object", shape(&other)),
+            format!(
+                "the body is JSON {}, not an object; send a JSON object",
+                shape(&other)
+            ),
         )),
     }
 }
@@ -187,7 +193,11 @@ fn shape(v: &Value) -> &'static str {
     }
 }
 
-fn no_other_fields(map: &Map<String, Value>, allowed: &[&str], prefix: &str) -> Result<(), Problem> {
+fn no_other_fields(
+    map: &Map<String, Value>,
+    allowed: &[&str],
+    prefix: &str,
+) -> Result<(), Problem> {
     match map.keys().find(|k| !allowed.contains(&k.as_str())) {
         None => Ok(()),
         Some(k) => {
@@ -204,7 +214,11 @@ fn no_other_fields(map: &Map<String, Value>, allowed: &[&str], prefix: &str) -> 
 }
 
 /// An optional string field (`null` counts as absent).
-fn opt_string(map: &Map<String, Value>, field: &str, path: &str) -> Result<Option<String>, Problem> {
+fn opt_string(
+    map: &Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<Option<String>, Problem> {
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -337,7 +351,12 @@ fn store_problem(e: KeyError, what: &str) -> Problem {
 
 impl Api {
     /// Whether `caller` holds `permission`; the authorizer's denial otherwise.
-    async fn allowed(&self, caller: &super::auth::Caller, permission: Permission, what: &Resource) -> Result<(), String> {
+    async fn allowed(
+        &self,
+        caller: &super::auth::Caller,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<(), String> {
         match self
             .authz
             .decide(&caller.identity, permission, what, deadline())
@@ -365,7 +384,13 @@ impl Api {
         })
     }
 
-    async fn caller(&self, id: &RequestId, headers: &HeaderMap, action: &str, target: &str) -> Result<super::auth::Caller, Problem> {
+    async fn caller(
+        &self,
+        id: &RequestId,
+        headers: &HeaderMap,
+        action: &str,
+        target: &str,
+    ) -> Result<super::auth::Caller, Problem> {
         self.authn.authenticate(headers).await.map_err(|p| {
             audit::failed(id, "anonymous", action, target, &p);
             p
@@ -385,8 +410,15 @@ pub(super) async fn list_domain_secrets(
         let target = format!("domain {domain}");
         let caller = api.caller(&id, &headers, "secret.list", &target).await?;
         check_domain(&api, &domain)?;
-        api.require(&id, &caller, "secret.list", &target, Permission::View, &Resource::Domain(domain.clone()))
-            .await?;
+        api.require(
+            &id,
+            &caller,
+            "secret.list",
+            &target,
+            Permission::View,
+            &Resource::Domain(domain.clone()),
+        )
+        .await?;
         let state = api
             .stores
             .read(&api.naming.store_for(&domain))
@@ -394,9 +426,18 @@ pub(super) async fn list_domain_secrets(
             .map_err(|e| store_problem(e.into(), &target))?;
         let items: Vec<SecretObject> = state
             .as_ref()
-            .map(|s| s.keys.iter().map(|k| item(SourceType::Kubernetes, &domain, k)).collect())
+            .map(|s| {
+                s.keys
+                    .iter()
+                    .map(|k| item(SourceType::Kubernetes, &domain, k))
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok(json(StatusCode::OK, &items, state.as_ref().map(|s| s.version.as_str())))
+        Ok(json(
+            StatusCode::OK,
+            &items,
+            state.as_ref().map(|s| s.version.as_str()),
+        ))
     };
     finish(&id, answer.await)
 }
@@ -412,8 +453,15 @@ pub(super) async fn get_domain_secret(
         let caller = api.caller(&id, &headers, "secret.get", &target).await?;
         check_domain(&api, &domain)?;
         check_key(&key)?;
-        api.require(&id, &caller, "secret.get", &target, Permission::View, &Resource::Domain(domain.clone()))
-            .await?;
+        api.require(
+            &id,
+            &caller,
+            "secret.get",
+            &target,
+            Permission::View,
+            &Resource::Domain(domain.clone()),
+        )
+        .await?;
         let state = api
             .stores
             .read(&api.naming.store_for(&domain))
@@ -425,7 +473,10 @@ pub(super) async fn get_domain_secret(
                 &item(SourceType::Kubernetes, &domain, &key),
                 Some(&s.version),
             )),
-            _ => Err(store_problem(KeyError::Missing, &format!("key {key:?} of domain {domain:?}"))),
+            _ => Err(store_problem(
+                KeyError::Missing,
+                &format!("key {key:?} of domain {domain:?}"),
+            )),
         }
     };
     finish(&id, answer.await)
@@ -443,8 +494,15 @@ pub(super) async fn put_domain_secret(
         let caller = api.caller(&id, &headers, "secret.put", &target).await?;
         check_domain(&api, &domain)?;
         check_key(&key)?;
-        api.require(&id, &caller, "secret.put", &target, Permission::Update, &Resource::Domain(domain.clone()))
-            .await?;
+        api.require(
+            &id,
+            &caller,
+            "secret.put",
+            &target,
+            Permission::Update,
+            &Resource::Domain(domain.clone()),
+        )
+        .await?;
         let result = async {
             let map = read_object(&headers, body).await?;
             no_other_fields(&map, &["value"], "")?;
@@ -453,12 +511,17 @@ pub(super) async fn put_domain_secret(
                     SecretValue::new(s.as_bytes().to_vec())
                 }
                 Some(Value::String(s)) if s.is_empty() => {
-                    return Err(Problem::invalid("value", "value is empty; send the secret's value"));
+                    return Err(Problem::invalid(
+                        "value",
+                        "value is empty; send the secret's value",
+                    ));
                 }
                 Some(Value::String(_)) => {
                     return Err(Problem::invalid(
                         "value",
-                        format!("value is longer than {MAX_VALUE} bytes; store large files elsewhere"),
+                        format!(
+                            "value is longer than {MAX_VALUE} bytes; store large files elsewhere"
+                        ),
                     ));
                 }
                 Some(other) => {
@@ -467,7 +530,12 @@ pub(super) async fn put_domain_secret(
                         format!("value must be a string, not {}", shape(other)),
                     ));
                 }
-                None => return Err(Problem::invalid("value", "value is required: send {\"value\": \"...\"}")),
+                None => {
+                    return Err(Problem::invalid(
+                        "value",
+                        "value is required: send {\"value\": \"...\"}",
+                    ));
+                }
             };
             let store = api.naming.store_for(&domain);
             let what = format!("key {key:?} of domain {domain:?}");
@@ -479,15 +547,18 @@ pub(super) async fn put_domain_secret(
                         .await
                         .map_err(|e| store_problem(e, &what))?;
                     let mut response = json(StatusCode::CREATED, &object, Some(&version));
-                    if let Ok(location) = HeaderValue::from_str(&format!("/api/v1/domains/{domain}/secrets/{key}")) {
+                    if let Ok(location) =
+                        HeaderValue::from_str(&format!("/api/v1/domains/{domain}/secrets/{key}"))
+                    {
                         response.headers_mut().insert(header::LOCATION, location);
                     }
                     Ok((response, "created"))
                 }
                 Precondition::Match(tags) => {
-                    let version = stores::update_key(api.stores.as_ref(), &store, &key, &value, &tags)
-                        .await
-                        .map_err(|e| store_problem(e, &what))?;
+                    let version =
+                        stores::update_key(api.stores.as_ref(), &store, &key, &value, &tags)
+                            .await
+                            .map_err(|e| store_problem(e, &what))?;
                     Ok((json(StatusCode::OK, &object, Some(&version)), "updated"))
                 }
             }
@@ -519,8 +590,15 @@ pub(super) async fn delete_domain_secret(
         let caller = api.caller(&id, &headers, "secret.delete", &target).await?;
         check_domain(&api, &domain)?;
         check_key(&key)?;
-        api.require(&id, &caller, "secret.delete", &target, Permission::Update, &Resource::Domain(domain.clone()))
-            .await?;
+        api.require(
+            &id,
+            &caller,
+            "secret.delete",
+            &target,
+            Permission::Update,
+            &Resource::Domain(domain.clone()),
+        )
+        .await?;
         let result = async {
             let force = match query_param(&query, "force").as_deref() {
                 None | Some("false") => false,
@@ -608,9 +686,18 @@ pub(super) async fn list_global_secrets(
             .map_err(|e| store_problem(e.into(), "the global store"))?;
         let items: Vec<SecretObject> = state
             .as_ref()
-            .map(|s| s.keys.iter().map(|k| item(SourceType::Kubernetes, global, k)).collect())
+            .map(|s| {
+                s.keys
+                    .iter()
+                    .map(|k| item(SourceType::Kubernetes, global, k))
+                    .collect()
+            })
             .unwrap_or_default();
-        Ok(json(StatusCode::OK, &items, state.as_ref().map(|s| s.version.as_str())))
+        Ok(json(
+            StatusCode::OK,
+            &items,
+            state.as_ref().map(|s| s.version.as_str()),
+        ))
     };
     finish(&id, answer.await)
 }
@@ -624,7 +711,9 @@ pub(super) async fn secret_keys(
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let caller = api.caller(&id, &headers, "secret-keys.list", "selector").await?;
+        let caller = api
+            .caller(&id, &headers, "secret-keys.list", "selector")
+            .await?;
         let Some(domain) = query_param(&query, "domain") else {
             return Err(Problem::bad_request(
                 "domain",
@@ -668,11 +757,19 @@ pub(super) async fn secret_keys(
         if let Some(vault) = &api.vault {
             let mut usable = Vec::new();
             for name in vault.config_names() {
-                let Some(bundle) = crate::backends::VaultSource::bundle_of(vault.as_ref(), &name) else {
+                let Some(bundle) = crate::backends::VaultSource::bundle_of(vault.as_ref(), &name)
+                else {
                     continue;
                 };
-                let resource = Resource::VaultConfig { name: name.clone(), bundle };
-                if api.allowed(&caller, Permission::Use, &resource).await.is_ok() {
+                let resource = Resource::VaultConfig {
+                    name: name.clone(),
+                    bundle,
+                };
+                if api
+                    .allowed(&caller, Permission::Use, &resource)
+                    .await
+                    .is_ok()
+                {
                     usable.push(name);
                 }
             }
@@ -756,14 +853,23 @@ impl Api {
     }
 
     /// The config if the caller may see it (admins see all); `None` alike when it does not exist.
-    async fn visible(&self, caller: &super::auth::Caller, name: &str) -> Result<Option<StoredConfig>, Problem> {
+    async fn visible(
+        &self,
+        caller: &super::auth::Caller,
+        name: &str,
+    ) -> Result<Option<StoredConfig>, Problem> {
         let found = self
             .vault_configs
             .get(name)
             .await
             .map_err(|e| config_problem(e, name))?;
         let Some(config) = found else { return Ok(None) };
-        if self.is_admin(caller) || self.allowed(caller, Permission::View, &config_resource(&config)).await.is_ok() {
+        if self.is_admin(caller)
+            || self
+                .allowed(caller, Permission::View, &config_resource(&config))
+                .await
+                .is_ok()
+        {
             Ok(Some(config))
         } else {
             Ok(None)
@@ -792,12 +898,23 @@ pub(super) async fn list_vault_configs(
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
-        let caller = api.caller(&id, &headers, "vaultconfig.list", "vault configs").await?;
-        let all = api.vault_configs.list().await.map_err(|e| config_problem(e, "*"))?;
+        let caller = api
+            .caller(&id, &headers, "vaultconfig.list", "vault configs")
+            .await?;
+        let all = api
+            .vault_configs
+            .list()
+            .await
+            .map_err(|e| config_problem(e, "*"))?;
         let admin = api.is_admin(&caller);
         let mut shown = Vec::new();
         for c in &all {
-            if admin || api.allowed(&caller, Permission::View, &config_resource(c)).await.is_ok() {
+            if admin
+                || api
+                    .allowed(&caller, Permission::View, &config_resource(c))
+                    .await
+                    .is_ok()
+            {
                 shown.push(view(c));
             }
         }
@@ -814,7 +931,9 @@ pub(super) async fn get_vault_config(
 ) -> Response {
     let answer = async {
         let target = format!("vault config {name}");
-        let caller = api.caller(&id, &headers, "vaultconfig.get", &target).await?;
+        let caller = api
+            .caller(&id, &headers, "vaultconfig.get", &target)
+            .await?;
         check_config_name(&name)?;
         match api.visible(&caller, &name).await? {
             Some(c) => Ok(json(StatusCode::OK, &view(&c), Some(&c.version))),
@@ -836,7 +955,16 @@ struct ConfigInput {
 }
 
 fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput, Problem> {
-    let mut fields = vec!["resourceBundle", "host", "path", "namespace", "caCert", "auth", "name", "status"];
+    let mut fields = vec![
+        "resourceBundle",
+        "host",
+        "path",
+        "namespace",
+        "caCert",
+        "auth",
+        "name",
+        "status",
+    ];
     if !with_name {
         fields.retain(|f| *f != "name" && *f != "status");
         fields.extend(["name", "status"]);
@@ -861,7 +989,10 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
     let namespace = opt_string(map, "namespace", "namespace")?
         .map(|n| n.trim().trim_matches('/').to_string())
         .filter(|n| !n.is_empty());
-    if namespace.as_deref().is_some_and(|n| !header_safe(n) || n.len() > 255) {
+    if namespace
+        .as_deref()
+        .is_some_and(|n| !header_safe(n) || n.len() > 255)
+    {
         return Err(Problem::invalid(
             "namespace",
             "namespace must be a Vault Enterprise namespace path of visible ASCII characters, at most 255",
@@ -882,7 +1013,10 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
     let auth = match map.get("auth") {
         Some(Value::Object(a)) => a,
         Some(other) => {
-            return Err(Problem::bad_request("auth", format!("auth must be an object, not {}", shape(other))));
+            return Err(Problem::bad_request(
+                "auth",
+                format!("auth must be an object, not {}", shape(other)),
+            ));
         }
         None => {
             return Err(Problem::invalid(
@@ -891,7 +1025,11 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
             ));
         }
     };
-    no_other_fields(auth, &["method", "roleId", "mount", "secretId", "token"], "auth.")?;
+    no_other_fields(
+        auth,
+        &["method", "roleId", "mount", "secretId", "token"],
+        "auth.",
+    )?;
     let credential = |field: &str| -> Result<Option<SecretValue>, Problem> {
         let path = format!("auth.{field}");
         match opt_string(auth, field, &path)? {
@@ -908,22 +1046,37 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
     let (spec_auth, credential) = match opt_string(auth, "method", "auth.method")?.as_deref() {
         Some("appRole") => {
             if auth.get("token").is_some_and(|t| !t.is_null()) {
-                return Err(Problem::invalid("auth.token", "auth.token belongs to method token; AppRole logs in with roleId and secretId"));
+                return Err(Problem::invalid(
+                    "auth.token",
+                    "auth.token belongs to method token; AppRole logs in with roleId and secretId",
+                ));
             }
-            let role_id = req_string(auth, "roleId", "auth.roleId")?.trim().to_string();
+            let role_id = req_string(auth, "roleId", "auth.roleId")?
+                .trim()
+                .to_string();
             if !header_safe(&role_id) || role_id.len() > 512 {
-                return Err(Problem::invalid("auth.roleId", "auth.roleId must be visible ASCII characters (no spaces), at most 512"));
+                return Err(Problem::invalid(
+                    "auth.roleId",
+                    "auth.roleId must be visible ASCII characters (no spaces), at most 512",
+                ));
             }
             let mount = opt_string(auth, "mount", "auth.mount")?
                 .map(|m| m.trim().trim_matches('/').to_string())
                 .filter(|m| !m.is_empty());
             if let Some(m) = &mount {
                 check_segments(m).map_err(|_| {
-                    Problem::invalid("auth.mount", "auth.mount must be the AppRole mount path, e.g. approle")
+                    Problem::invalid(
+                        "auth.mount",
+                        "auth.mount must be the AppRole mount path, e.g. approle",
+                    )
                 })?;
             }
             (
-                AuthSpec { method: AuthMethod::AppRole, role_id: Some(role_id), mount },
+                AuthSpec {
+                    method: AuthMethod::AppRole,
+                    role_id: Some(role_id),
+                    mount,
+                },
                 credential("secretId")?,
             )
         }
@@ -932,18 +1085,44 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
                 if auth.get(f).is_some_and(|v| !v.is_null()) {
                     return Err(Problem::invalid(
                         &format!("auth.{f}"),
-                        format!("auth.{f} belongs to method appRole; method token needs only auth.token"),
+                        format!(
+                            "auth.{f} belongs to method appRole; method token needs only auth.token"
+                        ),
                     ));
                 }
             }
-            (AuthSpec { method: AuthMethod::Token, role_id: None, mount: None }, credential("token")?)
+            (
+                AuthSpec {
+                    method: AuthMethod::Token,
+                    role_id: None,
+                    mount: None,
+                },
+                credential("token")?,
+            )
         }
-        Some(_) => return Err(Problem::invalid("auth.method", "auth.method must be appRole (recommended) or token")),
-        None => return Err(Problem::invalid("auth.method", "auth.method is required: appRole (recommended) or token")),
+        Some(_) => {
+            return Err(Problem::invalid(
+                "auth.method",
+                "auth.method must be appRole (recommended) or token",
+            ));
+        }
+        None => {
+            return Err(Problem::invalid(
+                "auth.method",
+                "auth.method is required: appRole (recommended) or token",
+            ));
+        }
     };
     Ok(ConfigInput {
         name,
-        spec: ConfigSpec { resource_bundle: bundle, host, path, namespace, ca_cert, auth: spec_auth },
+        spec: ConfigSpec {
+            resource_bundle: bundle,
+            host,
+            path,
+            namespace,
+            ca_cert,
+            auth: spec_auth,
+        },
         credential,
     })
 }
@@ -974,7 +1153,11 @@ fn check_host(host: &str) -> Result<(), Problem> {
 fn check_kv2_path(path: &str) -> Result<(), Problem> {
     let trimmed = path.trim_matches('/');
     let trimmed = trimmed.strip_prefix("v1/").unwrap_or(trimmed);
-    if path.len() > 1024 || trimmed.is_empty() || trimmed == "v1" || check_segments(trimmed).is_err() {
+    if path.len() > 1024
+        || trimmed.is_empty()
+        || trimmed == "v1"
+        || check_segments(trimmed).is_err()
+    {
         return Err(Problem::invalid(
             "path",
             "path must be a KV v2 path like /v1/secret/data/production: segments of visible characters, no empty, . or .. segments",
@@ -1214,8 +1397,18 @@ fn report(r: &CheckReport) -> TestReport {
         .steps
         .iter()
         .map(|s| match &s.outcome {
-            Ok(detail) => TestStep { step: s.label.clone(), ok: true, detail: detail.clone(), reason: None },
-            Err(e) => TestStep { step: s.label.clone(), ok: false, detail: e.to_string(), reason: Some(e.reason()) },
+            Ok(detail) => TestStep {
+                step: s.label.clone(),
+                ok: true,
+                detail: detail.clone(),
+                reason: None,
+            },
+            Err(e) => TestStep {
+                step: s.label.clone(),
+                ok: false,
+                detail: e.to_string(),
+                reason: Some(e.reason()),
+            },
         })
         .collect();
     TestReport {
@@ -1231,7 +1424,10 @@ async fn run_test(api: &Api, name: &str, spec: &ConfigSpec, credential: Credenti
         Ok(t) => check_target(t, api.vault_configs.kube(), api.vault_options.clone()).await,
         Err(e) => CheckReport {
             config: name.to_string(),
-            steps: vec![crate::backends::vault::CheckStep { label: "config".into(), outcome: Err(e) }],
+            steps: vec![crate::backends::vault::CheckStep {
+                label: "config".into(),
+                outcome: Err(e),
+            }],
         },
     };
     report(&checked)
@@ -1254,7 +1450,13 @@ pub(super) async fn test_saved_vault_config(
             return Err(p);
         };
         let tested = run_test(&api, &name, &config.spec, config.credential.clone()).await;
-        audit::ok(&id, &caller.actor(), action, &target, if tested.ok { "connected" } else { "failed" });
+        audit::ok(
+            &id,
+            &caller.actor(),
+            action,
+            &target,
+            if tested.ok { "connected" } else { "failed" },
+        );
         Ok(json(StatusCode::OK, &tested, None))
     };
     finish(&id, answer.await)
@@ -1268,7 +1470,9 @@ pub(super) async fn test_unsaved_vault_config(
 ) -> Response {
     let answer = async {
         let action = "vaultconfig.test";
-        let caller = api.caller(&id, &headers, action, "unsaved vault config").await?;
+        let caller = api
+            .caller(&id, &headers, action, "unsaved vault config")
+            .await?;
         let input = parse_config(&read_object(&headers, body).await?, true)?;
         let name = input.name.clone().unwrap_or_else(|| "unsaved".to_string());
         if input.name.is_some() {
@@ -1309,7 +1513,13 @@ pub(super) async fn test_unsaved_vault_config(
         .await;
         match result {
             Ok(tested) => {
-                audit::ok(&id, &caller.actor(), action, &target, if tested.ok { "connected" } else { "failed" });
+                audit::ok(
+                    &id,
+                    &caller.actor(),
+                    action,
+                    &target,
+                    if tested.ok { "connected" } else { "failed" },
+                );
                 Ok(json(StatusCode::OK, &tested, None))
             }
             Err(p) => {
@@ -1329,7 +1539,13 @@ mod tests {
 
     #[test]
     fn kv2_paths_need_their_data_segment() {
-        for ok in ["/v1/secret/data/production", "secret/data/x", "/v1/team/kv/data/a/b", "/v1/data/data/x", "/v1/secret/data"] {
+        for ok in [
+            "/v1/secret/data/production",
+            "secret/data/x",
+            "/v1/team/kv/data/a/b",
+            "/v1/data/data/x",
+            "/v1/secret/data",
+        ] {
             assert!(check_kv2_path(ok).is_ok(), "{ok}");
         }
         for (bad, says) in [
@@ -1366,33 +1582,46 @@ mod tests {
         let pasted = "hvs.CANARYTOKEN1234567890";
         let body = serde_json::json!({"resourceBundle": "b", "host": pasted, "path": "/v1/secret/data/x",
             "auth": {"method": "token", "token": "t"}});
-        let Value::Object(map) = body else { unreachable!() };
+        let Value::Object(map) = body else {
+            unreachable!()
+        };
         let p = parse_config(&map, true).err().unwrap();
         assert_eq!(p.field.as_deref(), Some("host"));
         assert!(!p.detail.contains("CANARY"), "{}", p.detail);
         let body = serde_json::json!({"resourceBundle": "b", "host": "https://v:8200", "path": "/v1/secret/data/x",
             "auth": {"method": "appRole", "roleId": "r", "token": pasted}});
-        let Value::Object(map) = body else { unreachable!() };
+        let Value::Object(map) = body else {
+            unreachable!()
+        };
         let p = parse_config(&map, true).err().unwrap();
         assert_eq!(p.field.as_deref(), Some("auth.token"));
         assert!(!p.detail.contains("CANARY"));
         let body = serde_json::json!({"resourceBundle": "b", "host": "https://v:8200", "path": "/v1/secret/data/x",
             "auth": {"method": "appRole", "roleId": "r", "secretId": " s "}});
-        let Value::Object(map) = body else { unreachable!() };
+        let Value::Object(map) = body else {
+            unreachable!()
+        };
         let input = parse_config(&map, true).unwrap();
-        assert_eq!(input.credential.map(|c| c.expose().to_vec()), Some(b"s".to_vec()));
+        assert_eq!(
+            input.credential.map(|c| c.expose().to_vec()),
+            Some(b"s".to_vec())
+        );
         assert_eq!(input.spec.auth.method, AuthMethod::AppRole);
     }
 
     #[test]
     fn unknown_fields_are_named_and_clipped() {
         let body = serde_json::json!({"value": "x", "valu": "y"});
-        let Value::Object(map) = body else { unreachable!() };
+        let Value::Object(map) = body else {
+            unreachable!()
+        };
         let p = no_other_fields(&map, &["value"], "").unwrap_err();
         assert_eq!(p.field.as_deref(), Some("valu"));
         let long = "k".repeat(500);
         let body = serde_json::json!({ long.clone(): 1 });
-        let Value::Object(map) = body else { unreachable!() };
+        let Value::Object(map) = body else {
+            unreachable!()
+        };
         let p = no_other_fields(&map, &["value"], "").unwrap_err();
         assert!(p.detail.len() < 300);
     }
@@ -1405,11 +1634,37 @@ mod tests {
             path: "/v1/secret/data/x".into(),
             namespace: None,
             ca_cert: None,
-            auth: AuthSpec { method: AuthMethod::AppRole, role_id: Some("r".into()), mount: None },
+            auth: AuthSpec {
+                method: AuthMethod::AppRole,
+                role_id: Some("r".into()),
+                mount: None,
+            },
         };
-        let shown = serde_json::to_value(ConfigView { name: "n".into(), spec, status: None }).unwrap();
-        let keys: BTreeSet<&str> = shown.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(keys, BTreeSet::from(["name", "resourceBundle", "host", "path", "namespace", "caCert", "auth", "status"]));
+        let shown = serde_json::to_value(ConfigView {
+            name: "n".into(),
+            spec,
+            status: None,
+        })
+        .unwrap();
+        let keys: BTreeSet<&str> = shown
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            keys,
+            BTreeSet::from([
+                "name",
+                "resourceBundle",
+                "host",
+                "path",
+                "namespace",
+                "caCert",
+                "auth",
+                "status"
+            ])
+        );
         assert!(shown["auth"].get("secretId").is_none());
     }
 }

@@ -29,8 +29,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 
-pub use auth::{ApiToken, ConsoleBackend};
 use auth::Authenticator;
+pub use auth::{ApiToken, ConsoleBackend};
 use problem::Problem;
 use stores::{KubeStores, MemoryStores, StoreBackend};
 use usage::Usage;
@@ -95,19 +95,71 @@ pub mod audit {
 pub fn routes() -> Vec<(Method, &'static str, MethodRouter<Arc<Api>>)> {
     use handlers::*;
     vec![
-        (Method::GET, "/api/v1/domains/{domain}/secrets", on(MethodFilter::GET, list_domain_secrets)),
-        (Method::GET, "/api/v1/domains/{domain}/secrets/{key}", on(MethodFilter::GET, get_domain_secret)),
-        (Method::PUT, "/api/v1/domains/{domain}/secrets/{key}", on(MethodFilter::PUT, put_domain_secret)),
-        (Method::DELETE, "/api/v1/domains/{domain}/secrets/{key}", on(MethodFilter::DELETE, delete_domain_secret)),
-        (Method::GET, "/api/v1/global/secrets", on(MethodFilter::GET, list_global_secrets)),
-        (Method::GET, "/api/v1/secret-keys", on(MethodFilter::GET, secret_keys)),
-        (Method::GET, "/api/v1/vault-configs", on(MethodFilter::GET, list_vault_configs)),
-        (Method::GET, "/api/v1/vault-configs/{name}", on(MethodFilter::GET, get_vault_config)),
-        (Method::PUT, "/api/v1/vault-configs/{name}", on(MethodFilter::PUT, put_vault_config)),
-        (Method::DELETE, "/api/v1/vault-configs/{name}", on(MethodFilter::DELETE, delete_vault_config)),
-        (Method::POST, "/api/v1/vault-configs/{name}/test", on(MethodFilter::POST, test_saved_vault_config)),
-        (Method::POST, "/api/v1/vault-configs:test", on(MethodFilter::POST, test_unsaved_vault_config)),
-        (Method::GET, "/api/v1/openapi.json", on(MethodFilter::GET, openapi::serve)),
+        (
+            Method::GET,
+            "/api/v1/domains/{domain}/secrets",
+            on(MethodFilter::GET, list_domain_secrets),
+        ),
+        (
+            Method::GET,
+            "/api/v1/domains/{domain}/secrets/{key}",
+            on(MethodFilter::GET, get_domain_secret),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/domains/{domain}/secrets/{key}",
+            on(MethodFilter::PUT, put_domain_secret),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/domains/{domain}/secrets/{key}",
+            on(MethodFilter::DELETE, delete_domain_secret),
+        ),
+        (
+            Method::GET,
+            "/api/v1/global/secrets",
+            on(MethodFilter::GET, list_global_secrets),
+        ),
+        (
+            Method::GET,
+            "/api/v1/secret-keys",
+            on(MethodFilter::GET, secret_keys),
+        ),
+        (
+            Method::GET,
+            "/api/v1/vault-configs",
+            on(MethodFilter::GET, list_vault_configs),
+        ),
+        (
+            Method::GET,
+            "/api/v1/vault-configs/{name}",
+            on(MethodFilter::GET, get_vault_config),
+        ),
+        (
+            Method::PUT,
+            "/api/v1/vault-configs/{name}",
+            on(MethodFilter::PUT, put_vault_config),
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/vault-configs/{name}",
+            on(MethodFilter::DELETE, delete_vault_config),
+        ),
+        (
+            Method::POST,
+            "/api/v1/vault-configs/{name}/test",
+            on(MethodFilter::POST, test_saved_vault_config),
+        ),
+        (
+            Method::POST,
+            "/api/v1/vault-configs:test",
+            on(MethodFilter::POST, test_unsaved_vault_config),
+        ),
+        (
+            Method::GET,
+            "/api/v1/openapi.json",
+            on(MethodFilter::GET, openapi::serve),
+        ),
     ]
 }
 
@@ -163,26 +215,36 @@ impl Api {
     }
 }
 
+/// The request id the middleware gave `request`.
+fn id_of(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<RequestId>()
+        .map(|id| id.0.clone())
+        .unwrap_or_default()
+}
+
 async fn no_route(request: Request) -> Response {
-    let _ = request;
-    Problem::new(
+    let mut p = Problem::new(
         axum::http::StatusCode::NOT_FOUND,
         "no-route",
         "no such endpoint; the API is described at /api/v1/openapi.json, the console is at /console/",
-    )
-    .into_response()
+    );
+    p.request_id = id_of(&request);
+    p.into_response()
 }
 
 async fn wrong_method(request: Request) -> Response {
-    Problem::new(
+    let mut p = Problem::new(
         axum::http::StatusCode::METHOD_NOT_ALLOWED,
         "method-not-allowed",
         format!(
             "{} is not supported here; see /api/v1/openapi.json for the methods of each path",
             request.method()
         ),
-    )
-    .into_response()
+    );
+    p.request_id = id_of(&request);
+    p.into_response()
 }
 
 /// Request id in, and on every answer: `X-Request-Id`, `Cache-Control: no-store` (answers may name
@@ -197,8 +259,14 @@ async fn common_headers(mut request: Request, next: Next) -> Response {
         headers.insert("x-request-id", v);
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     if console {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,
@@ -249,7 +317,8 @@ pub fn dev(
         )
         .map_err(|e| BuildError::Config(e.to_string()))?,
     };
-    let mut webhook = Webhook::from_local_parts(settings, config, metrics, Some(Arc::clone(&vault)))?;
+    let mut webhook =
+        Webhook::from_local_parts(settings, config, metrics, Some(Arc::clone(&vault)))?;
     let stores = Arc::new(MemoryStores::new(config, &naming));
     webhook.stores = stores.clone();
     let authn = Authenticator::dev(&config.api_tokens, config.console_backends.clone())
@@ -260,7 +329,10 @@ pub fn dev(
         Arc::clone(&webhook.authz),
         config.api_admins.clone(),
         stores,
-        Arc::new(MemoryVaultConfigs::new(&config.vault_configs, Arc::clone(&vault))),
+        Arc::new(MemoryVaultConfigs::new(
+            &config.vault_configs,
+            Arc::clone(&vault),
+        )),
         Some(vault),
         Arc::new(usage::NoPods),
     );

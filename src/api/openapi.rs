@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 
 pub(super) async fn serve() -> Response {
     let mut response = (StatusCode::OK, document().to_string()).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -38,10 +39,19 @@ fn ok(description: &str, schema: Value, etag: bool) -> Value {
 /// Problems any authenticated endpoint may answer.
 fn common(mut responses: Value, extra: &[(&str, &str)]) -> Value {
     let base = [
-        ("400", "Malformed request; `field` names the parameter, header or body field."),
+        (
+            "400",
+            "Malformed request; `field` names the parameter, header or body field.",
+        ),
         ("401", "No or unaccepted bearer token."),
-        ("403", "Authenticated, but lacking the permission (or X-Remote-User from a caller that is not a console backend)."),
-        ("503", "The Kubernetes API (TokenReview, the stores) could not be reached; nothing changed (fail closed)."),
+        (
+            "403",
+            "Authenticated, but lacking the permission (or X-Remote-User from a caller that is not a console backend).",
+        ),
+        (
+            "503",
+            "The Kubernetes API (TokenReview, the stores) could not be reached; nothing changed (fail closed).",
+        ),
     ];
     for (code, text) in base.iter().chain(extra) {
         responses[*code] = problem(text);
@@ -64,14 +74,41 @@ fn param(name: &str, place: &str, description: &str, schema: Value, required: bo
 /// The document.
 pub fn document() -> Value {
     let dns_label = json!({"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"});
-    let domain = param("domain", "path", "A domain name (not `global`).", dns_label.clone(), true);
-    let key = param("key", "path", "A secret key: the Secret data-key alphabet.",
-        json!({"type": "string", "pattern": "^[-._a-zA-Z0-9]{1,253}$"}), true);
-    let name = param("name", "path", "The Vault config's name.", dns_label.clone(), true);
-    let if_match = param("If-Match", "header", "The ETag of your last read: change only if nothing changed since.",
-        json!({"type": "string"}), false);
-    let if_none_match = param("If-None-Match", "header", "`*`: create only (the key or config must not exist).",
-        json!({"type": "string", "enum": ["*"]}), false);
+    let domain = param(
+        "domain",
+        "path",
+        "A domain name (not `global`).",
+        dns_label.clone(),
+        true,
+    );
+    let key = param(
+        "key",
+        "path",
+        "A secret key: the Secret data-key alphabet.",
+        json!({"type": "string", "pattern": "^[-._a-zA-Z0-9]{1,253}$"}),
+        true,
+    );
+    let name = param(
+        "name",
+        "path",
+        "The Vault config's name.",
+        dns_label.clone(),
+        true,
+    );
+    let if_match = param(
+        "If-Match",
+        "header",
+        "The ETag of your last read: change only if nothing changed since.",
+        json!({"type": "string"}),
+        false,
+    );
+    let if_none_match = param(
+        "If-None-Match",
+        "header",
+        "`*`: create only (the key or config must not exist).",
+        json!({"type": "string", "enum": ["*"]}),
+        false,
+    );
     json!({
       "openapi": "3.1.0",
       "info": {
@@ -329,13 +366,18 @@ mod tests {
         let doc = document();
         let object = crate::refs::SecretObject {
             key: "k".into(),
-            source: crate::refs::Source { kind: crate::refs::SourceType::Vault, id: "v".into() },
+            source: crate::refs::Source {
+                kind: crate::refs::SourceType::Vault,
+                id: "v".into(),
+            },
         };
         let o = serde_json::to_value(&object).unwrap();
         assert_eq!(keys(&o), props(&doc, "SecretObject"));
         assert_eq!(
             keys(&o["source"]),
-            keys(&doc["components"]["schemas"]["SecretObject"]["properties"]["source"]["properties"])
+            keys(
+                &doc["components"]["schemas"]["SecretObject"]["properties"]["source"]["properties"]
+            )
         );
         let view = ConfigView {
             name: "n".into(),
@@ -345,14 +387,23 @@ mod tests {
                 path: "/v1/s/data/p".into(),
                 namespace: Some("ns".into()),
                 ca_cert: None,
-                auth: AuthSpec { method: AuthMethod::AppRole, role_id: Some("r".into()), mount: Some("m".into()) },
+                auth: AuthSpec {
+                    method: AuthMethod::AppRole,
+                    role_id: Some("r".into()),
+                    mount: Some("m".into()),
+                },
             },
-            status: Some(ReadyView { ready: true, reason: "Connected".into(), message: "ok".into() }),
+            status: Some(ReadyView {
+                ready: true,
+                reason: "Connected".into(),
+                message: "ok".into(),
+            }),
         };
         let v = serde_json::to_value(&view).unwrap();
         assert_eq!(keys(&v), props(&doc, "VaultConfig"));
         // The answer's auth holds every property the schema has, except the write-only ones.
-        let auth_props = &doc["components"]["schemas"]["VaultConfig"]["properties"]["auth"]["properties"];
+        let auth_props =
+            &doc["components"]["schemas"]["VaultConfig"]["properties"]["auth"]["properties"];
         let readable: BTreeSet<String> = auth_props
             .as_object()
             .unwrap()
@@ -363,33 +414,54 @@ mod tests {
         assert_eq!(keys(&v["auth"]), readable);
         assert_eq!(
             keys(&v["status"]),
-            keys(&doc["components"]["schemas"]["VaultConfig"]["properties"]["status"]["oneOf"][1]["properties"])
+            keys(
+                &doc["components"]["schemas"]["VaultConfig"]["properties"]["status"]["oneOf"][1]["properties"]
+            )
         );
         let report = TestReport {
             name: "n".into(),
             ok: false,
-            steps: vec![TestStep { step: "login".into(), ok: false, detail: "d".into(), reason: Some("LoginFailed") }],
+            steps: vec![TestStep {
+                step: "login".into(),
+                ok: false,
+                detail: "d".into(),
+                reason: Some("LoginFailed"),
+            }],
             verdict: "verdict: FAILED".into(),
         };
         let r = serde_json::to_value(&report).unwrap();
         assert_eq!(keys(&r), props(&doc, "TestReport"));
         assert_eq!(
             keys(&r["steps"][0]),
-            keys(&doc["components"]["schemas"]["TestReport"]["properties"]["steps"]["items"]["properties"])
+            keys(
+                &doc["components"]["schemas"]["TestReport"]["properties"]["steps"]["items"]["properties"]
+            )
         );
         let mut p = super::super::problem::Problem::invalid("f", "d");
         p.pods = Some(1);
         p.request_id = "id".into();
-        assert_eq!(keys(&serde_json::to_value(&p).unwrap()), props(&doc, "Problem"));
+        assert_eq!(
+            keys(&serde_json::to_value(&p).unwrap()),
+            props(&doc, "Problem")
+        );
     }
 
     #[test]
     fn values_and_credentials_are_write_only() {
         let doc = document();
         let s = &doc["components"]["schemas"];
-        assert_eq!(s["SecretValue"]["properties"]["value"]["writeOnly"], json!(true));
-        assert_eq!(s["VaultConfig"]["properties"]["auth"]["properties"]["secretId"]["writeOnly"], json!(true));
-        assert_eq!(s["VaultConfig"]["properties"]["auth"]["properties"]["token"]["writeOnly"], json!(true));
+        assert_eq!(
+            s["SecretValue"]["properties"]["value"]["writeOnly"],
+            json!(true)
+        );
+        assert_eq!(
+            s["VaultConfig"]["properties"]["auth"]["properties"]["secretId"]["writeOnly"],
+            json!(true)
+        );
+        assert_eq!(
+            s["VaultConfig"]["properties"]["auth"]["properties"]["token"]["writeOnly"],
+            json!(true)
+        );
         assert_eq!(doc["openapi"], json!("3.1.0"));
     }
 }

@@ -48,7 +48,12 @@ pub trait StoreBackend: Send + Sync {
     /// The store's version and keys; `None` when the Secret does not exist.
     async fn read(&self, store: &str) -> Result<Option<StoreState>, WriteError>;
     /// Creates the store holding one key; [`WriteError::Exists`] if it exists. Returns the version.
-    async fn create(&self, store: &str, key: &str, value: &SecretValue) -> Result<String, WriteError>;
+    async fn create(
+        &self,
+        store: &str,
+        key: &str,
+        value: &SecretValue,
+    ) -> Result<String, WriteError>;
     /// Sets (`Some`) or removes (`None`) one key if the store is still at `version`.
     async fn patch(
         &self,
@@ -262,7 +267,12 @@ impl StoreBackend for MemoryStores {
         }))
     }
 
-    async fn create(&self, store: &str, key: &str, value: &SecretValue) -> Result<String, WriteError> {
+    async fn create(
+        &self,
+        store: &str,
+        key: &str,
+        value: &SecretValue,
+    ) -> Result<String, WriteError> {
         let version = self.bump();
         let mut stores = self.lock();
         if stores.contains_key(store) {
@@ -328,9 +338,9 @@ impl KubeStores {
 }
 
 fn version_of(meta: &ObjectMeta) -> Result<String, WriteError> {
-    meta.resource_version
-        .clone()
-        .ok_or_else(|| WriteError::Unavailable("the Secret came back without a resourceVersion".into()))
+    meta.resource_version.clone().ok_or_else(|| {
+        WriteError::Unavailable("the Secret came back without a resourceVersion".into())
+    })
 }
 
 fn write_error(e: kube::Error) -> WriteError {
@@ -361,7 +371,12 @@ impl StoreBackend for KubeStores {
             .transpose()
     }
 
-    async fn create(&self, store: &str, key: &str, value: &SecretValue) -> Result<String, WriteError> {
+    async fn create(
+        &self,
+        store: &str,
+        key: &str,
+        value: &SecretValue,
+    ) -> Result<String, WriteError> {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(store.to_string()),
@@ -382,7 +397,11 @@ impl StoreBackend for KubeStores {
             field_manager: Some(FIELD_MANAGER.into()),
             ..PostParams::default()
         };
-        let created = self.secrets.create(&params, &secret).await.map_err(write_error)?;
+        let created = self
+            .secrets
+            .create(&params, &secret)
+            .await
+            .map_err(write_error)?;
         version_of(&created.metadata)
     }
 
@@ -438,13 +457,18 @@ mod tests {
     async fn create_update_delete_follow_versions() {
         let m = memory();
         let store = "iomete-secret-store-finance";
-        assert_eq!(create_key(&m, store, "a", &v("x")).await, Err(KeyError::Exists));
+        assert_eq!(
+            create_key(&m, store, "a", &v("x")).await,
+            Err(KeyError::Exists)
+        );
         let v1 = create_key(&m, store, "b", &v("x")).await.unwrap();
         assert_eq!(
             update_key(&m, store, "b", &v("y"), &["0".into()]).await,
             Err(KeyError::Stale)
         );
-        let v2 = update_key(&m, store, "b", &v("y"), &[v1.clone()]).await.unwrap();
+        let v2 = update_key(&m, store, "b", &v("y"), &[v1.clone()])
+            .await
+            .unwrap();
         assert_ne!(v1, v2);
         assert_eq!(
             update_key(&m, store, "b", &v("z"), &[v1]).await,
@@ -459,6 +483,9 @@ mod tests {
             .unwrap();
         assert_eq!(m.check("iomete-secret-store-hr", "k"), StoreCheck::Present);
         let shown = format!("{m:?}");
-        assert!(shown.contains("\"k\"") && !shown.contains("canary"), "{shown}");
+        assert!(
+            shown.contains("\"k\"") && !shown.contains("canary"),
+            "{shown}"
+        );
     }
 }

@@ -53,8 +53,7 @@ fn granted(meta: &kube::api::ObjectMeta) -> Option<std::collections::BTreeSet<St
 impl Usage for LivePods {
     async fn pods_using(&self, secret: &SecretObject) -> Result<usize, String> {
         let wanted = secret.to_string();
-        let params =
-            ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+        let params = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
         let mut count = 0;
         let mut params = params.limit(500);
         loop {

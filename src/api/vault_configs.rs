@@ -216,7 +216,12 @@ impl MemoryVaultConfigs {
     }
 
     /// Hands the config to the engine's backend.
-    fn publish(&self, name: &str, spec: &ConfigSpec, credential: Credential) -> Result<(), WriteError> {
+    fn publish(
+        &self,
+        name: &str,
+        spec: &ConfigSpec,
+        credential: Credential,
+    ) -> Result<(), WriteError> {
         target(name, spec, credential)
             .and_then(|t| self.backend.put_target(t))
             .map_err(|e| WriteError::Rejected(e.to_string()))
@@ -544,7 +549,11 @@ impl VaultConfigStore for KubeVaultConfigs {
             .list(&Default::default())
             .await
             .map_err(write_error)?;
-        Ok(list.items.into_iter().filter_map(|o| self.stored(o)).collect())
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|o| self.stored(o))
+            .collect())
     }
 
     async fn get(&self, name: &str) -> Result<Option<StoredConfig>, WriteError> {
@@ -558,7 +567,9 @@ impl VaultConfigStore for KubeVaultConfigs {
         spec: &ConfigSpec,
         credential: &SecretValue,
     ) -> Result<StoredConfig, WriteError> {
-        let secret = self.new_credential(name, spec.auth.method, credential).await?;
+        let secret = self
+            .new_credential(name, spec.auth.method, credential)
+            .await?;
         let object = VaultConfig::new(name, resource_spec(spec, secret.clone()));
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
@@ -567,8 +578,9 @@ impl VaultConfigStore for KubeVaultConfigs {
         match self.configs.create(&params, &object).await {
             Ok(created) => {
                 self.adopt(&created, &secret.name).await;
-                self.stored(created)
-                    .ok_or_else(|| WriteError::Unavailable("the VaultConfig came back without a name".into()))
+                self.stored(created).ok_or_else(|| {
+                    WriteError::Unavailable("the VaultConfig came back without a name".into())
+                })
             }
             Err(e) => {
                 let written = Credential::Secret {
@@ -590,10 +602,15 @@ impl VaultConfigStore for KubeVaultConfigs {
     ) -> Result<StoredConfig, WriteError> {
         let name = &current.name;
         let (secret, fresh) = match credential {
-            Some(value) => (self.new_credential(name, spec.auth.method, value).await?, true),
+            Some(value) => (
+                self.new_credential(name, spec.auth.method, value).await?,
+                true,
+            ),
             None => (
                 credential_ref(&current.credential).ok_or_else(|| {
-                    WriteError::Rejected("the config has no credentials Secret; send the credential".into())
+                    WriteError::Rejected(
+                        "the config has no credentials Secret; send the credential".into(),
+                    )
                 })?,
                 false,
             ),
@@ -611,14 +628,19 @@ impl VaultConfigStore for KubeVaultConfigs {
             name: secret.name.clone(),
             key: secret.key.clone(),
         };
-        match self.configs.patch(name, &params, &Patch::Merge(&patch)).await {
+        match self
+            .configs
+            .patch(name, &params, &Patch::Merge(&patch))
+            .await
+        {
             Ok(updated) => {
                 if fresh {
                     self.adopt(&updated, &secret.name).await;
                     self.drop_credential(name, &current.credential).await;
                 }
-                self.stored(updated)
-                    .ok_or_else(|| WriteError::Unavailable("the VaultConfig came back without a name".into()))
+                self.stored(updated).ok_or_else(|| {
+                    WriteError::Unavailable("the VaultConfig came back without a name".into())
+                })
             }
             Err(e) => {
                 if fresh {
@@ -641,7 +663,8 @@ impl VaultConfigStore for KubeVaultConfigs {
             .delete(&current.name, &params)
             .await
             .map_err(write_error)?;
-        self.drop_credential(&current.name, &current.credential).await;
+        self.drop_credential(&current.name, &current.credential)
+            .await;
         Ok(())
     }
 

@@ -292,8 +292,9 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         };
         (webhook, api, dev.cert, dev.key, Some(dev.ca))
     } else {
-        let client = kube::Client::try_default().await?;
         let config = cluster_config(&args.config)?;
+        crate::api::refuse_static_tokens(&config)?;
+        let client = kube::Client::try_default().await?;
         let trusted = TrustedControllers::new(config.trusted_controllers.clone())?;
         let (webhook, api) = match api_listen {
             Some(_) => {
@@ -322,7 +323,6 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
                 (webhook, Some(api))
             }
             None => {
-                crate::api::refuse_static_tokens(&config)?;
                 let webhook = Webhook::from_cluster(settings, client, metrics, trusted).await?;
                 (webhook, None)
             }

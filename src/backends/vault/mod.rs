@@ -761,13 +761,12 @@ impl VaultBackend {
             spec.auth.token.as_ref().map(|t| &t.secret_ref),
             spec.auth.app_role.as_ref().map(|a| &a.secret_id_ref),
         ];
-        match refs
-            .into_iter()
-            .flatten()
-            .find(|r| {
-                self.naming.is_managed_secret(&r.name)
-                    && !r.name.starts_with(&credentials_secret_prefix(&self.naming, name))
-            }) {
+        match refs.into_iter().flatten().find(|r| {
+            self.naming.is_managed_secret(&r.name)
+                && !r
+                    .name
+                    .starts_with(&credentials_secret_prefix(&self.naming, name))
+        }) {
             Some(r) => Err(VaultError::InvalidConfig {
                 config: name.to_string(),
                 reason: format!(
