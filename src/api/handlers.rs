@@ -32,6 +32,37 @@ const LIST_BUDGET: Duration = Duration::from_secs(8);
 
 type Answer = Result<Response, Problem>;
 
+/// Path parameters; a path that cannot be decoded (e.g. invalid UTF-8 in a percent-escape) is a
+/// problem like any other bad input, not axum's plain-text rejection.
+pub(super) struct ApiPath<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(_) => {
+                let mut p = Problem::bad_request(
+                    "path",
+                    "the path parameters cannot be decoded (percent-escapes must encode UTF-8)",
+                );
+                if let Some(id) = parts.extensions.get::<RequestId>() {
+                    p.request_id = id.0.clone();
+                }
+                Err(p.into_response())
+            }
+        }
+    }
+}
+
 /// Runs a handler body and stamps its problem with the request id.
 fn finish(id: &RequestId, answer: Answer) -> Response {
     match answer {
@@ -403,7 +434,7 @@ impl Api {
 pub(super) async fn list_domain_secrets(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path(domain): Path<String>,
+    ApiPath(domain): ApiPath<String>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
@@ -445,7 +476,7 @@ pub(super) async fn list_domain_secrets(
 pub(super) async fn get_domain_secret(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path((domain, key)): Path<(String, String)>,
+    ApiPath((domain, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
@@ -485,7 +516,7 @@ pub(super) async fn get_domain_secret(
 pub(super) async fn put_domain_secret(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path((domain, key)): Path<(String, String)>,
+    ApiPath((domain, key)): ApiPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -581,7 +612,7 @@ pub(super) async fn put_domain_secret(
 pub(super) async fn delete_domain_secret(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path((domain, key)): Path<(String, String)>,
+    ApiPath((domain, key)): ApiPath<(String, String)>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
@@ -926,7 +957,7 @@ pub(super) async fn list_vault_configs(
 pub(super) async fn get_vault_config(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
@@ -1196,7 +1227,7 @@ fn credential_field(spec: &ConfigSpec) -> &'static str {
 pub(super) async fn put_vault_config(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -1322,7 +1353,7 @@ fn check_body_name(input: &ConfigInput, name: &str) -> Result<(), Problem> {
 pub(super) async fn delete_vault_config(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {
@@ -1436,7 +1467,7 @@ async fn run_test(api: &Api, name: &str, spec: &ConfigSpec, credential: Credenti
 pub(super) async fn test_saved_vault_config(
     State(api): State<Arc<Api>>,
     Extension(id): Extension<RequestId>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Response {
     let answer = async {

@@ -19,6 +19,8 @@ use super::tls::{CertDir, Pki, https_client, init};
 
 pub struct ApiServer {
     pub base: String,
+    /// The test CA that issued the server's certificate.
+    pub ca_pem: String,
     pub client: reqwest::Client,
     pub webhook: Arc<Webhook>,
     pub api: Arc<Api>,
@@ -88,6 +90,7 @@ impl ApiServer {
         }));
         Self {
             base: format!("https://localhost:{}", addr.port()),
+            ca_pem: pki.ca_pem(),
             client: https_client(&pki.ca_pem()),
             webhook,
             api,

@@ -312,7 +312,7 @@ function signedIn() {
   const on = Boolean(token());
   $("#signout").hidden = !on;
   $("#signin").hidden = on;
-  $("#token").hidden = on;
+  $("#token-label").hidden = on;
   $("#who").textContent = on ? "Signed in" : "";
 }
 
