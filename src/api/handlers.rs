@@ -168,8 +168,24 @@ fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// A request body, read whole (at most [`MAX_BODY`]) before anything is answered, so that a
+/// client is never cut off mid-send by an early denial.
+async fn read_body(body: Body) -> Result<axum::body::Bytes, Problem> {
+    axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            format!("the body is larger than {MAX_BODY} bytes; a secret value may hold at most {MAX_VALUE} bytes"),
+        )
+        .at("body")
+    })
+}
+
 /// The JSON object of a request body.
-async fn read_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, Problem> {
+fn read_object(
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, Problem>,
+) -> Result<Map<String, Value>, Problem> {
     if let Some(ct) = headers.get(header::CONTENT_TYPE) {
         let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
         let essence = ct.split(';').next().unwrap_or_default().trim();
@@ -182,14 +198,7 @@ async fn read_object(headers: &HeaderMap, body: Body) -> Result<Map<String, Valu
             .at("Content-Type"));
         }
     }
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body-too-large",
-            format!("the body is larger than {MAX_BODY} bytes; a secret value may hold at most {MAX_VALUE} bytes"),
-        )
-        .at("body")
-    })?;
+    let bytes = body?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
         Problem::bad_request(
             "body",
@@ -520,6 +529,7 @@ pub(super) async fn put_domain_secret(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let body = read_body(body).await;
     let answer = async {
         let target = format!("domain {domain} key {key}");
         let caller = api.caller(&id, &headers, "secret.put", &target).await?;
@@ -535,7 +545,7 @@ pub(super) async fn put_domain_secret(
         )
         .await?;
         let result = async {
-            let map = read_object(&headers, body).await?;
+            let map = read_object(&headers, body)?;
             no_other_fields(&map, &["value"], "")?;
             let value = match map.get("value") {
                 Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_VALUE => {
@@ -1231,6 +1241,7 @@ pub(super) async fn put_vault_config(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let body = read_body(body).await;
     let answer = async {
         let target = format!("vault config {name}");
         let action = "vaultconfig.put";
@@ -1247,7 +1258,7 @@ pub(super) async fn put_vault_config(
                         caller.identity
                     )));
                 }
-                let input = parse_config(&read_object(&headers, body).await?, true)?;
+                let input = parse_config(&read_object(&headers, body)?, true)?;
                 check_body_name(&input, &name)?;
                 match precondition(&headers)? {
                     Precondition::Create => {}
@@ -1279,7 +1290,7 @@ pub(super) async fn put_vault_config(
                     .await
                     .map_err(Problem::forbidden)?;
             }
-            let input = parse_config(&read_object(&headers, body).await?, true)?;
+            let input = parse_config(&read_object(&headers, body)?, true)?;
             check_body_name(&input, &name)?;
             let tags = match precondition(&headers)? {
                 Precondition::Create => {
@@ -1499,12 +1510,13 @@ pub(super) async fn test_unsaved_vault_config(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let body = read_body(body).await;
     let answer = async {
         let action = "vaultconfig.test";
         let caller = api
             .caller(&id, &headers, action, "unsaved vault config")
             .await?;
-        let input = parse_config(&read_object(&headers, body).await?, true)?;
+        let input = parse_config(&read_object(&headers, body)?, true)?;
         let name = input.name.clone().unwrap_or_else(|| "unsaved".to_string());
         if input.name.is_some() {
             check_config_name(&name)?;
