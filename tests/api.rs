@@ -506,7 +506,7 @@ async fn domain_secret_lifecycle_with_etags_and_problems() {
             "key",
         ),
         (
-            format!("/api/v1/domains/Fin_ance/secrets/k"),
+            "/api/v1/domains/Fin_ance/secrets/k".to_string(),
             json!({"value": "v"}),
             StatusCode::BAD_REQUEST,
             "domain",

@@ -431,10 +431,10 @@ impl Api {
         action: &str,
         target: &str,
     ) -> Result<super::auth::Caller, Problem> {
-        self.authn.authenticate(headers).await.map_err(|p| {
-            audit::failed(id, "anonymous", action, target, &p);
-            p
-        })
+        self.authn
+            .authenticate(headers)
+            .await
+            .inspect_err(|p| audit::failed(id, "anonymous", action, target, p))
     }
 }
 

@@ -187,31 +187,13 @@ impl Api {
             .layer(axum::middleware::from_fn(common_headers))
             .with_state(self)
     }
+}
 
-    fn new_parts(
-        naming: Naming,
-        authn: Authenticator,
-        authz: Arc<dyn Authorizer>,
-        admins: Vec<Subject>,
-        stores: Arc<dyn StoreBackend>,
-        vault_configs: Arc<dyn VaultConfigStore>,
-        vault: Option<Arc<VaultBackend>>,
-        usage: Arc<dyn Usage>,
-    ) -> Self {
-        Self {
-            naming,
-            authn,
-            authz,
-            admins,
-            stores,
-            vault_configs,
-            vault,
-            usage,
-            vault_options: VaultOptions {
-                cache_ttl: std::time::Duration::ZERO,
-                ..VaultOptions::default()
-            },
-        }
+/// Test Connection runs against the live server: nothing is cached between two tests.
+fn test_options() -> VaultOptions {
+    VaultOptions {
+        cache_ttl: std::time::Duration::ZERO,
+        ..VaultOptions::default()
     }
 }
 
@@ -323,19 +305,18 @@ pub fn dev(
     webhook.stores = stores.clone();
     let authn = Authenticator::dev(&config.api_tokens, config.console_backends.clone())
         .map_err(|e| BuildError::Config(e.to_string()))?;
-    let api = Api::new_parts(
+    let vault_configs = MemoryVaultConfigs::new(&config.vault_configs, Arc::clone(&vault));
+    let api = Api {
         naming,
         authn,
-        Arc::clone(&webhook.authz),
-        config.api_admins.clone(),
+        authz: Arc::clone(&webhook.authz),
+        admins: config.api_admins.clone(),
         stores,
-        Arc::new(MemoryVaultConfigs::new(
-            &config.vault_configs,
-            Arc::clone(&vault),
-        )),
-        Some(vault),
-        Arc::new(usage::NoPods),
-    );
+        vault_configs: Arc::new(vault_configs),
+        vault: Some(vault),
+        usage: Arc::new(usage::NoPods),
+        vault_options: test_options(),
+    };
     Ok((webhook, Arc::new(api)))
 }
 
@@ -352,14 +333,15 @@ pub fn cluster(
     let naming = webhook.settings.naming.clone();
     let authn = Authenticator::cluster(client.clone(), audiences, config.console_backends.clone())
         .map_err(|e| BuildError::Config(e.to_string()))?;
-    Ok(Arc::new(Api::new_parts(
-        naming.clone(),
+    Ok(Arc::new(Api {
+        naming: naming.clone(),
         authn,
-        Arc::clone(&webhook.authz),
-        config.api_admins.clone(),
-        Arc::new(KubeStores::new(client.clone(), &naming.namespace)),
-        Arc::new(KubeVaultConfigs::new(client.clone(), naming.clone())),
-        Some(vault),
-        Arc::new(usage::LivePods::new(client, &naming.namespace)),
-    )))
+        authz: Arc::clone(&webhook.authz),
+        admins: config.api_admins.clone(),
+        stores: Arc::new(KubeStores::new(client.clone(), &naming.namespace)),
+        vault_configs: Arc::new(KubeVaultConfigs::new(client.clone(), naming.clone())),
+        vault: Some(vault),
+        usage: Arc::new(usage::LivePods::new(client, &naming.namespace)),
+        vault_options: test_options(),
+    }))
 }

@@ -8,10 +8,28 @@ use serde::Serialize;
 /// Media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// One problem; `Display` is its detail.
+/// One problem; `Display` is its detail. Boxed: handlers pass it around in `Result`s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Problem(Box<Details>);
+
+impl std::ops::Deref for Problem {
+    type Target = Details;
+    fn deref(&self) -> &Details {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Problem {
+    fn deref_mut(&mut self) -> &mut Details {
+        &mut self.0
+    }
+}
+
+/// The RFC 9457 members, and this API's extensions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Problem {
+pub struct Details {
     /// `urn:secrets-webhook:problem:<slug>`; the slugs are listed in docs/api.md.
     #[serde(rename = "type")]
     pub kind: String,
@@ -38,7 +56,7 @@ impl std::fmt::Display for Problem {
 
 impl Problem {
     pub fn new(status: StatusCode, slug: &str, detail: impl Into<String>) -> Self {
-        Self {
+        Self(Box::new(Details {
             kind: format!("urn:secrets-webhook:problem:{slug}"),
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
@@ -46,7 +64,7 @@ impl Problem {
             field: None,
             pods: None,
             request_id: String::new(),
-        }
+        }))
     }
 
     pub fn at(mut self, field: impl Into<String>) -> Self {

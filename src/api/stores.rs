@@ -466,7 +466,7 @@ mod tests {
             update_key(&m, store, "b", &v("y"), &["0".into()]).await,
             Err(KeyError::Stale)
         );
-        let v2 = update_key(&m, store, "b", &v("y"), &[v1.clone()])
+        let v2 = update_key(&m, store, "b", &v("y"), std::slice::from_ref(&v1))
             .await
             .unwrap();
         assert_ne!(v1, v2);
