@@ -443,3 +443,94 @@ async fn vault_config_credentials_go_into_their_own_secret_and_never_come_back()
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn with_subject_access_review_view_is_verb_get_and_update_is_verb_update() {
+    use support::fake_apiserver::SarAnswer;
+    let fake = FakeApiServer::start().await;
+    fake.accept_token("sa-bob", "bob", &["viewers"]);
+    fake.put(secret(
+        NS,
+        "iomete-secret-store-finance",
+        &[("db_password", "v")],
+    ));
+    // RBAC (as the fake's responder): bob may `get` domains/finance, nothing else.
+    fake.set_sar_responder(|review| {
+        let attrs = &review["spec"]["resourceAttributes"];
+        if review["spec"]["user"] == "bob"
+            && attrs["verb"] == "get"
+            && attrs["resource"] == "domains"
+            && attrs["name"] == "finance"
+            && attrs["group"] == "secrets.iomete.com"
+        {
+            SarAnswer::Allow
+        } else {
+            SarAnswer::Deny("no RBAC rule".into())
+        }
+    });
+    let settings = Settings {
+        naming: Naming {
+            namespace: NS.into(),
+            ..Naming::default()
+        },
+        authorizer: secrets_webhook::authz::AuthorizerKind::Rbac,
+        ..Settings::default()
+    };
+    let client = fake.client();
+    let vault = VaultBackend::in_cluster(
+        client.clone(),
+        settings.naming.clone(),
+        VaultOptions::default(),
+    );
+    let webhook = Webhook::from_cluster_parts(
+        settings,
+        client.clone(),
+        Arc::new(Metrics::new()),
+        TrustedControllers::default(),
+        Arc::clone(&vault),
+    )
+    .unwrap();
+    eventually("ready", || webhook.ready()).await;
+    let api =
+        secrets_webhook::api::cluster(&webhook, vault, client, &LocalConfig::default(), vec![])
+            .unwrap();
+    let api = ApiServer::serve(webhook, api).await;
+    assert_eq!(api.get(FINANCE, "sa-bob").await.status, StatusCode::OK);
+    let denied = api
+        .put(
+            &format!("{FINANCE}/k"),
+            "sa-bob",
+            &[("if-none-match", "*")],
+            json!({"value": "v"}),
+        )
+        .await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+    assert!(
+        denied.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("verb \"update\" on domains.secrets.iomete.com"),
+        "{}",
+        denied.text
+    );
+    let verbs: Vec<String> = fake
+        .sar_requests()
+        .iter()
+        .map(|r| {
+            r["spec"]["resourceAttributes"]["verb"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        verbs.contains(&"get".to_string()) && verbs.contains(&"update".to_string()),
+        "{verbs:?}"
+    );
+    // The selector asks for `use`: bob has none, so only... no domain keys.
+    let keys = api
+        .get("/api/v1/secret-keys?domain=finance", "sa-bob")
+        .await
+        .json();
+    assert_eq!(keys, json!([]));
+}
