@@ -101,12 +101,21 @@ fn service_account(k: &Cluster, name: &str) -> (String, String) {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_api_on_a_real_control_plane() {
+#[test]
+fn the_api_on_a_real_control_plane() {
     let Some(k) = cluster("the_api_on_a_real_control_plane") else {
         return;
     };
     let _shared = k.shared();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(on_a_real_control_plane(k));
+}
+
+async fn on_a_real_control_plane(k: &Cluster) {
     apply_api_rbac(k);
     let (alice_user, alice) = service_account(k, "api-alice");
     let (bob_user, bob) = service_account(k, "api-bob");
