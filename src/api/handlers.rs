@@ -308,31 +308,36 @@ fn precondition(headers: &HeaderMap) -> Result<Precondition, Problem> {
             "If-None-Match supports only *: send If-None-Match: * to create",
         )),
         (None, Some(m)) => {
-            let mut tags = Vec::new();
-            for part in m.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                // Weak tags never match: writes need the exact version.
-                if part.starts_with("W/") {
-                    continue;
-                }
-                let Some(tag) = part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) else {
-                    return Err(Problem::bad_request(
-                        "If-Match",
-                        "If-Match must hold the quoted ETag of the last read, e.g. If-Match: \"123\"",
-                    ));
-                };
-                tags.push(tag.to_string());
-            }
-            if tags.is_empty() && m.trim() != "*" {
-                return Err(Problem::bad_request(
-                    "If-Match",
-                    "If-Match must hold the quoted ETag of the last read, e.g. If-Match: \"123\"",
-                ));
-            }
             if m.trim() == "*" {
                 return Err(Problem::bad_request(
                     "If-Match",
                     "If-Match: * would overwrite changes you have not seen; send the ETag of your last read",
                 ));
+            }
+            let malformed = || {
+                Problem::bad_request(
+                    "If-Match",
+                    "If-Match must hold the quoted ETag of the last read, e.g. If-Match: \"123\"",
+                )
+            };
+            let mut tags = Vec::new();
+            let mut any = false;
+            for part in m.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                any = true;
+                // Weak tags are well-formed but never match: writes need the exact version.
+                let (weak, quoted) = match part.strip_prefix("W/") {
+                    Some(rest) => (true, rest),
+                    None => (false, part),
+                };
+                let Some(tag) = quoted.strip_prefix('"').and_then(|p| p.strip_suffix('"')) else {
+                    return Err(malformed());
+                };
+                if !weak {
+                    tags.push(tag.to_string());
+                }
+            }
+            if !any {
+                return Err(malformed());
             }
             Ok(Precondition::Match(tags))
         }
@@ -1618,6 +1623,11 @@ mod tests {
         assert!(precondition(&h).is_err());
         h.insert(header::IF_MATCH, HeaderValue::from_static("W/\"1\", \"2\""));
         assert!(matches!(precondition(&h), Ok(Precondition::Match(t)) if t == ["2"]));
+        // Weak only: well-formed, matches nothing (412 later, not 400).
+        h.insert(header::IF_MATCH, HeaderValue::from_static("W/\"1\""));
+        assert!(matches!(precondition(&h), Ok(Precondition::Match(t)) if t.is_empty()));
+        h.insert(header::IF_MATCH, HeaderValue::from_static("123"));
+        assert!(precondition(&h).is_err());
     }
 
     #[test]
