@@ -303,6 +303,54 @@ async fn on_a_real_control_plane(k: &Cluster) {
     );
     assert!(k.get("vaultconfig", NS, &name).is_none());
     assert!(k.get("secret", NS, &secret_name).is_none());
+    // Against a real OpenBao: the saved config's Test Connection logs in with the credential the
+    // API put into its Secret (read through the API server), and the webhook records `Ready`.
+    if let Some(bin) = support::openbao::require_bao("the_api_on_a_real_control_plane (Vault)") {
+        let bao = support::openbao::OpenBao::start(&bin).await;
+        bao.put_kv2(None, "secret", "e2e", json!({"db_password": "x"}))
+            .await;
+        let name = unique("vault");
+        let body = json!({"resourceBundle": format!("{d}-bundle"), "host": bao.addr, "path": "/v1/secret/data/e2e",
+                          "auth": {"method": "token", "token": support::openbao::ROOT_TOKEN}});
+        let made = api
+            .put(
+                &format!("/api/v1/vault-configs/{name}"),
+                &admin,
+                &[("if-none-match", "*")],
+                body,
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.text);
+        let tested = api
+            .post(&format!("/api/v1/vault-configs/{name}/test"), &admin, None)
+            .await
+            .json();
+        assert_eq!(tested["ok"], json!(true), "{tested}");
+        let mut ready = Value::Null;
+        for _ in 0..100 {
+            ready = api
+                .get(&format!("/api/v1/vault-configs/{name}"), &alice)
+                .await
+                .json()["status"]
+                .clone();
+            if ready["ready"] == json!(true) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            ready["ready"],
+            json!(true),
+            "the webhook recorded no Ready condition: {ready}"
+        );
+        assert!(!ready.to_string().contains(support::openbao::ROOT_TOKEN));
+        assert_eq!(
+            api.delete(&format!("/api/v1/vault-configs/{name}"), &admin, &[])
+                .await
+                .status,
+            StatusCode::NO_CONTENT
+        );
+    }
     let _ = k
         .kubectl()
         .ns(NS)
