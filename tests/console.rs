@@ -64,8 +64,13 @@ async fn console_creates_a_secret_and_tests_a_vault_connection_in_chromium() {
     let bao = OpenBao::start(&bin).await;
     bao.put_kv2(None, "secret", "production", json!({"db_password": "x"}))
         .await;
-    bao.put_kv2(None, "secret", "production/team", json!({"token": "y"}))
-        .await;
+    bao.put_kv2(
+        None,
+        "secret",
+        "production/team",
+        json!({"token": "y", "<img src=x onerror=window.__xss=1>": "z"}),
+    )
+    .await;
     bao.api(
         "POST",
         "sys/mounts/kv1",

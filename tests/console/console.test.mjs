@@ -119,6 +119,12 @@ try {
   await page.waitForSelector("#secrets tbody tr[data-key='token']:has-text('Vault (vault-console)')");
   await shot("05-domain-secrets.png");
 
+  step("a Vault field named like HTML is shown as text, never run");
+  const rows = await page.locator("#secrets tbody td").allTextContents();
+  if (!rows.includes("<img src=x onerror=window.__xss=1>")) throw new Error("the HTML-like key is not shown as text");
+  if (await page.evaluate(() => window.__xss)) throw new Error("a key name ran as HTML");
+  if (await page.locator("#secrets img").count()) throw new Error("a key name became an element");
+
   const html = await page.content();
   for (const c of canaries) {
     if (html.includes(c)) throw new Error("a value is in the page");
