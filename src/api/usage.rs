@@ -2,6 +2,9 @@
 //! the references it granted (`secrets.iomete.com/granted`); a domain key can only be used by pods
 //! in the data-plane namespace (where the stores are), so that is where pods are counted.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
@@ -25,48 +28,58 @@ impl Usage for NoPods {
     }
 }
 
-/// Counts live pods (not Succeeded or Failed) in the data-plane namespace, from their metadata.
+/// The references a pod's stamps grant it, or `None` when it has none that can be trusted.
+pub type GrantsOf = Arc<dyn Fn(&Pod) -> Option<BTreeSet<String>> + Send + Sync>;
+
+/// SIGNATURE HOOK: the stamps as written, unverified. Stamps are written by the webhook at
+/// admission and signed by the tenant-isolation work (HMAC); until that lands this reads them as
+/// they are. A forged stamp can only make a key look used by one more pod (a 409 that
+/// `?force=true` overrides), never hide a real use. With signatures, build [`LivePods`] with
+/// [`LivePods::with_grants`] and a function that verifies them and returns `None` otherwise.
+pub fn unverified_grants(pod: &Pod) -> Option<BTreeSet<String>> {
+    let stamp = pod.metadata.annotations.as_ref()?.get(STAMP_GRANTED)?;
+    parse_granted_stamp(stamp).ok()
+}
+
+/// Counts live pods (not Succeeded or Failed, not being deleted) in the data-plane namespace.
 pub struct LivePods {
     pods: Api<Pod>,
+    grants: GrantsOf,
 }
 
 impl LivePods {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
+        Self::with_grants(client, namespace, Arc::new(unverified_grants))
+    }
+
+    /// `grants` reads (and verifies) a pod's stamps.
+    pub fn with_grants(client: kube::Client, namespace: &str, grants: GrantsOf) -> Self {
         Self {
             pods: Api::namespaced(client, namespace),
+            grants,
         }
     }
-}
-
-/// The references a pod's stamps say it was granted.
-///
-/// SIGNATURE HOOK: stamps are written by the webhook at admission; the tenant-isolation work
-/// signs them (HMAC). Until that lands this reads the stamp as is: a forged stamp can only make a
-/// key look used by one more pod (a 409 that `?force=true` overrides), never hide a real use.
-/// Once signatures exist, verify them here and skip pods whose stamps do not verify.
-fn granted(meta: &kube::api::ObjectMeta) -> Option<std::collections::BTreeSet<String>> {
-    let stamp = meta.annotations.as_ref()?.get(STAMP_GRANTED)?;
-    parse_granted_stamp(stamp).ok()
 }
 
 #[async_trait]
 impl Usage for LivePods {
     async fn pods_using(&self, secret: &SecretObject) -> Result<usize, String> {
         let wanted = secret.to_string();
-        let params = ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+        let mut params = ListParams::default()
+            .fields("status.phase!=Succeeded,status.phase!=Failed")
+            .limit(500);
         let mut count = 0;
-        let mut params = params.limit(500);
         loop {
             let page = self
                 .pods
-                .list_metadata(&params)
+                .list(&params)
                 .await
                 .map_err(|e| super::auth::kube_reason(&e))?;
             count += page
                 .items
                 .iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| granted(&p.metadata).is_some_and(|g| g.contains(&wanted)))
+                .filter(|p| (self.grants)(p).is_some_and(|g| g.contains(&wanted)))
                 .count();
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
