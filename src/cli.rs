@@ -110,6 +110,18 @@ pub struct ServeArgs {
     /// Who decides Use: `ras` (ResourceBundle objects) or `subject-access-review` (Kubernetes RBAC).
     #[arg(long, env = "SECRETS_WEBHOOK_AUTHORIZER", value_enum, default_value_t = crate::authz::AuthorizerKind::Ras)]
     pub authorizer: crate::authz::AuthorizerKind,
+    /// Directory holding the stamp signing keys (files `current` and, while rotating, `previous`):
+    /// the mounted Secret. Not used with `--dev`.
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_SIGNING_KEY_DIR",
+        default_value = "/etc/secrets-webhook/signing-key"
+    )]
+    pub signing_key_dir: PathBuf,
+    /// Admit executors created with service-account tokens that are not bound to their driver pod
+    /// (clusters without bound tokens). Weaker: logged as a warning at start.
+    #[arg(long, env = "SECRETS_WEBHOOK_ALLOW_UNBOUND_EXECUTOR_TOKENS")]
+    pub allow_unbound_executor_tokens: bool,
     /// Log format: `json` (default) or `text`.
     #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
@@ -153,7 +165,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Review(args) => crate::review::run(args),
         Command::Certs(args) => crate::certs::run(args),
         Command::Vault(VaultCommand::Check { name, config }) => {
-            crate::backends::vault::run_check(&name, &config)
+            let local = crate::config::LocalConfig::load(&config)?;
+            crate::backends::vault::run_check(&name, &local.vault_configs, &config)
         }
     }
 }

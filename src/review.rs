@@ -9,9 +9,9 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::admission::{Webhook, local_vault};
+use crate::admission::Webhook;
 use crate::cli::ReviewArgs;
-use crate::config::{LocalConfig, Settings};
+use crate::config::{LocalConfig, Settings, local_vault};
 use crate::metrics::Metrics;
 
 /// `secrets-webhook review`. Exit status: 0 when allowed, an error (non-zero) when denied.
@@ -26,7 +26,7 @@ pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
         // The driver pod as the webhook admitted it stands in for the executor's owner lookup.
         let driver: k8s_openapi::api::core::v1::Pod = serde_json::from_value(read_document(path)?)
             .with_context(|| format!("{} is not a Pod", path.display()))?;
-        webhook.owners = Arc::new(crate::admission::identity::StaticOwner::new(Some(driver)));
+        webhook.owners = Arc::new(crate::identity::StaticOwner::new(Some(driver)));
     }
     let review = as_review(input, &args, &webhook.settings.naming.namespace)?;
     let body = serde_json::to_vec(&review)?;

@@ -21,14 +21,17 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Webhook;
-use crate::admission::identity::TrustedControllers;
 use crate::cli::ServeArgs;
-use crate::config::{LocalConfig, Naming, Settings};
+use crate::config::{ExecutorPolicy, LocalConfig, Naming, Settings};
+use crate::identity::{Keys, TrustedControllers, keys};
 use crate::metrics::Metrics;
 use tls::{CertPaths, CertResolver, Reloader, TlsError};
 
 /// How the admin port waits for its own (short) requests once the admission port has drained.
 const ADMIN_DRAIN: Duration = Duration::from_secs(1);
+/// How often the mounted signing keys are read for changes (the kubelet updates Secret volumes
+/// within about a minute).
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything the server needs; `run_serve` fills it from the command line, tests build it.
 #[derive(Debug, Clone)]
@@ -236,8 +239,18 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         },
         enabled: args.enabled,
         authorizer: args.authorizer,
+        executors: ExecutorPolicy {
+            require_bound_token: !args.allow_unbound_executor_tokens,
+        },
         ..Settings::default()
     };
+    if args.allow_unbound_executor_tokens {
+        tracing::warn!(
+            "--allow-unbound-executor-tokens: executors are admitted with service-account tokens not \
+             bound to their driver pod, so any pod or user holding a token of a driver's service \
+             account can create executors that inherit that driver's secrets"
+        );
+    }
     let (webhook, cert, key, dev_ca) = if args.dev {
         let dev = crate::certs::ensure_dev_certs(&args.dev_cert_dir)?;
         let config = LocalConfig::load(&args.config)?;
@@ -246,7 +259,14 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         let client = kube::Client::try_default().await?;
         let trusted = cluster_trusted_controllers(&args.config)?;
-        let webhook = Webhook::from_cluster(settings, client, metrics, trusted).await?;
+        // No key until the mounted Secret is read: not ready, and nothing is signed.
+        let keys = Keys::empty();
+        keys::watch_dir(
+            keys.clone(),
+            args.signing_key_dir.clone(),
+            KEY_RELOAD_INTERVAL,
+        );
+        let webhook = Webhook::from_cluster(settings, client, metrics, trusted, keys).await?;
         (webhook, args.tls_cert, args.tls_key, None)
     };
     let options = ServerOptions {
@@ -279,6 +299,13 @@ fn cluster_trusted_controllers(path: &std::path::Path) -> anyhow::Result<Trusted
         return Ok(TrustedControllers::default());
     }
     let config = LocalConfig::load(path)?;
+    if config.signing_keys.is_some() {
+        anyhow::bail!(
+            "{}: signingKeys are for --dev and review only; in a cluster the signing key comes from \
+             the Secret mounted at --signing-key-dir (docs/operations.md)",
+            path.display()
+        );
+    }
     Ok(TrustedControllers::new(config.trusted_controllers)?)
 }
 
