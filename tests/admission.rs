@@ -15,6 +15,10 @@ namespace: iomete-system
 stores:
   global: [warehouse_path, api_token]
   domains: {finance: [db_password, s3_secret_key], marketing: [ga_token]}
+resourceBundles:
+  - {name: alice-bundle, domains: [finance, hr, marketing],
+     grants: [{subjects: [{kind: User, name: alice}], permissions: [use]}]}
+signingKeys: {current: admission-tests-signing-key-0123456789abcdef}
 "#;
 
 fn webhook() -> Webhook {
@@ -204,8 +208,9 @@ async fn denials_name_the_reference_and_the_fix() {
         (
             "env.secrets.iomete.com/X",
             "vault:vault-prod-finance/db",
-            "annotation env.secrets.iomete.com/X: env var \"X\": vault:vault-prod-finance/db: Vault source not \
-             configured in this webhook; use a Kubernetes source, or ask a platform admin to configure Vault",
+            "annotation env.secrets.iomete.com/X: vault:vault-prod-finance/db: user \"alice\" lacks Use on vault \
+             config \"vault-prod-finance\"; a platform admin can grant Use to the user or one of its groups in the \
+             resource bundle of that Vault config",
         ),
         (
             "secrets.iomete.com/env-secrets",
@@ -310,8 +315,30 @@ async fn dry_run_and_non_create_operations() {
         "dry run still answers with the patch"
     );
     r["request"]["operation"] = json!("UPDATE");
+    r["request"]["oldObject"] = r["request"]["object"].clone();
     let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
-    assert!(answer.allowed() && answer.patch.is_none());
+    assert!(
+        answer.allowed() && answer.patch.is_none(),
+        "{}",
+        answer.message()
+    );
+    r["request"]["operation"] = json!("DELETE");
+    let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
+    assert!(
+        answer.allowed() && answer.patch.is_none(),
+        "{}",
+        answer.message()
+    );
+    // An update without the old object cannot be checked: denied, not waved through.
+    r["request"]["operation"] = json!("UPDATE");
+    r["request"]["oldObject"] = Value::Null;
+    let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
+    assert!(!answer.allowed());
+    assert!(
+        answer.message().contains("no object or no oldObject"),
+        "{}",
+        answer.message()
+    );
 }
 
 #[tokio::test]
@@ -365,6 +392,10 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
     let huge_json_refs: Vec<Value> = (0..50_000)
         .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": "no-such"}}}))
         .collect();
+    // Distinct domains, each a Use check (a SubjectAccessReview in RBAC mode): capped.
+    let many_domains: Vec<Value> = (0..50_000)
+        .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": format!("d{i}")}}}))
+        .collect();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("wrong kind", with(&|r| r["kind"] = json!("Pod")), "expected apiVersion admission.k8s.io/v1, kind AdmissionReview"),
         ("v1beta1", with(&|r| r["apiVersion"] = json!("admission.k8s.io/v1beta1")), "expected apiVersion"),
@@ -384,10 +415,11 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
             "duplicate field `uid`",
         ),
         ("enormous annotation", annotated("secrets.iomete.com/env-secrets", &"x".repeat(3 << 20)), "not a JSON array of references"),
-        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "… and 49990 more"),
+        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "user \"alice\" lacks Use on domain \"no-such\""),
+        ("fifty thousand domains", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&many_domains).unwrap()), "the pod references 50000 different domains and Vault configs; at most 64 per pod"),
         ("invalid env name", annotated("env.secrets.iomete.com/A=B", "kubernetes:global/warehouse_path"), "is not a valid environment variable name"),
-        ("path traversal", annotated("env.secrets.iomete.com/X", "vault:cfg/../../sys/raw#x"), "key is not a valid Vault key"),
-        ("control characters", annotated("env.secrets.iomete.com/X", "kubernetes:global/a\u{7}b"), "key is not a valid Kubernetes secret key"),
+        ("path traversal", annotated("env.secrets.iomete.com/X", "vault:cfg/../../sys/raw#x"), "is not a valid Vault key"),
+        ("control characters", annotated("env.secrets.iomete.com/X", "kubernetes:global/a\u{7}b"), "is not a valid Kubernetes secret key"),
         ("bad source id", annotated("env.secrets.iomete.com/X", "kubernetes:../kube-system/k"), "is not a valid name"),
         (
             "ten thousand env vars and a missing placeholder key",

@@ -799,9 +799,8 @@ fn shipped_config_file_loads_with_valid_trusted_controllers() {
     let config =
         secrets_webhook::config::LocalConfig::load(&repo("manifests/base/config.yaml")).unwrap();
     assert!(!config.trusted_controllers.is_empty());
-    secrets_webhook::admission::identity::TrustedControllers::new(config.trusted_controllers)
-        .unwrap();
+    secrets_webhook::identity::TrustedControllers::new(config.trusted_controllers).unwrap();
     let dev =
         secrets_webhook::config::LocalConfig::load(&repo("examples/dev-config.yaml")).unwrap();
-    secrets_webhook::admission::identity::TrustedControllers::new(dev.trusted_controllers).unwrap();
+    secrets_webhook::identity::TrustedControllers::new(dev.trusted_controllers).unwrap();
 }

@@ -112,6 +112,9 @@ pub struct Outcome {
     pub audit: HashMap<String, String>,
 }
 
+/// Most distinct domains and Vault configs one pod may reference (each needs its own Use check).
+const MAX_RESOURCES: usize = 64;
+
 /// The API server's `AdmissionReview` version; the only one served.
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -697,6 +700,17 @@ impl Webhook {
                 },
             };
             needed.entry(resource).or_insert(r);
+        }
+        // Each distinct resource may cost a SubjectAccessReview: a pod cannot make thousands.
+        if needed.len() > MAX_RESOURCES {
+            return Err(Denial::new(
+                "malformed",
+                format!(
+                    "the pod references {} different domains and Vault configs; at most {MAX_RESOURCES} \
+                     per pod",
+                    needed.len()
+                ),
+            ));
         }
         let checks = needed.iter().map(|(resource, r)| async move {
             match self.authz.check_use(identity, resource, deadline).await {
