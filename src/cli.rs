@@ -144,6 +144,10 @@ pub struct ReviewArgs {
     /// Submitting user's groups when FILE is a bare Pod.
     #[arg(long = "group")]
     pub groups: Vec<String>,
+    /// Submitting user's `userInfo.extra` when FILE is a bare Pod, as KEY=VALUE (repeatable), e.g.
+    /// `authentication.kubernetes.io/pod-name=DRIVER` for an executor created with a bound token.
+    #[arg(long = "extra", value_parser = parse_extra)]
+    pub extra: Vec<(String, String)>,
     /// The owner driver pod (as the webhook admitted it), standing in for the API lookup of executors.
     #[arg(long)]
     pub owner: Option<PathBuf>,
@@ -156,6 +160,12 @@ pub struct ReviewArgs {
     /// Print the mutated pod instead of the AdmissionReview.
     #[arg(long)]
     pub pod: bool,
+}
+
+fn parse_extra(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
 }
 
 /// Runs the chosen subcommand.
