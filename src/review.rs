@@ -36,7 +36,9 @@ pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
     // Updates and other kinds (SparkApplications) go where the API server sends them: the
     // validating webhooks.
     let validating = review["request"]["operation"] != "CREATE"
-        || review["request"]["kind"]["kind"].as_str().is_some_and(|k| k != "Pod");
+        || review["request"]["kind"]["kind"]
+            .as_str()
+            .is_some_and(|k| k != "Pod");
     let answer = if validating {
         runtime.block_on(webhook.validate_bytes(&body, None))
     } else {

@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests. Each test binary uses only some of them.
 #![allow(dead_code)]
 
+pub mod cel_policy;
 pub mod fake_apiserver;
 pub mod logs;
 pub mod metrics;
 pub mod openbao;
+pub mod podspec_probe;
 pub mod tls;
