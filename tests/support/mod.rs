@@ -3,6 +3,7 @@
 
 pub mod cel_policy;
 pub mod fake_apiserver;
+pub mod kube_e2e;
 pub mod logs;
 pub mod metrics;
 pub mod openbao;
