@@ -639,7 +639,8 @@ fn vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shi
 
     // An executor created by the driver's ServiceAccount inherits the driver's grants: the
     // webhook looks the owner up through the API (get pods, with its own token).
-    let token = k.token(&ns, "spark", None);
+    // Its token is bound to the driver pod (as the driver's own mounted token is).
+    let token = k.token(&ns, "spark", Some(name(&driver)));
     let executor = |refs: Value| {
         json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": unique("exec"), "namespace": ns,
@@ -818,8 +819,12 @@ fn env_adder() -> EnvAdder {
         let var = json!({"name": "ADDED_BY_E2E", "value": "1"});
         let patch = match (has, container["env"].is_array()) {
             (true, _) => json!([]),
-            (false, true) => json!([{"op": "add", "path": "/spec/containers/0/env/-", "value": var}]),
-            (false, false) => json!([{"op": "add", "path": "/spec/containers/0/env", "value": [var]}]),
+            (false, true) => {
+                json!([{"op": "add", "path": "/spec/containers/0/env/-", "value": var}])
+            }
+            (false, false) => {
+                json!([{"op": "add", "path": "/spec/containers/0/env", "value": [var]}])
+            }
         };
         let response = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "response": {"uid": request["uid"], "allowed": true, "patchType": "JSONPatch",
@@ -875,7 +880,10 @@ fn reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty() {
     );
     let d = domain(k, &["db_password"], &["User:alice"]);
     let pod = |name: String| {
-        let mut pod = opted_in_pod(NS, &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))]);
+        let mut pod = opted_in_pod(
+            NS,
+            &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))],
+        );
         pod["metadata"]["name"] = json!(name);
         pod["metadata"]["labels"]["e2e-reinvoke"] = json!(id);
         pod
@@ -908,7 +916,10 @@ fn reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty() {
     // Ours ran twice: the first pass patched, the reinvocation found nothing left to do.
     let passes = admissions_of(k, name(&wanted));
     assert_eq!(passes.len(), 2, "{passes:?}");
-    assert!(passes[0]["fields"]["ops"].as_u64().unwrap() > 0, "{passes:?}");
+    assert!(
+        passes[0]["fields"]["ops"].as_u64().unwrap() > 0,
+        "{passes:?}"
+    );
     assert_eq!(passes[1]["fields"]["ops"], 0, "{passes:?}");
     k.kubectl()
         .args(["delete", "mutatingwebhookconfiguration", &config])
@@ -922,7 +933,14 @@ fn set_feature(k: &Cluster, enabled: bool) -> Value {
     let chart = format!("{}/charts/secrets-webhook", env!("CARGO_MANIFEST_DIR"));
     let set = format!("features.secretsV2.enabled={enabled}");
     let run = k.helm([
-        "upgrade", "secrets-webhook", &chart, "--namespace", NS, "--reuse-values", "--set", &set,
+        "upgrade",
+        "secrets-webhook",
+        &chart,
+        "--namespace",
+        NS,
+        "--reuse-values",
+        "--set",
+        &set,
     ]);
     assert!(run.success, "helm upgrade: {}", run.stderr);
     k.start_webhook();
@@ -946,9 +964,18 @@ fn helm_upgrade_switches_injection_off_and_on_with_nothing_lost() {
     let _exclusive = k.exclusive();
     let d = domain(k, &["db_password"], &["User:alice"]);
     let reference = format!("kubernetes:{d}/db_password");
-    let before = create_when_ready(k, &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]), "alice", &[]);
+    let before = create_when_ready(
+        k,
+        &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]),
+        "alice",
+        &[],
+    );
     let revision = |k: &Cluster| {
-        let status: Value = serde_json::from_str(&k.helm(["status", "secrets-webhook", "-n", NS, "-o", "json"]).ok()).unwrap();
+        let status: Value = serde_json::from_str(
+            &k.helm(["status", "secrets-webhook", "-n", NS, "-o", "json"])
+                .ok(),
+        )
+        .unwrap();
         status["version"].as_u64().unwrap()
     };
     let first = revision(k);
@@ -979,18 +1006,36 @@ fn helm_upgrade_switches_injection_off_and_on_with_nothing_lost() {
     drop(restore);
     assert_eq!(revision(k), first + 2);
     let deployment = k.get("deployment", NS, "secrets-webhook").unwrap();
-    assert!(!deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string().contains("--enabled"));
+    assert!(
+        !deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string()
+            .contains("--enabled")
+    );
     // On again: the same reference is wired, with nothing re-created: the bundle, the store, the
     // registration (its local URL and caBundle kept by --reuse-values) and earlier pods are intact.
-    let after = create_when_ready(k, &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]), "alice", &[]);
+    let after = create_when_ready(
+        k,
+        &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]),
+        "alice",
+        &[],
+    );
     assert_eq!(
         secret_key_ref(&after, "DB_PASSWORD"),
         (format!("iomete-secret-store-{d}"), "db_password".into())
     );
     let kept = k.get("pod", NS, name(&before)).unwrap();
-    assert_eq!(secret_key_ref(&kept, "DB_PASSWORD"), secret_key_ref(&before, "DB_PASSWORD"));
-    assert!(k.get("resourcebundle", NS, &format!("{d}-bundle")).is_some());
-    for crd in ["resourcebundles.secrets.iomete.com", "vaultconfigs.secrets.iomete.com"] {
+    assert_eq!(
+        secret_key_ref(&kept, "DB_PASSWORD"),
+        secret_key_ref(&before, "DB_PASSWORD")
+    );
+    assert!(
+        k.get("resourcebundle", NS, &format!("{d}-bundle"))
+            .is_some()
+    );
+    for crd in [
+        "resourcebundles.secrets.iomete.com",
+        "vaultconfigs.secrets.iomete.com",
+    ] {
         assert!(k.get("crd", "", crd).is_some(), "{crd} lost");
     }
 }

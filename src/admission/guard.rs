@@ -55,13 +55,9 @@ impl Place<'_> {
     }
 }
 
-/// A name for a path: itself when plain, else its position (names are not validated yet).
+/// Names go into paths only when plain (the pod is not validated yet).
 fn plain(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    crate::refs::plain_name(name).is_some()
 }
 
 impl fmt::Display for Place<'_> {

@@ -326,7 +326,7 @@ impl Webhook {
                     .as_deref()
                     .or(p.metadata.generate_name.as_deref())
             })
-            .map(refs::shown_name)
+            .map(|n| refs::plain_name(n).map_or_else(|| refs::shape(n), str::to_owned))
             .unwrap_or_default();
         let namespace = req.namespace.as_deref().unwrap_or_default();
         let workload = match decided {

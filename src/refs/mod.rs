@@ -383,19 +383,23 @@ fn validate(r: &Reference, global_id: &str) -> Result<(), Problem> {
     }
 }
 
-/// A name from a pod spec for a message: quoted when it has the form of a Kubernetes name or env
-/// var (letters, digits, '.', '_', '-'), else only its shape. At mutating admission the API server
-/// has not validated the pod yet, so a name may hold anything.
-pub fn shown_name(name: &str) -> String {
+/// A name from a pod spec, when it has the form of a Kubernetes name or env var (letters, digits,
+/// '.', '_', '-'; at most 253). At mutating admission the API server has not validated the pod
+/// yet, so a name may hold anything, a pasted secret included.
+pub fn plain_name(name: &str) -> Option<&str> {
     let plain = !name.is_empty()
         && name.len() <= 253
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if plain {
-        format!("{name:?}")
-    } else {
-        format!("({})", shape(name))
+    plain.then_some(name)
+}
+
+/// A name from a pod spec for a message: quoted when plain ([`plain_name`]), else its shape.
+pub fn shown_name(name: &str) -> String {
+    match plain_name(name) {
+        Some(name) => format!("{name:?}"),
+        None => format!("({})", shape(name)),
     }
 }
 
