@@ -869,7 +869,12 @@ fn stamped_driver() -> Value {
 fn update_reaches_webhook(old: &Value, new: &Value, sub_resource: &str) -> bool {
     let hook = validating("pod-updates.secrets.iomete.com");
     let condition = hook["matchConditions"][0]["expression"].as_str().unwrap();
-    let request = json!({"operation": "UPDATE", "subResource": sub_resource});
+    // As the API server sends it: no subResource for the main resource.
+    let request = if sub_resource.is_empty() {
+        json!({"operation": "UPDATE"})
+    } else {
+        json!({"operation": "UPDATE", "subResource": sub_resource})
+    };
     cel_policy::holds(
         condition,
         &[("object", new), ("oldObject", old), ("request", &request)],
@@ -968,7 +973,8 @@ fn data_plane_params() -> Value {
 }
 
 fn request(resource: &str, operation: &str, user: &str, groups: &[&str]) -> Value {
-    json!({"operation": operation, "resource": {"resource": resource}, "subResource": "",
+    // No subResource: the API server leaves it out for the main resource.
+    json!({"operation": operation, "resource": {"resource": resource},
            "userInfo": {"username": user, "groups": groups}})
 }
 

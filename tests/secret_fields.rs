@@ -145,7 +145,7 @@ fn params() -> Value {
 
 fn pod_request(user: &str, groups: &[&str]) -> Value {
     json!({"operation": "CREATE", "resource": {"group": "", "version": "v1", "resource": "pods"},
-           "subResource": "", "userInfo": {"username": user, "groups": groups}})
+           "userInfo": {"username": user, "groups": groups}})
 }
 
 #[test]
