@@ -518,7 +518,9 @@ async fn cold_burst(dir: &Path, pki: &Pki, bao: &OpenBao) -> anyhow::Result<Burs
             executor["metadata"]["labels"]["spark-exec-id"] = json!(i.to_string());
             executor["metadata"]["annotations"] = json!(executor_references());
             executor["metadata"]["ownerReferences"][0]["uid"] = stored["metadata"]["uid"].clone();
-            let extra = json!({"authentication.kubernetes.io/pod-name": [DRIVER_NAME]});
+            // The driver's own token: bound to the driver pod.
+            let extra = json!({"authentication.kubernetes.io/pod-name": [DRIVER_NAME],
+                               "authentication.kubernetes.io/pod-uid": [stored["metadata"]["uid"].clone()]});
             review_as(
                 &executor,
                 &format!("bench-exec-{i}"),
@@ -661,6 +663,16 @@ impl std::fmt::Display for Memory {
     }
 }
 
+/// `dir/signing-key/current`, as the webhook's Secret is mounted.
+fn signing_key_dir(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let keys = dir.join("signing-key");
+    if !keys.join("current").exists() {
+        std::fs::create_dir_all(&keys)?;
+        std::fs::write(keys.join("current"), "bench-signing-key-0123456789abcdef0123456789")?;
+    }
+    Ok(keys)
+}
+
 impl Server {
     /// `serve --dev` with the bench's certificate and local config; waits for `/readyz`.
     async fn dev(dir: &Path, pki: &Pki, config: &Path) -> anyhow::Result<Self> {
@@ -689,6 +701,9 @@ impl Server {
             // No trusted controllers.
             "--config".into(),
             dir.join("no-such-config.yaml").into(),
+            // One signing key for both processes, as the mounted Secret gives every replica.
+            "--signing-key-dir".into(),
+            signing_key_dir(dir)?.into(),
         ];
         Self::start(dir, name, args, Some(kubeconfig)).await
     }

@@ -499,6 +499,53 @@ fn the_data_plane_namespace_is_locked_down_in_every_secret_field() {
         .ok();
 }
 
+/// Variant of attack 3: Spark's service account must write ConfigMaps in the data-plane namespace,
+/// so code in a driver could widen the policy's lists or make itself a trusted controller.
+#[test]
+fn the_webhooks_own_objects_are_written_by_admins_only() {
+    let Some(k) = cluster("the_webhooks_own_objects_are_written_by_admins_only") else {
+        return;
+    };
+    let _shared = k.shared();
+    let token = k.token(NS, "spark", None);
+    let widen = k
+        .kubectl_with_token(&token)
+        .args([
+            "-n",
+            NS,
+            "patch",
+            "configmap",
+            "secrets-webhook-data-plane",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"serviceAccounts":"default,spark,secrets-webhook"}}"#,
+        ])
+        .run()
+        .err();
+    assert!(
+        widen.contains("ValidatingAdmissionPolicy 'secrets-webhook-own-objects'"),
+        "{widen}"
+    );
+    let config = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "secrets-webhook-config-evil", "namespace": NS},
+        "data": {"config.yaml": "trustedControllers: [{username: \"system:serviceaccount:iomete-system:spark\"}]"}});
+    let create = k
+        .kubectl_with_token(&token)
+        .args(["create", "-f", "-"])
+        .stdin(config.to_string())
+        .run()
+        .err();
+    assert!(create.contains("secrets-webhook-own-objects"), "{create}");
+    // Spark's own ConfigMaps are unaffected.
+    let own = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": unique("spark-drv-conf-map"), "namespace": NS}, "data": {"k": "v"}});
+    k.kubectl_with_token(&token)
+        .args(["create", "-f", "-"])
+        .stdin(own.to_string())
+        .run()
+        .ok();
+}
+
 /// Attack 6: with the Spark operator trusted, anyone who can create a SparkApplication picks any
 /// identity through an annotation route the operator copies onto the driver pod.
 #[test]

@@ -1265,3 +1265,45 @@ fn the_signing_key_is_mounted_where_serve_reads_it_and_never_defaulted() {
         secrets_webhook::config::LocalConfig::load(&repo("manifests/base/config.yaml")).unwrap();
     assert!(config.signing_keys.is_none());
 }
+
+#[test]
+fn the_webhooks_own_objects_are_written_by_admins_only() {
+    let policy = data_plane("ValidatingAdmissionPolicy", "secrets-webhook-own-objects");
+    let params = data_plane_params();
+    let req = |resource: &str, name: &str, operation: &str, user: &str, groups: &[&str]| {
+        json!({"operation": operation, "name": name, "resource": {"resource": resource},
+               "userInfo": {"username": user, "groups": groups}})
+    };
+    let decide = |request: &Value| {
+        cel_policy::evaluate(&policy, &json!({}), &json!({}), request, &params)
+    };
+    // Attack: code in a driver (whose account must write ConfigMaps) widens the lists, or makes
+    // itself a trusted controller, or replaces the signing key.
+    for (resource, name) in [
+        ("configmaps", "secrets-webhook-data-plane"),
+        ("configmaps", "secrets-webhook-config-5hm2t9bk"),
+        ("configmaps", "secrets-webhook-config"),
+        ("secrets", "secrets-webhook-signing-key"),
+        ("services", "secrets-webhook"),
+    ] {
+        for operation in ["CREATE", "UPDATE", "DELETE"] {
+            let tenant = req(resource, name, operation, TENANT, &["system:serviceaccounts"]);
+            assert!(
+                matches!(decide(&tenant), Verdict::Denied(m) if m.contains(name)),
+                "{operation} {resource}/{name}"
+            );
+            let admin = req(resource, name, operation, "ops", &["system:masters"]);
+            assert_eq!(decide(&admin), Verdict::Allowed, "{operation} {resource}/{name}");
+        }
+    }
+    // Everything else is left to RBAC: Spark's own ConfigMaps, other Secrets (the TLS Secret is
+    // written by cert-manager).
+    for (resource, name) in [
+        ("configmaps", "spark-drv-7f3c-conf-map"),
+        ("secrets", "secrets-webhook-tls"),
+        ("secrets", "iomete-secret-store-finance"),
+    ] {
+        let tenant = req(resource, name, "UPDATE", TENANT, &[]);
+        assert_eq!(decide(&tenant), Verdict::NotMatched, "{resource}/{name}");
+    }
+}

@@ -328,3 +328,25 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster's key comes from its Secret only: a config file carrying `signingKeys` (copied
+    /// from the development config, say) stops the server at start instead of signing with it.
+    #[test]
+    fn a_cluster_refuses_signing_keys_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            "signingKeys: {current: development-only-signing-key-not-for-clusters}\n",
+        )
+        .unwrap();
+        let e = cluster_trusted_controllers(&path).unwrap_err().to_string();
+        assert!(e.contains("signingKeys are for --dev and review only"), "{e}");
+        std::fs::write(&path, "trustedControllers: []\n").unwrap();
+        assert!(cluster_trusted_controllers(&path).is_ok());
+    }
+}
