@@ -473,3 +473,129 @@ async fn ten_thousand_env_vars_with_placeholders_are_planned_quickly() {
             .starts_with("IOMETE_SECRET_")
     );
 }
+
+/// The validating endpoint (`/validate`) the API server calls for pod updates and
+/// SparkApplications, through the engine: never a patch, and the decisions of
+/// docs/authorization.md §6 and §10.
+#[tokio::test]
+async fn the_validating_endpoint_checks_updates_and_spark_applications() {
+    let webhook = webhook();
+    let validate = |body: Value| {
+        let webhook = &webhook;
+        async move {
+            let out = webhook
+                .validate_bytes(&serde_json::to_vec(&body).unwrap(), None)
+                .await;
+            let answer: Value = serde_json::from_slice(&out).unwrap();
+            assert!(answer["response"]["patch"].is_null(), "{answer}");
+            answer["response"].clone()
+        }
+    };
+    let allowed = |r: &Value| r["allowed"] == json!(true);
+    let message = |r: &Value| {
+        r["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // The driver as alice's CREATE left it: mutated, stamped, signed.
+    let mut driver = fixture("spark35-driver-submit.json");
+    annotate(
+        &mut driver,
+        "env.secrets.iomete.com/DB",
+        "kubernetes:finance/db_password",
+    );
+    let (stored, _) = admit_and_apply(&driver).await;
+    let update = |old: &Value, new: &Value, sub: Option<&str>| {
+        let mut r = review(new, "bob");
+        r["request"]["operation"] = json!("UPDATE");
+        r["request"]["oldObject"] = old.clone();
+        if let Some(sub) = sub {
+            r["request"]["subResource"] = json!(sub);
+        }
+        r
+    };
+
+    let mut forged = stored.clone();
+    forged["metadata"]["annotations"]["secrets.iomete.com/granted"] =
+        json!(r#"["kubernetes:finance/db_password","kubernetes:hr/salaries"]"#);
+    let r = validate(update(&stored, &forged, None)).await;
+    assert!(!allowed(&r));
+    assert_eq!(
+        message(&r),
+        "annotation secrets.iomete.com/granted is set by secrets-webhook when the pod is created and \
+         cannot be added, changed or removed afterwards, by anyone"
+    );
+    let r = validate(update(&stored, &forged, Some("status"))).await;
+    assert!(!allowed(&r));
+
+    let mut swapped = stored.clone();
+    swapped["spec"]["containers"][0]["image"] = json!("evil:1");
+    let r = validate(update(&stored, &swapped, None)).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("containers[\"spark-kubernetes-driver\"].image cannot change"),
+        "{}",
+        message(&r)
+    );
+
+    let mut debugged = stored.clone();
+    debugged["spec"]["ephemeralContainers"] = json!([{"name": "d", "image": "busybox"}]);
+    let r = validate(update(&stored, &debugged, Some("ephemeralcontainers"))).await;
+    assert!(
+        message(&r).contains("ephemeral containers cannot be added"),
+        "{}",
+        message(&r)
+    );
+
+    // A pod without grants: ephemeral containers fine, unless they name a store.
+    let plain = fixture("spark35-driver-submit.json");
+    let mut with_debug = plain.clone();
+    with_debug["spec"]["ephemeralContainers"] = json!([{"name": "d", "image": "busybox"}]);
+    assert!(allowed(
+        &validate(update(&plain, &with_debug, Some("ephemeralcontainers"))).await
+    ));
+    with_debug["spec"]["ephemeralContainers"][0]["envFrom"] =
+        json!([{"secretRef": {"name": "iomete-secret-store-finance"}}]);
+    let r = validate(update(&plain, &with_debug, Some("ephemeralcontainers"))).await;
+    assert!(
+        message(&r).contains("ephemeralContainers[0].envFrom[0] names Secret"),
+        "{}",
+        message(&r)
+    );
+    // Labels: fine.
+    let mut labelled = stored.clone();
+    labelled["metadata"]["labels"]["team"] = json!("x");
+    assert!(allowed(&validate(update(&stored, &labelled, None)).await));
+
+    // A CREATE sent here is the mutating webhook's: allowed untouched, no side effects.
+    let r = validate(review(&driver, "alice")).await;
+    assert!(allowed(&r));
+
+    // SparkApplications.
+    let app = |run_as: &str| {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "a1", "operation": "CREATE", "name": "pi", "namespace": "iomete-system",
+                "kind": {"group": "sparkoperator.k8s.io", "version": "v1beta2", "kind": "SparkApplication"},
+                "resource": {"group": "sparkoperator.k8s.io", "version": "v1beta2", "resource": "sparkapplications"},
+                "userInfo": {"username": "bob", "groups": ["system:authenticated"]},
+                "object": {"apiVersion": "sparkoperator.k8s.io/v1beta2", "kind": "SparkApplication",
+                    "metadata": {"name": "pi", "namespace": "iomete-system"},
+                    "spec": {"driver": {"annotations": {"secrets.iomete.com/run-as": run_as}}}},
+                "oldObject": null, "dryRun": false}})
+    };
+    let r = validate(app("alice")).await;
+    assert!(!allowed(&r));
+    assert_eq!(r["uid"], "a1");
+    assert!(
+        message(&r).contains("to a user other than its requester \"bob\""),
+        "{}",
+        message(&r)
+    );
+    assert!(allowed(&validate(app("bob")).await));
+    // Any other kind: nothing to say.
+    let mut other = app("alice");
+    other["request"]["kind"]["kind"] = json!("ConfigMap");
+    assert!(allowed(&validate(other).await));
+}

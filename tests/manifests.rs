@@ -1274,9 +1274,8 @@ fn the_webhooks_own_objects_are_written_by_admins_only() {
         json!({"operation": operation, "name": name, "resource": {"resource": resource},
                "userInfo": {"username": user, "groups": groups}})
     };
-    let decide = |request: &Value| {
-        cel_policy::evaluate(&policy, &json!({}), &json!({}), request, &params)
-    };
+    let decide =
+        |request: &Value| cel_policy::evaluate(&policy, &json!({}), &json!({}), request, &params);
     // Attack: code in a driver (whose account must write ConfigMaps) widens the lists, or makes
     // itself a trusted controller, or replaces the signing key.
     for (resource, name) in [
@@ -1287,13 +1286,23 @@ fn the_webhooks_own_objects_are_written_by_admins_only() {
         ("services", "secrets-webhook"),
     ] {
         for operation in ["CREATE", "UPDATE", "DELETE"] {
-            let tenant = req(resource, name, operation, TENANT, &["system:serviceaccounts"]);
+            let tenant = req(
+                resource,
+                name,
+                operation,
+                TENANT,
+                &["system:serviceaccounts"],
+            );
             assert!(
                 matches!(decide(&tenant), Verdict::Denied(m) if m.contains(name)),
                 "{operation} {resource}/{name}"
             );
             let admin = req(resource, name, operation, "ops", &["system:masters"]);
-            assert_eq!(decide(&admin), Verdict::Allowed, "{operation} {resource}/{name}");
+            assert_eq!(
+                decide(&admin),
+                Verdict::Allowed,
+                "{operation} {resource}/{name}"
+            );
         }
     }
     // Everything else is left to RBAC: Spark's own ConfigMaps, other Secrets (the TLS Secret is

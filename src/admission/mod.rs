@@ -212,6 +212,11 @@ impl Webhook {
         let deadline = started + self.budget(timeout);
         let (mut response, outcome) = match review_kind(body).as_deref() {
             Some("Pod") | None => match parse_review(body).map(Box::new) {
+                // Only updates are validated here; a CREATE is the mutating webhook's, and
+                // answering it here must not have its side effects (Vault writes).
+                Ok(req) if req.operation != Operation::Update => {
+                    (AdmissionResponse::from(req.as_ref()), "allowed")
+                }
                 Ok(req) => {
                     let (response, _) = self.respond(&req, deadline).await;
                     let outcome = outcome_label(&response);
@@ -223,7 +228,14 @@ impl Webhook {
                     (response, "invalid")
                 }
             },
-            Some(kind) => self.validate_spark_application(body, kind),
+            Some(kind) => match parse_dynamic(body) {
+                Ok(req) if matches!(kind, "SparkApplication" | "ScheduledSparkApplication") => {
+                    self.validate_spark_application(&req, kind)
+                }
+                // Nothing else is registered; nothing to say about it.
+                Ok(req) => (AdmissionResponse::from(&req), "allowed"),
+                Err(response) => (*response, "invalid"),
+            },
         };
         // A validating webhook's answer carries no patch.
         response.patch = None;
@@ -235,26 +247,9 @@ impl Webhook {
     /// `run-as` on SparkApplications: see `identity::run_as`.
     fn validate_spark_application(
         &self,
-        body: &[u8],
+        req: &AdmissionRequest<DynamicObject>,
         kind: &str,
     ) -> (AdmissionResponse, &'static str) {
-        let req: AdmissionRequest<DynamicObject> = match std::str::from_utf8(body)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                serde_json::from_str::<AdmissionReview<DynamicObject>>(text)
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|review| review.try_into().map_err(|_| "no request".to_string()))
-        {
-            Ok(req) => req,
-            Err(e) => {
-                let mut response = AdmissionResponse::invalid(format!(
-                    "the body is not an admission.k8s.io/v1 AdmissionReview ({e})"
-                ));
-                response.uid = uid_of(body);
-                return (response, "invalid");
-            }
-        };
         let value =
             |o: &Option<DynamicObject>| o.as_ref().and_then(|o| serde_json::to_value(o).ok());
         let (object, old) = (value(&req.object), value(&req.old_object));
@@ -272,7 +267,7 @@ impl Webhook {
             ),
             _ => Ok(()),
         };
-        let mut response = AdmissionResponse::from(&req);
+        let mut response = AdmissionResponse::from(req);
         let name = req.name.as_str();
         match checked {
             Ok(()) => {
@@ -916,6 +911,27 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<Pod>, String> {
         return Err("the AdmissionReview request has no uid".into());
     }
     Ok(req)
+}
+
+/// An AdmissionReview of any kind; the `invalid` answer when it cannot be read.
+fn parse_dynamic(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
+    std::str::from_utf8(body)
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            serde_json::from_str::<AdmissionReview<DynamicObject>>(text).map_err(|e| e.to_string())
+        })
+        .and_then(|review| {
+            review
+                .try_into()
+                .map_err(|_| "the AdmissionReview has no request".to_string())
+        })
+        .map_err(|e| {
+            let mut response = AdmissionResponse::invalid(format!(
+                "the body is not an admission.k8s.io/v1 AdmissionReview ({e})"
+            ));
+            response.uid = uid_of(body);
+            Box::new(response)
+        })
 }
 
 /// The `request.kind.kind` of a review, read without building the object.

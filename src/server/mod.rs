@@ -345,7 +345,10 @@ mod tests {
         )
         .unwrap();
         let e = cluster_trusted_controllers(&path).unwrap_err().to_string();
-        assert!(e.contains("signingKeys are for --dev and review only"), "{e}");
+        assert!(
+            e.contains("signingKeys are for --dev and review only"),
+            "{e}"
+        );
         std::fs::write(&path, "trustedControllers: []\n").unwrap();
         assert!(cluster_trusted_controllers(&path).is_ok());
     }
