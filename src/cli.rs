@@ -122,6 +122,17 @@ pub struct ServeArgs {
     /// (clusters without bound tokens). Weaker: logged as a warning at start.
     #[arg(long, env = "SECRETS_WEBHOOK_ALLOW_UNBOUND_EXECUTOR_TOKENS")]
     pub allow_unbound_executor_tokens: bool,
+    /// HTTPS address of the management API and console (`off` to disable). Default: off in a
+    /// cluster, 127.0.0.1:8444 with `--dev`. Same certificate as admission.
+    #[arg(long, env = "SECRETS_WEBHOOK_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// Audiences a bearer token of the API must be issued for (TokenReview); default: the API server's.
+    #[arg(
+        long = "api-token-audience",
+        env = "SECRETS_WEBHOOK_API_TOKEN_AUDIENCES",
+        value_delimiter = ','
+    )]
+    pub api_token_audiences: Vec<String>,
     /// Log format: `json` (default) or `text`.
     #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]
     pub log_format: String,

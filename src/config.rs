@@ -1,7 +1,8 @@
 //! The configuration, gathered. Each setting type lives with the module that owns it (re-exported
 //! here); this module holds only the local config file (`LocalConfig`, YAML), which stands in for
 //! the cluster objects when the webhook runs without a cluster (`serve --dev`, `review`), and the
-//! engine built from it. Nothing else in the crate depends on this module.
+//! engine built from it. The engine's modules do not depend on this one (the management API,
+//! which assembles itself from the config file, does).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -41,6 +42,15 @@ pub struct LocalConfig {
     /// without them a key is generated for the process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_keys: Option<SigningKeysConfig>,
+    /// Management API, `--dev` only: static bearer tokens (refused in a cluster).
+    #[serde(default)]
+    pub api_tokens: Vec<crate::api::ApiToken>,
+    /// Management API: who may create and delete Vault configs.
+    #[serde(default)]
+    pub api_admins: Vec<crate::authz::ras::Subject>,
+    /// Management API: backends trusted to name the user they act for (`X-Remote-User`).
+    #[serde(default)]
+    pub console_backends: Vec<crate::api::ConsoleBackend>,
 }
 
 #[derive(Debug, thiserror::Error)]

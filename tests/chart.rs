@@ -27,6 +27,7 @@ const HEADER: &str = "# GENERATED from manifests/ by tests/chart.rs (UPDATE_CHAR
 const IF_CERT_MANAGER: &str = "{{- if eq .Values.certificate.mode \"cert-manager\" }}";
 const IF_SAR: &str = "{{- if eq .Values.authorizer \"subject-access-review\" }}";
 const IF_DISABLED: &str = "{{- if not .Values.features.secretsV2.enabled }}";
+const IF_API: &str = "{{- if .Values.managementApi.enabled }}";
 const END: &str = "{{- end }}";
 
 fn repo() -> PathBuf {
@@ -270,6 +271,7 @@ fn generate(kubectl: &Path) -> BTreeMap<String, String> {
     let cert_manager = kustomize(kubectl, &["overlays/cert-manager"], &[]);
     let sar = kustomize(kubectl, &["base"], &["components/sar-authorizer"]);
     let disabled = kustomize(kubectl, &["base"], &["components/feature-disabled"]);
+    let api = kustomize(kubectl, &["base"], &["components/management-api"]);
     let in_base = |o: &Value| base.iter().any(|b| id(b) == id(o));
 
     let mut files = BTreeMap::new();
@@ -344,13 +346,15 @@ fn generate(kubectl: &Path) -> BTreeMap<String, String> {
                 container["image"] =
                     "{{ .Values.image.repository }}:{{ .Values.image.tag }}".into();
                 container["imagePullPolicy"] = "{{ .Values.image.pullPolicy }}".into();
-                for (field, other, condition) in [
-                    ("args", variant(&disabled), IF_DISABLED),
-                    ("env", variant(&sar), IF_SAR),
+                for (field, other, condition, tag) in [
+                    ("args", variant(&disabled), IF_DISABLED, "disabled"),
+                    ("args", variant(&api), IF_API, "api"),
+                    ("env", variant(&sar), IF_SAR, "sar"),
+                    ("ports", variant(&api), IF_API, "api"),
                 ] {
                     let added = items_added(&base_container[field], &other[field]);
                     assert!(!added.is_empty(), "the {condition} variant adds no {field}");
-                    let name = format!("{field}-variant");
+                    let name = format!("{field}-variant-{tag}");
                     let placeholder = blocks.key(&name, String::new());
                     container[field]
                         .as_sequence_mut()
@@ -377,6 +381,29 @@ fn generate(kubectl: &Path) -> BTreeMap<String, String> {
                     .into();
                 }
             }
+            // The management API's port on the Service, and its ingress.
+            "Service" | "NetworkPolicy" => {
+                let field = if kind == "Service" {
+                    "ports"
+                } else {
+                    "ingress"
+                };
+                let with_api = find(&api, &kind, &name)["spec"][field].clone();
+                let added = items_added(&object["spec"][field], &with_api);
+                if !added.is_empty() {
+                    let key = format!("{}-{field}-api", kind.to_lowercase());
+                    let placeholder = blocks.key(&key, String::new());
+                    map(&mut object, &["spec"])
+                        .get_mut(field)
+                        .and_then(Value::as_sequence_mut)
+                        .unwrap()
+                        .push(placeholder);
+                    blocks.0.insert(
+                        key,
+                        format!("{IF_API}\n{}{END}\n", yaml(&Value::Sequence(added))),
+                    );
+                }
+            }
             _ => {}
         }
         template_namespace(&mut object);
@@ -392,6 +419,7 @@ fn generate(kubectl: &Path) -> BTreeMap<String, String> {
             &["CustomResourceDefinition"][..],
         ),
         ("templates/sar-authorizer.yaml", &sar, IF_SAR, &[][..]),
+        ("templates/management-api.yaml", &api, IF_API, &[][..]),
     ] {
         // `{{ if … -}}`: the header's newline stays, the condition's own goes.
         let condition = condition
@@ -529,7 +557,7 @@ fn chart_renders_exactly_what_kustomize_renders() {
     let placeholder = "webhook.caBundle=UkVQTEFDRS1NRQ==";
     /// (what, helm --set values, kustomize resources, kustomize components)
     type Case<'a> = (&'a str, Vec<&'a str>, &'a [&'a str], &'a [&'a str]);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         (
             "cert-manager overlay",
             vec![],
@@ -557,6 +585,12 @@ fn chart_renders_exactly_what_kustomize_renders() {
             vec!["authorizer=subject-access-review"],
             &["overlays/cert-manager"],
             &["components/sar-authorizer"],
+        ),
+        (
+            "cert-manager + management-api",
+            vec!["managementApi.enabled=true"],
+            &["overlays/cert-manager"],
+            &["components/management-api"],
         ),
     ];
     for (what, sets, resources, components) in cases {

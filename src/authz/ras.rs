@@ -29,6 +29,17 @@ pub enum Permission {
     Use,
 }
 
+impl std::fmt::Display for Permission {
+    /// `View`, `Update`, `Use`: the product's names, as denials write them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Permission::View => "View",
+            Permission::Update => "Update",
+            Permission::Use => "Use",
+        })
+    }
+}
+
 /// Whether a subject names a user or a group.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
@@ -175,11 +186,22 @@ impl RasAuthorizer {
         }
     }
 
-    /// The decision on the current bundles, or an error while they are not known yet.
+    /// The decision on `Use` with the current bundles, or an error while they are not known yet.
     pub fn evaluate(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
+        self.evaluate_permission(who, Permission::Use, what)
+    }
+
+    /// The decision on `permission` with the current bundles.
+    pub fn evaluate_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<Decision, AuthzError> {
         match &self.bundles {
             Bundles::Local(map) => Ok(decide(
                 who,
+                permission,
                 what,
                 map.iter().map(|(name, spec)| (name.as_str(), spec)),
             )),
@@ -192,6 +214,7 @@ impl RasAuthorizer {
                 let all = store.state();
                 Ok(decide(
                     who,
+                    permission,
                     what,
                     all.iter()
                         .map(|rb| (rb.metadata.name.as_deref().unwrap_or_default(), &rb.spec)),
@@ -202,19 +225,19 @@ impl RasAuthorizer {
 }
 
 /// The RAS rule over a set of named bundles. A denial is the same whether or not the Vault config,
-/// its bundle or a bundle listing the domain exists, and names no bundle: someone without Use
-/// learns nothing about what exists (docs/authorization.md).
+/// its bundle or a bundle listing the domain exists, and names no bundle: someone without the
+/// permission learns nothing about what exists (docs/authorization.md).
 fn decide<'a>(
     who: &Identity,
+    permission: Permission,
     what: &Resource,
     mut bundles: impl Iterator<Item = (&'a str, &'a ResourceBundleSpec)>,
 ) -> Decision {
     let allowed = match what {
-        Resource::VaultConfig { bundle, .. } => bundles.any(|(name, spec)| {
-            Some(name) == bundle.as_deref() && spec.grants_to(who, Permission::Use)
-        }),
+        Resource::VaultConfig { bundle, .. } => bundles
+            .any(|(name, spec)| Some(name) == bundle.as_deref() && spec.grants_to(who, permission)),
         Resource::Domain(domain) => bundles.any(|(_, spec)| {
-            spec.domains.iter().any(|d| d == domain) && spec.grants_to(who, Permission::Use)
+            spec.domains.iter().any(|d| d == domain) && spec.grants_to(who, permission)
         }),
     };
     if allowed {
@@ -225,7 +248,7 @@ fn decide<'a>(
         Resource::Domain(_) => "a resource bundle that lists the domain",
     };
     Decision::Deny(format!(
-        "{who} lacks Use on {what}; a platform admin can grant Use to the user or one of its groups in {fix}"
+        "{who} lacks {permission} on {what}; a platform admin can grant {permission} to the user or one of its groups in {fix}"
     ))
 }
 
@@ -234,6 +257,16 @@ impl CheckUse for RasAuthorizer {
     async fn check(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
         self.wait_ready().await;
         self.evaluate(who, what)
+    }
+
+    async fn check_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<Decision, AuthzError> {
+        self.wait_ready().await;
+        self.evaluate_permission(who, permission, what)
     }
 
     fn ready(&self) -> bool {
@@ -246,6 +279,18 @@ impl Authorizer for RasAuthorizer {
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
         let _ = tokio::time::timeout_at(deadline.into(), self.wait_ready()).await;
         self.evaluate(who, what)
+            .unwrap_or_else(AuthzError::into_decision)
+    }
+
+    async fn decide(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+        deadline: Instant,
+    ) -> Decision {
+        let _ = tokio::time::timeout_at(deadline.into(), self.wait_ready()).await;
+        self.evaluate_permission(who, permission, what)
             .unwrap_or_else(AuthzError::into_decision)
     }
 

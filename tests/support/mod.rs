@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests. Each test binary uses only some of them.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod cel_policy;
 pub mod fake_apiserver;
 pub mod kube_e2e;
