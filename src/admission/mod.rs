@@ -912,9 +912,9 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<Pod>, String> {
     let review: AdmissionReview<Pod> = serde_json::from_str(text).map_err(|e| not_a_review(&e))?;
     if review.types.api_version != REVIEW_API_VERSION || review.types.kind != "AdmissionReview" {
         return Err(format!(
-            "expected apiVersion {REVIEW_API_VERSION}, kind AdmissionReview; got {:?}, {:?}",
-            clip(&review.types.api_version),
-            clip(&review.types.kind)
+            "expected apiVersion {REVIEW_API_VERSION}, kind AdmissionReview; got {}, {}",
+            shown(&review.types.api_version),
+            shown(&review.types.kind)
         ));
     }
     let req: AdmissionRequest<Pod> = review
@@ -983,6 +983,18 @@ fn uid_of(body: &[u8]) -> String {
         .and_then(|r| r.request?.uid)
         .map(|uid| clip(&uid).to_owned())
         .unwrap_or_default()
+}
+
+/// An apiVersion or kind that is not the expected one: quoted only when it has the form of one.
+fn shown(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '-'));
+    if plain {
+        format!("{s:?}")
+    } else {
+        refs::shape(s)
+    }
 }
 
 fn clip(s: &str) -> &str {
