@@ -989,7 +989,8 @@ fn uid_of(body: &[u8]) -> String {
 fn shown(s: &str) -> String {
     let plain = !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '-'));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '-'));
     if plain {
         format!("{s:?}")
     } else {
