@@ -59,6 +59,9 @@ rules:
 - apiGroups: [apps]
   resources: [deployments]
   verbs: ['*']
+- apiGroups: [batch]
+  resources: [cronjobs, jobs]
+  verbs: ['*']
 - apiGroups: [sparkoperator.k8s.io]
   resources: [sparkapplications, scheduledsparkapplications]
   verbs: ['*']
@@ -491,6 +494,16 @@ fn the_data_plane_namespace_is_locked_down_in_every_secret_field() {
                                        "containers": [{"name": "c", "image": "busybox"}]}}}});
     let error = create_as(k, &deployment, "alice").unwrap_err();
     assert!(error.contains("ValidatingAdmissionPolicy"), "{error}");
+    // A CronJob's template sits deeper; it is checked all the same.
+    let cronjob = json!({"apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": unique("cron"), "namespace": NS},
+        "spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {
+            "restartPolicy": "Never", "serviceAccountName": "spark",
+            "containers": [{"name": "c", "image": "busybox",
+                "envFrom": [{"secretRef": {"name": "vault-prod-finance-credentials"}}]}]}}}}}});
+    let error = create_as(k, &cronjob, "alice").unwrap_err();
+    assert!(error.contains(POLICY), "{error}");
+    assert!(error.contains("vault-prod-finance-credentials"), "{error}");
     // Admins may (the webhook's own Deployment is one).
     k.kubectl()
         .args(["create", "-f", "-"])
