@@ -335,6 +335,9 @@ install_manifests() {
   local admin=("$bin/kubectl" --kubeconfig "$state/admin.kubeconfig")
   "${admin[@]}" -n "$NS" create secret tls secrets-webhook-tls \
     --cert="$state/pki/webhook.crt" --key="$state/pki/webhook.key" > /dev/null
+  # The stamp signing key, created as docs/install.md says.
+  "${admin[@]}" -n "$NS" create secret generic secrets-webhook-signing-key \
+    --from-literal=current="$(head -c 32 /dev/urandom | base64)" > /dev/null
   helm upgrade --install secrets-webhook "$repo/charts/secrets-webhook" --namespace "$NS" \
     --set certificate.mode=self-managed \
     --set webhook.url="https://127.0.0.1:$WEBHOOK_PORT/mutate" \

@@ -639,7 +639,8 @@ fn vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shi
 
     // An executor created by the driver's ServiceAccount inherits the driver's grants: the
     // webhook looks the owner up through the API (get pods, with its own token).
-    let token = k.token(&ns, "spark", None);
+    // Its token is bound to the driver pod (as the driver's own mounted token is).
+    let token = k.token(&ns, "spark", Some(name(&driver)));
     let executor = |refs: Value| {
         json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": unique("exec"), "namespace": ns,
