@@ -14,6 +14,7 @@ use crate::backends::KeyRef;
 use crate::refs::{self, Piece, PlaceholderError, SecretObject, SourceType};
 
 mod patch;
+pub mod runtime;
 pub use patch::{JsonPatch, PatchError};
 
 /// Whether Spark's default `spark.redaction.regex`, `(?i)secret|password|token|access[.]?key`,
