@@ -1744,6 +1744,7 @@ mod tests {
                 "namespace",
                 "caCert",
                 "auth",
+                "delivery",
                 "status"
             ])
         );
