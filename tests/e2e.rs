@@ -2018,4 +2018,8 @@ fn runtime_delivery_hands_each_pod_its_values_at_start_and_nothing_reaches_etcd(
             "the canary is in {what}"
         );
     }
+    // The scans see this test's objects (a scan that read nothing would pass too).
+    let marker = format!("/v1/secret/data/{path}");
+    assert!(every_object(k).contains(&marker));
+    assert!(etcd_dump(k).contains(&marker));
 }
