@@ -967,3 +967,197 @@ pub fn drop_confs(args: &[String], keys: &BTreeSet<&str>) -> (Vec<String>, usize
     }
     (rest, dropped)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admission::workload::{Selectors, classify};
+    use crate::refs::{Source, SourceType};
+
+    const DRIVER: &str = include_str!("../../tests/fixtures/pods/spark35-driver-submit.json");
+
+    fn settings() -> RuntimeSettings {
+        RuntimeSettings {
+            image: Some("registry.example/secrets-webhook:1.0".into()),
+            broker_ca: Some("-----BEGIN CERTIFICATE-----\n...\n".into()),
+            ..RuntimeSettings::default()
+        }
+    }
+
+    fn reference(kind: TargetKind, name: &str, key: &str) -> Reference {
+        Reference {
+            kind,
+            name: name.into(),
+            secret: SecretObject {
+                key: key.into(),
+                source: Source {
+                    kind: SourceType::Vault,
+                    id: "vault-prod".into(),
+                },
+            },
+            origin: "env.secrets.iomete.com/X".into(),
+        }
+    }
+
+    fn wire_pod(
+        pod: &Pod,
+        refs: &[Reference],
+        settings: &RuntimeSettings,
+    ) -> Result<Wired, RuntimeError> {
+        let workload = classify(pod, &Selectors::default()).unwrap().unwrap();
+        let refs: Vec<&Reference> = refs.iter().collect();
+        wire(Inputs {
+            pod,
+            workload: &workload,
+            refs: &refs,
+            driver: None,
+            settings,
+        })
+    }
+
+    fn driver() -> Pod {
+        serde_json::from_str(DRIVER).unwrap()
+    }
+
+    fn apply(pod: &Pod, patch: &JsonPatch) -> Pod {
+        let mut doc = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut doc, &patch.operations().unwrap()).unwrap();
+        serde_json::from_value(doc).unwrap()
+    }
+
+    #[test]
+    fn a_spark_driver_is_wired_to_fetch_its_values_and_a_second_pass_changes_nothing() {
+        let pod = driver();
+        let refs = [
+            reference(TargetKind::Env, "DB_PASSWORD", "db_password"),
+            reference(
+                TargetKind::SparkConf,
+                "spark.hadoop.fs.s3a.secret.key",
+                "s3",
+            ),
+        ];
+        let wired = wire_pod(&pod, &refs, &settings()).unwrap();
+        let patched = apply(&pod, &wired.patch);
+        assert_eq!(patched, wired.pod, "the patch makes the wired pod");
+        let spec = patched.spec.as_ref().unwrap();
+        let c = &spec.containers[0];
+        assert_eq!(
+            c.command.as_deref().unwrap(),
+            [WRAPPER, "exec", "--", "/opt/entrypoint.sh"]
+        );
+        assert_eq!(c.args.as_ref().unwrap()[0], "driver");
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(init.name, INSTALL_CONTAINER);
+        assert_eq!(
+            init.image.as_deref(),
+            Some("registry.example/secrets-webhook:1.0")
+        );
+        assert_eq!(
+            init.command.as_deref().unwrap(),
+            [IMAGE_BINARY, "copy-self", WRAPPER]
+        );
+        let volumes = spec.volumes.as_ref().unwrap();
+        let token = volumes.iter().find(|v| v.name == TOKEN_VOLUME).unwrap();
+        let projection = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+            .service_account_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(projection.audience.as_deref(), Some(TOKEN_AUDIENCE));
+        assert!(projection.expiration_seconds.unwrap() <= 600);
+        let bin = volumes.iter().find(|v| v.name == BIN_VOLUME).unwrap();
+        assert_eq!(
+            bin.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        // The plan names references only; nothing in the pod is a value.
+        let plan = &wired.plan;
+        let container = plan.container("spark-kubernetes-driver").unwrap();
+        assert_eq!(container.env["DB_PASSWORD"].key, "db_password");
+        assert_eq!(
+            container.spark_confs["spark.hadoop.fs.s3a.secret.key"].key,
+            "s3"
+        );
+        assert_eq!(container.args_at, 1);
+        assert_eq!(
+            RuntimePlan::from_annotation(&plan.to_annotation()).as_ref(),
+            Some(plan)
+        );
+        // Reinvoked on the wired pod: nothing more to do, the same plan.
+        let again = wire_pod(&patched, &refs, &settings()).unwrap();
+        assert!(again.patch.is_empty(), "{:?}", again.patch);
+        assert_eq!(again.plan, wired.plan);
+    }
+
+    #[test]
+    fn an_image_without_a_known_entrypoint_is_denied_with_the_fix() {
+        let mut pod = driver();
+        pod.spec.as_mut().unwrap().containers[0].image = Some("example.com/custom/spark:1".into());
+        let refs = [reference(TargetKind::Env, "DB_PASSWORD", "db_password")];
+        let e = wire_pod(&pod, &refs, &settings()).unwrap_err();
+        assert!(matches!(e, RuntimeError::UnknownEntrypoint { .. }), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("set the container's command"), "{text}");
+        assert!(text.contains("runtime.entrypoints"), "{text}");
+        // With a command of its own, the table is not needed.
+        pod.spec.as_mut().unwrap().containers[0].command = Some(vec!["/opt/entrypoint.sh".into()]);
+        let wired = wire_pod(&pod, &refs, &settings()).unwrap();
+        assert_eq!(
+            wired.pod.spec.unwrap().containers[0]
+                .command
+                .as_deref()
+                .unwrap(),
+            [WRAPPER, "exec", "--", "/opt/entrypoint.sh"]
+        );
+        // An admin's entry for the image works too.
+        let mut pod = driver();
+        pod.spec.as_mut().unwrap().containers[0].image = Some("example.com/custom/spark:1".into());
+        let mut own = settings();
+        own.entrypoints.insert(
+            0,
+            EntrypointRule {
+                image: "example.com/custom/*".into(),
+                command: vec!["/entry".into()],
+                default_args: None,
+            },
+        );
+        assert!(wire_pod(&pod, &refs, &own).is_ok());
+    }
+
+    #[test]
+    fn confs_spark_copies_into_executor_pods_are_denied_in_runtime_mode() {
+        for key in [
+            "spark.executorEnv.DB_PASSWORD",
+            "spark.authenticate.secret",
+            "spark.ssl.keyPassword",
+            "spark.kubernetes.executor.secrets.x",
+        ] {
+            let refs = [reference(TargetKind::SparkConf, key, "k")];
+            let e = wire_pod(&driver(), &refs, &settings()).unwrap_err();
+            assert!(
+                matches!(e, RuntimeError::CopiedToExecutors { .. }),
+                "{key}: {e}"
+            );
+            assert!(e.to_string().contains("stored in etcd"), "{e}");
+        }
+        assert!(copied_into_executor_pods("spark.sql.catalog.token").is_none());
+    }
+
+    #[test]
+    fn without_the_webhooks_image_or_ca_runtime_references_are_denied() {
+        let refs = [reference(TargetKind::Env, "DB_PASSWORD", "db_password")];
+        for settings in [
+            RuntimeSettings {
+                image: None,
+                ..settings()
+            },
+            RuntimeSettings {
+                broker_ca: None,
+                ..settings()
+            },
+        ] {
+            let e = wire_pod(&driver(), &refs, &settings).unwrap_err();
+            assert!(matches!(e, RuntimeError::NotConfigured { .. }), "{e}");
+            assert!(e.to_string().contains("delivery: materialize"), "{e}");
+        }
+    }
+}
