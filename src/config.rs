@@ -83,6 +83,8 @@ pub struct Settings {
     pub enabled: bool,
     /// Who decides `Use` in a cluster: ResourceBundles (RAS) or Kubernetes RBAC.
     pub authorizer: crate::authz::AuthorizerKind,
+    /// Most references (annotations and legacy placeholders) one pod may name.
+    pub max_references: usize,
 }
 
 impl Default for Settings {
@@ -93,6 +95,7 @@ impl Default for Settings {
             default_budget: Duration::from_secs(4),
             enabled: true,
             authorizer: crate::authz::AuthorizerKind::Ras,
+            max_references: crate::refs::DEFAULT_MAX_REFERENCES,
         }
     }
 }

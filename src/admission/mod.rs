@@ -4,7 +4,6 @@
 
 pub mod guard;
 pub mod identity;
-pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use crate::config::{LocalConfig, Settings};
 use crate::metrics::Metrics;
 use crate::plan::{self, Inputs, JsonPatch, Resolved};
 use crate::refs::{self, Reference, SourceType, TargetKind};
-use workload::WorkloadKind;
+use crate::workload::{self, WorkloadKind};
 
 /// Everything the engine consults, shared by all requests.
 pub struct Webhook {
@@ -316,6 +315,11 @@ impl Webhook {
             self.guard(pod, namespace, &BTreeSet::new())?;
             return self.untouched(req, pod, namespace, None, deadline).await;
         }
+        let max = self.settings.max_references;
+        let named = refs::count_references(annotations);
+        if named > max {
+            return Err(too_many_references(named, max));
+        }
         let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
             Denial::new("malformed", lines(errors.iter().map(ToString::to_string)))
         })?;
@@ -337,6 +341,9 @@ impl Webhook {
         };
         let legacy = plan::legacy_keys(pod, &workload)
             .map_err(|e| Denial::new("malformed", e.to_string()))?;
+        if refs.len() + legacy.len() > max {
+            return Err(too_many_references(refs.len() + legacy.len(), max));
+        }
         if refs.is_empty() && legacy.is_empty() {
             self.guard(pod, namespace, &BTreeSet::new())?;
             return self
@@ -699,6 +706,18 @@ pub fn local_vault(
     )
     .map(Some)
     .map_err(|e| BuildError::Config(e.to_string()))
+}
+
+/// Work per pod grows with its references; a bound keeps one pod from occupying the webhook.
+fn too_many_references(named: usize, max: usize) -> Denial {
+    Denial::new(
+        "too-many-references",
+        format!(
+            "the pod names {named} secret references (annotations and ${{secrets.…}} placeholders), more \
+             than the {max} secrets-webhook accepts per pod; remove unused references, or ask a platform \
+             admin to raise --max-references"
+        ),
+    )
 }
 
 fn vault_not_configured(r: &Reference) -> Denial {
