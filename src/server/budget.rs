@@ -11,17 +11,25 @@
 //!   rather than the I/O workers, so that the other requests and the admin port keep answering.
 //!
 //! A request waits for budget at most [`BUDGET_WAIT`]; then it is answered with an `invalid`
-//! review that says why (never an HTTP error).
+//! review that says why (never an HTTP error). While it waits, the upload that has been arriving
+//! longest (for at least [`CUT_AGE`]) is cut: a peer that holds the budget with bodies it does not
+//! finish loses them, while the API server's bodies, sent at once, finish in milliseconds.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Container, EphemeralContainer, Volume};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// How long a request may wait for any one budget.
 pub const BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// Uploads younger than this are never cut (a 4 MiB body arrives in well under this on a LAN).
+pub const CUT_AGE: Duration = Duration::from_millis(250);
+/// While waiting for upload budget, another upload is cut this often.
+const CUT_EVERY: Duration = Duration::from_millis(50);
 /// Reviews estimated at least this large are decoded off the I/O workers (real pods: ~100 KiB).
 const HEAVY_ESTIMATE: u64 = 8 * 1024 * 1024;
 /// Bodies at least this large are decoded off the I/O workers (real pods: a few KiB).
@@ -30,6 +38,7 @@ const HEAVY_BODY: usize = 256 * 1024;
 pub struct Budgets {
     upload: Arc<Semaphore>,
     upload_total: usize,
+    uploads: Arc<Uploads>,
     decode: Arc<Semaphore>,
     decode_total: usize,
     heavy: Arc<Semaphore>,
@@ -40,8 +49,10 @@ pub struct Budgets {
 pub enum Shortfall {
     /// It waited [`BUDGET_WAIT`] and the budget stayed taken.
     Busy,
-    /// It needs more than the whole budget.
+    /// It needs more than the budget allows one request.
     TooLarge,
+    /// Its upload was cut to make room for others.
+    Cut,
 }
 
 impl Budgets {
@@ -53,6 +64,7 @@ impl Budgets {
         Self {
             upload: Arc::new(Semaphore::new(clamp(upload))),
             upload_total: clamp(upload),
+            uploads: Arc::default(),
             decode: Arc::new(Semaphore::new(clamp(decode))),
             decode_total: clamp(decode),
             heavy: Arc::new(Semaphore::new(heavy.max(1))),
@@ -67,14 +79,50 @@ impl Budgets {
         self.decode_total
     }
 
-    /// `n` more bytes of upload into `held`, waiting until `until` at most.
+    /// The most one review may be estimated at: half the decode budget, so that a large review
+    /// being decoded always leaves the other half to the small ones.
+    pub fn decode_limit(&self) -> usize {
+        self.decode_total / 2
+    }
+
+    /// Puts an upload on the books (so that it can be cut) until the returned value is dropped.
+    pub fn begin_upload(&self) -> Upload {
+        self.uploads.begin()
+    }
+
+    /// `n` more bytes of upload into `held`, waiting until `until` at most. While it waits, the
+    /// oldest other upload is cut every [`CUT_EVERY`]; if `me` is cut meanwhile, it gives up.
     pub async fn upload(
         &self,
         held: &mut Option<OwnedSemaphorePermit>,
         n: usize,
         until: Instant,
+        me: &Upload,
     ) -> Result<(), Shortfall> {
-        let more = acquire(&self.upload, self.upload_total, n, until).await?;
+        if n > self.upload_total {
+            return Err(Shortfall::TooLarge);
+        }
+        let n = u32::try_from(n).map_err(|_| Shortfall::TooLarge)?;
+        let more = match self.upload.clone().try_acquire_many_owned(n) {
+            Ok(permit) => permit,
+            Err(_) => {
+                let acquire = self.upload.clone().acquire_many_owned(n);
+                tokio::pin!(acquire);
+                loop {
+                    self.uploads.cut_oldest(me.id);
+                    let next_cut = Instant::now() + CUT_EVERY;
+                    tokio::select! {
+                        acquired = &mut acquire => match acquired {
+                            Ok(permit) => break permit,
+                            Err(_) => return Err(Shortfall::Busy),
+                        },
+                        _ = me.cut.notified() => return Err(Shortfall::Cut),
+                        _ = tokio::time::sleep_until(until) => return Err(Shortfall::Busy),
+                        _ = tokio::time::sleep_until(next_cut) => {}
+                    }
+                }
+            }
+        };
         match held {
             Some(permit) => permit.merge(more),
             None => *held = Some(more),
@@ -85,6 +133,9 @@ impl Budgets {
     /// `n` bytes of decode budget, waiting until `until` at most.
     pub async fn decode(&self, n: u64, until: Instant) -> Result<OwnedSemaphorePermit, Shortfall> {
         let n = usize::try_from(n).map_err(|_| Shortfall::TooLarge)?;
+        if n > self.decode_limit() {
+            return Err(Shortfall::TooLarge);
+        }
         acquire(&self.decode, self.decode_total, n, until).await
     }
 
@@ -112,6 +163,62 @@ async fn acquire(
         Ok(Ok(permit)) => Ok(permit),
         // Closed never happens (the semaphores are never closed); treat it as busy.
         _ => Err(Shortfall::Busy),
+    }
+}
+
+/// Uploads in progress, oldest first, so that the oldest can be cut.
+#[derive(Default)]
+pub struct Uploads {
+    open: Mutex<BTreeMap<u64, (Instant, Arc<Notify>)>>,
+    next_id: AtomicU64,
+}
+
+/// One upload on the books; `cut` fires when it must give up its budget.
+pub struct Upload {
+    uploads: Arc<Uploads>,
+    id: u64,
+    pub cut: Arc<Notify>,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.uploads.lock().remove(&self.id);
+    }
+}
+
+impl Uploads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (Instant, Arc<Notify>)>> {
+        // Only inserted into and removed from: a poisoned map is still whole.
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn begin(self: &Arc<Self>) -> Upload {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cut = Arc::new(Notify::new());
+        self.lock().insert(id, (Instant::now(), cut.clone()));
+        Upload {
+            uploads: self.clone(),
+            id,
+            cut,
+        }
+    }
+
+    /// Cuts the oldest upload other than `me` that has been arriving for [`CUT_AGE`] at least.
+    fn cut_oldest(&self, me: u64) -> bool {
+        let mut open = self.lock();
+        let oldest = open
+            .iter()
+            .find(|(id, (started, _))| **id != me && started.elapsed() >= CUT_AGE)
+            .map(|(id, _)| *id);
+        match oldest.and_then(|id| open.remove(&id)) {
+            Some((_, cut)) => {
+                cut.notify_one();
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -323,28 +430,40 @@ mod tests {
         assert_eq!(s.too_deep, 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn budgets_refuse_what_cannot_fit_and_wait_briefly_for_the_rest() {
         let budgets = Budgets::new(100, 1000, 1);
         let soon = || Instant::now() + Duration::from_millis(50);
+        let first = budgets.begin_upload();
         let mut held = None;
-        budgets.upload(&mut held, 60, soon()).await.unwrap();
-        budgets.upload(&mut held, 40, soon()).await.unwrap();
+        budgets.upload(&mut held, 60, soon(), &first).await.unwrap();
+        budgets.upload(&mut held, 40, soon(), &first).await.unwrap();
+        // The first upload is young: it is not cut, and the second waits in vain.
+        let second = budgets.begin_upload();
         let mut other = None;
         assert_eq!(
-            budgets.upload(&mut other, 1, soon()).await,
+            budgets.upload(&mut other, 1, soon(), &second).await,
             Err(Shortfall::Busy)
         );
         assert_eq!(
-            budgets.upload(&mut other, 101, soon()).await,
+            budgets.upload(&mut other, 101, soon(), &second).await,
             Err(Shortfall::TooLarge)
         );
-        drop(held);
-        budgets.upload(&mut other, 100, soon()).await.unwrap();
+        // Once it is old, a waiting upload cuts it: it learns so, and its budget goes to the other.
+        tokio::time::advance(CUT_AGE).await;
+        let waiting = budgets.upload(&mut other, 100, Instant::now() + BUDGET_WAIT, &second);
+        let cut = async {
+            first.cut.notified().await;
+            drop(held);
+        };
+        let (got, ()) = tokio::join!(waiting, cut);
+        got.unwrap();
         assert_eq!(
-            budgets.decode(1001, soon()).await.err(),
-            Some(Shortfall::TooLarge)
+            budgets.decode(501, soon()).await.err(),
+            Some(Shortfall::TooLarge),
+            "one review takes at most half the decode budget"
         );
+        let _half = budgets.decode(500, soon()).await.unwrap();
         let turn = budgets.heavy(soon()).await.unwrap();
         assert_eq!(budgets.heavy(soon()).await.err(), Some(Shortfall::Busy));
         drop(turn);

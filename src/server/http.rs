@@ -78,6 +78,12 @@ enum Refusal {
     DecodeBusy(usize),
     #[error("secrets-webhook is busy with other large reviews; retry")]
     HeavyBusy,
+    #[error(
+        "AdmissionReview body was still arriving after {:?} while secrets-webhook needed the memory \
+         for other requests; send the body at once, or retry",
+        budget::CUT_AGE
+    )]
+    Cut,
     #[error("secrets-webhook failed while reviewing this request; retry")]
     Failed,
 }
@@ -135,8 +141,13 @@ async fn receive(app: &AppState, body: Body) -> Result<Received, Refusal> {
         upload: None,
     };
     let mut waited = Duration::ZERO;
+    let upload = app.budgets.begin_upload();
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, body.frame()) => next,
+            _ = upload.cut.notified() => return Err(Refusal::Cut),
+        };
+        let frame = match next {
             Err(_) => return Err(Refusal::TimedOut(app.body_timeout)),
             Ok(None) => return Ok(received),
             Ok(Some(Err(e))) => return Err(Refusal::Unreadable(e.to_string())),
@@ -153,9 +164,12 @@ async fn receive(app: &AppState, body: Body) -> Result<Received, Refusal> {
         let asked = Instant::now();
         let until = asked + BUDGET_WAIT.saturating_sub(waited);
         app.budgets
-            .upload(&mut received.upload, data.len(), until)
+            .upload(&mut received.upload, data.len(), until, &upload)
             .await
-            .map_err(|_| Refusal::UploadBusy(app.budgets.upload_total()))?;
+            .map_err(|shortfall| match shortfall {
+                Shortfall::Cut => Refusal::Cut,
+                _ => Refusal::UploadBusy(app.budgets.upload_total()),
+            })?;
         waited += asked.elapsed();
         received.shape.feed(&data);
         received.frames.push(data);
@@ -171,6 +185,16 @@ async fn review(
     started: Instant,
 ) -> Result<Vec<u8>, (Refusal, String)> {
     let estimate = received.shape.estimate();
+    let heavy = budget::is_heavy(estimate, received.shape.bytes as usize);
+    // A large review first waits for its turn, so that queued ones hold no decode budget.
+    let turn = if heavy {
+        match app.budgets.heavy(Instant::now() + BUDGET_WAIT).await {
+            Ok(turn) => Some(turn),
+            Err(_) => return Err((Refusal::HeavyBusy, uid_of(&received.frames))),
+        }
+    } else {
+        None
+    };
     let decode = match app
         .budgets
         .decode(estimate, Instant::now() + BUDGET_WAIT)
@@ -179,12 +203,12 @@ async fn review(
         Ok(permit) => permit,
         Err(shortfall) => {
             let refusal = match shortfall {
+                Shortfall::Busy | Shortfall::Cut => Refusal::DecodeBusy(app.budgets.decode_total()),
                 Shortfall::TooLarge => Refusal::TooLargeToDecode {
                     estimate,
                     objects: received.shape.objects_in_arrays,
-                    limit: app.budgets.decode_total(),
+                    limit: app.budgets.decode_limit(),
                 },
-                Shortfall::Busy => Refusal::DecodeBusy(app.budgets.decode_total()),
             };
             return Err((refusal, uid_of(&received.frames)));
         }
@@ -192,18 +216,6 @@ async fn review(
     // One contiguous copy (counted in the estimate); the frames and their upload budget go.
     let body = received.frames.concat();
     drop(received);
-    let heavy = budget::is_heavy(estimate, body.len());
-    let turn = if heavy {
-        match app.budgets.heavy(Instant::now() + BUDGET_WAIT).await {
-            Ok(turn) => Some(turn),
-            Err(_) => {
-                let uid = uid_of(&[Bytes::from(body)]);
-                return Err((Refusal::HeavyBusy, uid));
-            }
-        }
-    } else {
-        None
-    };
     // What is left of the API server's `?timeout=` after receiving and waiting.
     let remaining = timeout.map(|t| t.saturating_sub(started.elapsed()));
     let Some(turn) = turn else {
