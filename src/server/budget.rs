@@ -9,6 +9,8 @@
 //!   to over a gigabyte of `k8s_openapi` structs; the estimate refuses it before it is decoded.
 //! - **heavy**: how many large reviews are decoded and planned at once, on the blocking pool
 //!   rather than the I/O workers, so that the other requests and the admin port keep answering.
+//!   A few more may wait for their turn (within their own deadline); beyond that they are
+//!   refused at once, so that waiting bodies cannot hold the upload budget.
 //!
 //! A request waits for budget at most [`BUDGET_WAIT`]; then it is answered with an `invalid`
 //! review that says why (never an HTTP error). While it waits, the upload that has been arriving
@@ -16,7 +18,7 @@
 //! finish loses them, while the API server's bodies, sent at once, finish in milliseconds.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +44,9 @@ pub struct Budgets {
     decode: Arc<Semaphore>,
     decode_total: usize,
     heavy: Arc<Semaphore>,
+    /// Large reviews waiting for a turn, and how many may.
+    heavy_waiting: AtomicUsize,
+    heavy_queue: usize,
 }
 
 /// Why a request could not get its share.
@@ -68,6 +73,8 @@ impl Budgets {
             decode: Arc::new(Semaphore::new(clamp(decode))),
             decode_total: clamp(decode),
             heavy: Arc::new(Semaphore::new(heavy.max(1))),
+            heavy_waiting: AtomicUsize::new(0),
+            heavy_queue: 2 * heavy.max(1),
         }
     }
 
@@ -140,8 +147,18 @@ impl Budgets {
     }
 
     /// A turn at decoding a large review, waiting until `until` at most.
+    /// Refused at once when the queue is full.
     pub async fn heavy(&self, until: Instant) -> Result<OwnedSemaphorePermit, Shortfall> {
-        match tokio::time::timeout_at(until, self.heavy.clone().acquire_owned()).await {
+        if let Ok(permit) = self.heavy.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.heavy_waiting.fetch_add(1, Ordering::AcqRel) >= self.heavy_queue {
+            self.heavy_waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Shortfall::Busy);
+        }
+        let turn = tokio::time::timeout_at(until, self.heavy.clone().acquire_owned()).await;
+        self.heavy_waiting.fetch_sub(1, Ordering::AcqRel);
+        match turn {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(Shortfall::Busy),
         }
@@ -466,7 +483,14 @@ mod tests {
         let _half = budgets.decode(500, soon()).await.unwrap();
         let turn = budgets.heavy(soon()).await.unwrap();
         assert_eq!(budgets.heavy(soon()).await.err(), Some(Shortfall::Busy));
+        // Two may wait for the one turn; a third is refused at once.
+        let later = Instant::now() + Duration::from_secs(60);
+        let (first, second) = (budgets.heavy(later), budgets.heavy(later));
+        tokio::pin!(first, second);
+        assert!(futures::poll!(&mut first).is_pending());
+        assert!(futures::poll!(&mut second).is_pending());
+        assert_eq!(budgets.heavy(later).await.err(), Some(Shortfall::Busy));
         drop(turn);
-        assert!(budgets.heavy(soon()).await.is_ok());
+        assert!(first.await.is_ok());
     }
 }

@@ -45,6 +45,8 @@ pub(crate) fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+/// How long a large review waits for its turn when the API server gives no timeout.
+const HEAVY_WAIT: Duration = Duration::from_secs(2);
 
 /// Why a review never reached the engine. The text goes into the `invalid` response; it describes
 /// the request's size and the server's state, never its content.
@@ -186,9 +188,11 @@ async fn review(
 ) -> Result<Vec<u8>, (Refusal, String)> {
     let estimate = received.shape.estimate();
     let heavy = budget::is_heavy(estimate, received.shape.bytes as usize);
-    // A large review first waits for its turn, so that queued ones hold no decode budget.
+    // A large review first waits for its turn (so that queued ones hold no decode budget), up to
+    // half of what is left of the API server's timeout.
     let turn = if heavy {
-        match app.budgets.heavy(Instant::now() + BUDGET_WAIT).await {
+        let left = timeout.map_or(HEAVY_WAIT, |t| t.saturating_sub(started.elapsed()) / 2);
+        match app.budgets.heavy(Instant::now() + left).await {
             Ok(turn) => Some(turn),
             Err(_) => return Err((Refusal::HeavyBusy, uid_of(&received.frames))),
         }
