@@ -14,7 +14,12 @@ use attack::*;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BIN: &str = env!("CARGO_BIN_EXE_secrets-webhook");
+/// The binary under test; `SECRETS_WEBHOOK_BIN` runs these tests against another build (e.g. an
+/// older commit's, to see them fail there).
+fn bin() -> String {
+    std::env::var("SECRETS_WEBHOOK_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_secrets-webhook").to_owned())
+}
 const MIB: u64 = 1024 * 1024;
 
 fn init() {
@@ -54,7 +59,7 @@ async fn admitted(server: &ServerProcess, uid: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_flood_under_a_low_fd_limit_leaves_admission_probes_and_reload_working() {
     init();
-    let server = ServerProcess::start(BIN, Some(256), &[]).unwrap();
+    let server = ServerProcess::start(&bin(), Some(256), &[]).unwrap();
     let stop = stop_flag();
     let tally = Arc::new(Tally::default());
     let flood = tokio::spawn(idle_h2_flood(
@@ -71,10 +76,12 @@ async fn idle_http2_flood_under_a_low_fd_limit_leaves_admission_probes_and_reloa
     })
     .await;
     assert!(tried, "the flood did not finish: {:?}", tally.get());
-    let (opened, closed, _) = tally.get();
-    assert!(opened > 200, "most flood connections get in: {opened}");
+    // About 110 fit in 256 fds beside the reserve: the rest make room by evicting the longest
+    // idle ones (some still in their handshake), never by failing the server.
+    let (opened, closed, failed) = tally.get();
+    assert!(opened >= 100, "flood connections get in: {:?}", tally.get());
     assert!(
-        closed > 0,
+        closed + failed > 0,
         "at the cap, the longest idle connections are evicted"
     );
     assert!(server.fds() < 256, "{} fds open", server.fds());
@@ -117,7 +124,7 @@ async fn idle_http2_flood_under_a_low_fd_limit_leaves_admission_probes_and_reloa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_after_the_idle_timeout_busy_ones_stay() {
     init();
-    let server = ServerProcess::start(BIN, None, &["--idle-timeout-secs", "2"]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &["--idle-timeout-secs", "2"]).unwrap();
     let (_idle, idle_closed) = h2(server.addr, server.client(b"h2")).await.unwrap();
     let (mut busy, busy_closed) = h2(server.addr, server.client(b"h2")).await.unwrap();
     let started = Instant::now();
@@ -154,7 +161,7 @@ async fn idle_connections_close_after_the_idle_timeout_busy_ones_stay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
     init();
-    let server = ServerProcess::start(BIN, None, &["--max-connections", "4"]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &["--max-connections", "4"]).unwrap();
     // The oldest connection has a request in progress: its body is still arriving.
     let mut busy = tls(server.addr, server.client(b"http/1.1")).await.unwrap();
     busy.write_all(
@@ -195,7 +202,7 @@ async fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_flood_keeps_peak_memory_bounded_and_real_reviews_answered() {
     init();
-    let server = ServerProcess::start(BIN, None, &[]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let stop = stop_flag();
     let (h1_tally, h2_tally) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
     let len = 4_000_000;
@@ -254,7 +261,7 @@ async fn http2_streams_are_capped_at_what_the_upload_budget_holds() {
         (&["--max-inflight-bytes", "8388608"][..], 2),
         (&["--max-streams", "100"][..], 100),
     ] {
-        let server = ServerProcess::start(BIN, None, args).unwrap();
+        let server = ServerProcess::start(&bin(), None, args).unwrap();
         let (_, settings) = h2_raw(server.addr, server.client(b"h2")).await.unwrap();
         let streams = settings
             .iter()
@@ -273,7 +280,7 @@ async fn http2_streams_are_capped_at_what_the_upload_budget_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_reviews_are_answered_while_probes_and_other_reviews_keep_answering() {
     init();
-    let server = ServerProcess::start(BIN, None, &[]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let config = server.client(b"http/1.1");
     let references = Arc::new(huge::many_references(60_000));
     let volumes = Arc::new(huge::empty_volumes(330_000));
@@ -360,7 +367,7 @@ async fn huge_reviews_are_answered_while_probes_and_other_reviews_keep_answering
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_beyond_the_bound_are_denied_with_the_fix() {
     init();
-    let server = ServerProcess::start(BIN, None, &["--max-references", "2"]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &["--max-references", "2"]).unwrap();
     let annotations = json!({
         "env.secrets.iomete.com/A": "kubernetes:global/api_token",
         "env.secrets.iomete.com/B": "kubernetes:finance/db_password",
@@ -389,7 +396,7 @@ async fn references_beyond_the_bound_are_denied_with_the_fix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_are_clipped_and_rapid_reset_warnings_rate_limited() {
     init();
-    let server = ServerProcess::start(BIN, None, &[]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let body = huge::long_uid(2_500_000, 200_000);
     let (status, answer) = post_once(server.addr, server.client(b"http/1.1"), &body)
         .await
@@ -439,7 +446,7 @@ async fn log_lines_are_clipped_and_rapid_reset_warnings_rate_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listen_backlog_holds_a_burst_of_connections() {
     init();
-    let server = ServerProcess::start(BIN, None, &[]).unwrap();
+    let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     server.signal("-STOP").unwrap();
     let (established, held) = connect_burst(server.addr, 600, Duration::from_millis(1500)).await;
     server.signal("-CONT").unwrap();

@@ -1,0 +1,324 @@
+//! Hostile-load harness: the release server binary under each attack of the hostile-load issue,
+//! while a prober does what the kubelet and the API server do (`cargo bench --bench hostile`).
+//!
+//! Each scenario starts a fresh `secrets-webhook serve --dev` process (so its peak RSS is the
+//! scenario's own), runs one attack for `HOSTILE_SECS` seconds (default 10) and probes every
+//! 100 ms: `GET /readyz` on the admin port (a success is a 200 within 1 s) and one plain review
+//! over a kept HTTP/2 connection (a success is `allowed` with its uid within 2 s). It records the
+//! server's highest fd count and RSS seen by the prober, and its `VmHWM` at the end. Prints the
+//! table kept in docs/performance.md. `HOSTILE_ONLY` (comma list) picks scenarios.
+//!
+//! Loopback only; every attack is bounded in count and time.
+
+#[path = "../tests/support/attack.rs"]
+mod attack;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use attack::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_secrets-webhook");
+
+struct Outcome {
+    scenario: &'static str,
+    probes: Probes,
+    peak_kib: u64,
+    note: String,
+}
+
+fn main() -> attack::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let secs: u64 = std::env::var("HOSTILE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let only: Option<Vec<String>> = std::env::var("HOSTILE_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let wants = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let duration = Duration::from_secs(secs);
+    println!(
+        "server: {BIN}\n{}\nattack: {secs} s per scenario\n",
+        machine()
+    );
+    let mut outcomes = Vec::new();
+    for scenario in SCENARIOS {
+        if !wants(scenario.name) {
+            continue;
+        }
+        let outcome = runtime.block_on(run(scenario, duration))?;
+        println!("{}", row(&outcome));
+        outcomes.push(outcome);
+    }
+    println!("\n{}", header());
+    for outcome in &outcomes {
+        println!("{}", row(outcome));
+    }
+    Ok(())
+}
+
+struct Scenario {
+    name: &'static str,
+    /// The open-file limit the server runs under.
+    nofile: Option<u64>,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "quiet",
+        nofile: None,
+    },
+    Scenario {
+        name: "idle-h2-flood",
+        nofile: Some(1024),
+    },
+    Scenario {
+        name: "upload-flood-h2",
+        nofile: None,
+    },
+    Scenario {
+        name: "upload-flood-h1",
+        nofile: None,
+    },
+    Scenario {
+        name: "huge-reviews",
+        nofile: None,
+    },
+    Scenario {
+        name: "connection-churn",
+        nofile: None,
+    },
+    Scenario {
+        name: "connect-burst",
+        nofile: None,
+    },
+    Scenario {
+        name: "rapid-reset",
+        nofile: None,
+    },
+];
+
+async fn run(scenario: &Scenario, duration: Duration) -> attack::Result<Outcome> {
+    let server = ServerProcess::start(BIN, scenario.nofile, &[])?;
+    // Let it settle (first listing, certificate) before the attack.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let attack = attack(scenario.name, &server, stop.clone(), tally.clone());
+    let probes = probe(
+        &server,
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+        stop.clone(),
+    );
+    let timer = async {
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::SeqCst);
+    };
+    let (note, probes, ()) = tokio::join!(attack, probes, timer);
+    let (_, peak_kib) = server.memory_kib();
+    let (opened, closed, failed) = tally.get();
+    let note = if note.is_empty() {
+        format!("attacker: {opened} opened, {closed} closed by the server, {failed} failed")
+    } else {
+        note
+    };
+    Ok(Outcome {
+        scenario: scenario.name,
+        probes,
+        peak_kib,
+        note,
+    })
+}
+
+/// Runs one attack until `stop`; returns a note for the table (empty: the tally says it).
+async fn attack(
+    name: &str,
+    server: &ServerProcess,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) -> String {
+    let (addr, h1, h2) = (
+        server.addr,
+        server.client(b"http/1.1"),
+        server.client(b"h2"),
+    );
+    match name {
+        "idle-h2-flood" => {
+            // 1,100 connections that only answer PINGs, against 1,024 fds (the issue's case).
+            idle_h2_flood(addr, h2, 1100, 100, stop, tally).await;
+            String::new()
+        }
+        "upload-flood-h2" => {
+            // One connection per 250 streams in the issue; four here, 3.9 MiB each, never ended.
+            upload_flood_h2(addr, h2, 4, 250, 4_000_000, stop, tally).await;
+            String::new()
+        }
+        "upload-flood-h1" => {
+            upload_flood_h1(addr, h1, 200, 4_000_000, stop, tally).await;
+            String::new()
+        }
+        "huge-reviews" => huge_loop(server, stop).await,
+        "connection-churn" => {
+            connection_churn(addr, h1, 64, stop, tally).await;
+            String::new()
+        }
+        "connect-burst" => {
+            let mut bursts = 0;
+            let mut short = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let (established, held) =
+                    connect_burst(addr, 2000, Duration::from_millis(900)).await;
+                bursts += 1;
+                short += 2000 - established;
+                drop(held);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            format!("{bursts} bursts of 2,000 connects; {short} not established within 900 ms")
+        }
+        "rapid-reset" => {
+            let mut connections = 0;
+            let mut calmed = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..20 {
+                    tasks.spawn(rapid_reset(addr, h2.clone(), 500));
+                }
+                while let Some(done) = tasks.join_next().await {
+                    connections += 1;
+                    if matches!(done, Ok(Ok(Some(frames::ENHANCE_YOUR_CALM)))) {
+                        calmed += 1;
+                    }
+                }
+            }
+            let warnings = server
+                .log()
+                .iter()
+                .filter(|l| l.contains("\"level\":\"WARN\""))
+                .count();
+            format!(
+                "{connections} connections x 500 reset streams; {calmed} GOAWAY ENHANCE_YOUR_CALM; \
+                 {warnings} WARN lines in the log"
+            )
+        }
+        _ => {
+            // "quiet": the probes alone.
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            String::new()
+        }
+    }
+}
+
+/// The worst reviews of the issue, two of a kind at once, over and over until `stop`: 60,000
+/// references, 330,000 empty volumes, a 400,000-element args array (each under 4 MiB).
+async fn huge_loop(server: &ServerProcess, stop: Arc<AtomicBool>) -> String {
+    let config = server.client(b"http/1.1");
+    let kinds = [
+        ("60k refs", Arc::new(huge::many_references(60_000))),
+        ("330k volumes", Arc::new(huge::empty_volumes(330_000))),
+        ("400k args", Arc::new(huge::long_args(400_000))),
+    ];
+    let mut worst = vec![Duration::ZERO; kinds.len()];
+    let mut outcomes = vec![std::collections::BTreeMap::<String, usize>::new(); kinds.len()];
+    while !stop.load(Ordering::SeqCst) {
+        for (i, (_, body)) in kinds.iter().enumerate() {
+            for answer in huge_reviews(server.addr, config.clone(), body.clone(), 2).await {
+                let label = match answer {
+                    Ok((took, response)) => {
+                        worst[i] = worst[i].max(took);
+                        let message = response["status"]["message"].as_str().unwrap_or("");
+                        if response["allowed"] == true {
+                            "allowed".to_owned()
+                        } else if message.contains("references") {
+                            "denied: too many references".to_owned()
+                        } else if message.contains("to decode") {
+                            "invalid: too large to decode".to_owned()
+                        } else if message.contains("busy") {
+                            "invalid: busy".to_owned()
+                        } else {
+                            format!("other: {}", message.chars().take(60).collect::<String>())
+                        }
+                    }
+                    Err(e) => format!("error: {e}"),
+                };
+                *outcomes[i].entry(label).or_default() += 1;
+            }
+        }
+    }
+    kinds
+        .iter()
+        .zip(worst.iter().zip(&outcomes))
+        .map(|((name, body), (worst, outcomes))| {
+            format!(
+                "{name} ({:.1} MiB): slowest answer {} ms, {outcomes:?}",
+                body.len() as f64 / 1048576.0,
+                worst.as_millis()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn header() -> String {
+    "| attack | /readyz ok | /readyz p50 / p99 / max | admission ok | admission p50 / p99 / max | \
+     peak RSS | max fds | notes |\n|---|---|---|---|---|---|---|---|"
+        .to_owned()
+}
+
+fn row(o: &Outcome) -> String {
+    let ms = |d: Option<Duration>| {
+        d.map_or("–".to_owned(), |d| {
+            format!("{:.1}", d.as_secs_f64() * 1e3)
+        })
+    };
+    let lat = |s: &[Option<Duration>]| {
+        format!(
+            "{} / {} / {} ms",
+            ms(Probes::percentile(s, 0.5)),
+            ms(Probes::percentile(s, 0.99)),
+            ms(Probes::percentile(s, 1.0))
+        )
+    };
+    let ok = |s: &[Option<Duration>]| {
+        let (ok, n) = Probes::success(s);
+        format!("{ok}/{n}")
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {:.0} MiB | {} | {} |",
+        o.scenario,
+        ok(&o.probes.readyz),
+        lat(&o.probes.readyz),
+        ok(&o.probes.admissions),
+        lat(&o.probes.admissions),
+        o.peak_kib as f64 / 1024.0,
+        o.probes.max_fds,
+        o.note
+    )
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "machine: {cores} cores ({model}); load average {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
