@@ -8,6 +8,9 @@
 //! server's highest fd count and RSS seen by the prober, and its `VmHWM` at the end. Prints the
 //! table kept in docs/performance.md. `HOSTILE_ONLY` (comma list) picks scenarios.
 //!
+//! `scaling` (in process, no server): the engine's time for one review as references and env
+//! entries grow, with the reference bound lifted, to show that the work is near linear.
+//!
 //! Loopback only; every attack is bounded in count and time.
 
 #[path = "../tests/support/attack.rs"]
@@ -47,12 +50,15 @@ fn main() -> attack::Result<()> {
         "server: {BIN}\n{}\nattack: {secs} s per scenario\n",
         machine()
     );
+    if wants("scaling") {
+        scaling(&runtime)?;
+    }
     let mut outcomes = Vec::new();
     for scenario in SCENARIOS {
         if !wants(scenario.name) {
             continue;
         }
-        let outcome = runtime.block_on(run(scenario, duration))?;
+        let outcome = run(&runtime, scenario, duration)?;
         println!("{}", row(&outcome));
         outcomes.push(outcome);
     }
@@ -104,25 +110,48 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
-async fn run(scenario: &Scenario, duration: Duration) -> attack::Result<Outcome> {
+/// One scenario: the attack on `runtime` (the attacker's two workers), the prober on a thread and
+/// runtime of its own, so that the probes measure the server, not the attacker's queue.
+fn run(
+    runtime: &tokio::runtime::Runtime,
+    scenario: &Scenario,
+    duration: Duration,
+) -> attack::Result<Outcome> {
     let server = ServerProcess::start(BIN, scenario.nofile, &[])?;
     // Let it settle (first listing, certificate) before the attack.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::thread::sleep(Duration::from_millis(300));
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let attack = attack(scenario.name, &server, stop.clone(), tally.clone());
-    let probes = probe(
-        &server,
-        Duration::from_millis(100),
-        Duration::from_secs(1),
-        Duration::from_secs(2),
-        stop.clone(),
-    );
-    let timer = async {
-        tokio::time::sleep(duration).await;
-        stop.store(true, Ordering::SeqCst);
-    };
-    let (note, probes, ()) = tokio::join!(attack, probes, timer);
+    let (note, probes) = std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let probing = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(probing.block_on(probe(
+                &server,
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                stop.clone(),
+            )))
+        });
+        let note = runtime.block_on(async {
+            let timer = async {
+                tokio::time::sleep(duration).await;
+                stop.store(true, Ordering::SeqCst);
+            };
+            let (note, ()) = tokio::join!(
+                attack(scenario.name, &server, stop.clone(), tally.clone()),
+                timer
+            );
+            note
+        });
+        let probes = prober
+            .join()
+            .map_err(|_| "the prober panicked".to_owned())?;
+        Ok::<_, String>((note, probes?))
+    })?;
     let (_, peak_kib) = server.memory_kib();
     let (opened, closed, failed) = tally.get();
     let note = if note.is_empty() {
@@ -321,4 +350,87 @@ fn machine() -> String {
             .collect::<Vec<_>>()
             .join(" ")
     )
+}
+
+/// The engine in process (no TLS, no HTTP), with the reference bound lifted: time per review as
+/// references and env entries grow. Linear work shows as a constant time per item.
+fn scaling(runtime: &tokio::runtime::Runtime) -> attack::Result<()> {
+    use secrets_webhook::admission::Webhook;
+    use secrets_webhook::config::{LocalConfig, Settings};
+    use serde_json::{Value, json};
+    let keys = 60_000;
+    let mut config = LocalConfig::default();
+    config.stores.global = (0..keys).map(|i| format!("k{i}")).collect();
+    let settings = Settings {
+        max_references: usize::MAX,
+        ..Settings::default()
+    };
+    let metrics = std::sync::Arc::new(secrets_webhook::metrics::Metrics::new());
+    let webhook = Webhook::from_local(settings, &config, metrics)?;
+    let time = |body: &[u8]| -> attack::Result<(Duration, Value)> {
+        let mut best = Duration::MAX;
+        let mut answer = Value::Null;
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let out = runtime.block_on(webhook.review_bytes(body, None));
+            best = best.min(started.elapsed());
+            answer = response_of(&out);
+        }
+        Ok((best, answer))
+    };
+    println!(
+        "| review | body | engine time (best of 3) | per item | answer |\n|---|---|---|---|---|"
+    );
+    let annotations = |n: usize| -> Value {
+        (0..n)
+            .map(|i| {
+                (
+                    format!("env.secrets.iomete.com/V{i}"),
+                    json!(format!("kubernetes:global/k{i}")),
+                )
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    for n in [1_000, 10_000, 30_000, 60_000] {
+        let body = review_of(
+            "scaling",
+            &driver_pod(annotations(n), vec!["driver".into()]),
+        );
+        let (took, answer) = time(&body)?;
+        println!(
+            "| {n} env references | {:.1} MiB | {:.0} ms | {:.1} µs | {} |",
+            body.len() as f64 / 1048576.0,
+            took.as_secs_f64() * 1e3,
+            took.as_secs_f64() * 1e6 / n as f64,
+            if answer["allowed"] == true {
+                "patched"
+            } else {
+                "denied"
+            }
+        );
+    }
+    // 1,000 references and a growing env, each item using a legacy placeholder of its own key.
+    for entries in [1_000, 10_000, 50_000] {
+        let env: Vec<Value> = (0..entries)
+            .map(|i| json!({"name": format!("E{i}"), "value": format!("x${{secrets.k{}}}", i % 1000)}))
+            .collect();
+        let mut pod = driver_pod(annotations(1_000), vec!["driver".into()]);
+        pod["spec"]["containers"][0]["env"] = json!(env);
+        let body = review_of("scaling", &pod);
+        let (took, answer) = time(&body)?;
+        println!(
+            "| 1,000 references, {entries} env entries with placeholders | {:.1} MiB | {:.0} ms | {:.1} µs | {} |",
+            body.len() as f64 / 1048576.0,
+            took.as_secs_f64() * 1e3,
+            took.as_secs_f64() * 1e6 / (entries + 1000) as f64,
+            if answer["allowed"] == true {
+                "patched"
+            } else {
+                "denied"
+            }
+        );
+    }
+    println!();
+    Ok(())
 }

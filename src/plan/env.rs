@@ -33,7 +33,22 @@ struct Added {
     var: EnvVar,
     /// Added items sit in the gap before pod item `gap` (`gap == pod.len()`: after the last one).
     gap: usize,
+    /// Its place in the gap's list.
+    place: usize,
     alive: bool,
+}
+
+/// The added items of one gap, in list order, with a count of the alive ones by place.
+#[derive(Default)]
+struct Gap {
+    items: Vec<usize>,
+    alive: Fenwick,
+}
+
+impl Gap {
+    fn alive(&self) -> usize {
+        self.alive.before(self.items.len())
+    }
 }
 
 pub(super) struct EnvEditor<'a> {
@@ -44,8 +59,8 @@ pub(super) struct EnvEditor<'a> {
     changed: HashMap<usize, EnvVar>,
     pod_removed: HashSet<usize>,
     added: Vec<Added>,
-    /// The added items of each gap, in list order.
-    gaps: HashMap<usize, Vec<usize>>,
+    /// The added items of each gap that has any.
+    gaps: HashMap<usize, Gap>,
     /// Per gap `g`: pod item `g` (while alive) plus the alive added items in front of it.
     alive: Fenwick,
     pod_names: HashMap<&'a str, Vec<usize>>,
@@ -105,23 +120,13 @@ impl<'a> EnvEditor<'a> {
     /// The item's index in the list as edited so far (for a removed pod item: where it was).
     fn index(&self, item: Item) -> usize {
         match item {
-            Item::Pod(i) => self.alive.before(i) + self.gap_alive(i, None),
+            Item::Pod(i) => self.alive.before(i) + self.gaps.get(&i).map_or(0, Gap::alive),
             Item::Added(k) => {
-                let gap = self.added[k].gap;
-                self.alive.before(gap) + self.gap_alive(gap, Some(k))
+                let Added { gap, place, .. } = self.added[k];
+                let in_gap = self.gaps.get(&gap).map_or(0, |g| g.alive.before(place));
+                self.alive.before(gap) + in_gap
             }
         }
-    }
-
-    /// Alive added items in gap `gap`, all of them or those in front of `until`.
-    fn gap_alive(&self, gap: usize, until: Option<usize>) -> usize {
-        let Some(list) = self.gaps.get(&gap) else {
-            return 0;
-        };
-        list.iter()
-            .take_while(|&&k| Some(k) != until)
-            .filter(|&&k| self.added[k].alive)
-            .count()
     }
 
     /// Every alive item named `name`, in list order.
@@ -181,10 +186,28 @@ impl<'a> EnvEditor<'a> {
         };
         let id = self.added.len();
         let list = self.gaps.entry(gap).or_default();
-        match place.and_then(|k| list.iter().position(|&x| x == k)) {
-            Some(p) => list.insert(p, id),
-            None => list.push(id),
-        }
+        let place = match place.map(|k| self.added[k].place) {
+            // In front of another added item (not a case the planner has today): the places
+            // behind it shift, and the gap's counts are rebuilt.
+            Some(p) => {
+                list.items.insert(p, id);
+                for (q, &k) in list.items.iter().enumerate().skip(p + 1) {
+                    self.added[k].place = q;
+                }
+                let counts: Vec<usize> = list
+                    .items
+                    .iter()
+                    .map(|&k| usize::from(k == id || self.added[k].alive))
+                    .collect();
+                list.alive = Fenwick::from_counts(&counts);
+                p
+            }
+            None => {
+                list.items.push(id);
+                list.alive.push(1);
+                list.items.len() - 1
+            }
+        };
         self.added_names
             .entry(var.name.clone())
             .or_default()
@@ -192,6 +215,7 @@ impl<'a> EnvEditor<'a> {
         self.added.push(Added {
             var,
             gap,
+            place,
             alive: true,
         });
         self.alive.add(gap);
@@ -248,8 +272,12 @@ impl<'a> EnvEditor<'a> {
                 i
             }
             Item::Added(k) => {
+                let Added { gap, place, .. } = self.added[k];
                 self.added[k].alive = false;
-                self.added[k].gap
+                if let Some(list) = self.gaps.get_mut(&gap) {
+                    list.alive.sub(place);
+                }
+                gap
             }
         };
         self.alive.sub(gap);
@@ -282,7 +310,12 @@ impl<'a> EnvEditor<'a> {
     pub(super) fn current(&self) -> Vec<EnvVar> {
         let mut out = Vec::with_capacity(self.len());
         for gap in 0..=self.pod.len() {
-            for &k in self.gaps.get(&gap).into_iter().flatten() {
+            for &k in self
+                .gaps
+                .get(&gap)
+                .map(|g| g.items.as_slice())
+                .unwrap_or_default()
+            {
                 if self.added[k].alive {
                     out.push(self.added[k].var.clone());
                 }
@@ -297,18 +330,23 @@ impl<'a> EnvEditor<'a> {
 
 /// Counts per slot with prefix sums in O(log n).
 struct Fenwick {
-    /// 1-based: `tree[i]` sums the slots `(i - lowbit(i), i]`.
+    /// 1-based: `tree[i]` sums the slots `(i - lowbit(i), i]`; `tree[0]` is unused.
     tree: Vec<usize>,
 }
 
+impl Default for Fenwick {
+    fn default() -> Self {
+        Self { tree: vec![0] }
+    }
+}
+
 impl Fenwick {
-    /// `slots` slots, the first `ones` of them holding 1.
-    fn ones(ones: usize, slots: usize) -> Self {
-        let mut tree = vec![0; slots + 1];
-        for count in tree.iter_mut().skip(1).take(ones) {
-            *count = 1;
-        }
-        // Linear build: push each node's sum up to its parent.
+    /// Slots holding `counts`, built in linear time.
+    fn from_counts(counts: &[usize]) -> Self {
+        let mut tree = Vec::with_capacity(counts.len() + 1);
+        tree.push(0);
+        tree.extend_from_slice(counts);
+        let slots = counts.len();
         for i in 1..=slots {
             let parent = i + (i & i.wrapping_neg());
             if parent <= slots {
@@ -316,6 +354,21 @@ impl Fenwick {
             }
         }
         Self { tree }
+    }
+
+    /// Appends a slot holding `count`, in O(log n).
+    fn push(&mut self, count: usize) {
+        let i = self.tree.len();
+        // `tree[i]` sums the slots `(i - lowbit(i), i]`: the new one and those before it.
+        let from = i - (i & i.wrapping_neg());
+        let sum = self.before(i - 1) - self.before(from);
+        self.tree.push(count + sum);
+    }
+
+    /// `slots` slots, the first `ones` of them holding 1.
+    fn ones(ones: usize, slots: usize) -> Self {
+        let counts: Vec<usize> = (0..slots).map(|i| usize::from(i < ones)).collect();
+        Self::from_counts(&counts)
     }
 
     fn add(&mut self, slot: usize) {
@@ -364,6 +417,16 @@ mod tests {
             (0..=6).map(|s| f.before(s)).collect::<Vec<_>>(),
             [0, 0, 1, 3, 4, 5, 6]
         );
+        let mut grown = Fenwick::default();
+        let counts = [1, 0, 2, 1, 1, 0, 3, 1, 1];
+        for c in counts {
+            grown.push(c);
+        }
+        let built = Fenwick::from_counts(&counts);
+        for s in 0..=counts.len() {
+            let sum: usize = counts[..s].iter().sum();
+            assert_eq!((grown.before(s), built.before(s)), (sum, sum), "slot {s}");
+        }
     }
 
     fn var(name: &str, value: &str) -> EnvVar {

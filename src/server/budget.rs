@@ -14,8 +14,9 @@
 //!
 //! A request waits for budget at most [`BUDGET_WAIT`]; then it is answered with an `invalid`
 //! review that says why (never an HTTP error). While it waits, the upload that has been arriving
-//! longest (for at least [`CUT_AGE`]) is cut: a peer that holds the budget with bodies it does not
-//! finish loses them, while the API server's bodies, sent at once, finish in milliseconds.
+//! longest (for at least [`CUT_AGE`], and holding budget) is cut: a peer that holds the budget with
+//! bodies it does not finish loses them, while the API server's bodies, sent at once, finish in
+//! milliseconds.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -123,7 +124,7 @@ impl Budgets {
                             Ok(permit) => break permit,
                             Err(_) => return Err(Shortfall::Busy),
                         },
-                        _ = me.cut.notified() => return Err(Shortfall::Cut),
+                        _ = me.state.cut.notified() => return Err(Shortfall::Cut),
                         _ = tokio::time::sleep_until(until) => return Err(Shortfall::Busy),
                         _ = tokio::time::sleep_until(next_cut) => {}
                     }
@@ -134,6 +135,7 @@ impl Budgets {
             Some(permit) => permit.merge(more),
             None => *held = Some(more),
         }
+        me.state.held.fetch_add(n as usize, Ordering::AcqRel);
         Ok(())
     }
 
@@ -186,15 +188,22 @@ async fn acquire(
 /// Uploads in progress, oldest first, so that the oldest can be cut.
 #[derive(Default)]
 pub struct Uploads {
-    open: Mutex<BTreeMap<u64, (Instant, Arc<Notify>)>>,
+    open: Mutex<BTreeMap<u64, Arc<UploadState>>>,
     next_id: AtomicU64,
 }
 
-/// One upload on the books; `cut` fires when it must give up its budget.
+pub struct UploadState {
+    started: Instant,
+    /// Upload budget it holds (only an upload that holds some is worth cutting).
+    held: AtomicUsize,
+    pub cut: Notify,
+}
+
+/// One upload on the books; `state.cut` fires when it must give up its budget.
 pub struct Upload {
     uploads: Arc<Uploads>,
     id: u64,
-    pub cut: Arc<Notify>,
+    pub state: Arc<UploadState>,
 }
 
 impl Drop for Upload {
@@ -204,7 +213,7 @@ impl Drop for Upload {
 }
 
 impl Uploads {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (Instant, Arc<Notify>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<UploadState>>> {
         // Only inserted into and removed from: a poisoned map is still whole.
         self.open
             .lock()
@@ -213,25 +222,35 @@ impl Uploads {
 
     fn begin(self: &Arc<Self>) -> Upload {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let cut = Arc::new(Notify::new());
-        self.lock().insert(id, (Instant::now(), cut.clone()));
+        let state = Arc::new(UploadState {
+            started: Instant::now(),
+            held: AtomicUsize::new(0),
+            cut: Notify::new(),
+        });
+        self.lock().insert(id, state.clone());
         Upload {
             uploads: self.clone(),
             id,
-            cut,
+            state,
         }
     }
 
-    /// Cuts the oldest upload other than `me` that has been arriving for [`CUT_AGE`] at least.
+    /// Cuts the oldest upload other than `me` that has been arriving for [`CUT_AGE`] at least and
+    /// holds budget. A body that waits for its first bytes of budget (a small review delayed by a
+    /// busy server) holds none, so it is never cut.
     fn cut_oldest(&self, me: u64) -> bool {
         let mut open = self.lock();
         let oldest = open
             .iter()
-            .find(|(id, (started, _))| **id != me && started.elapsed() >= CUT_AGE)
+            .find(|(id, state)| {
+                **id != me
+                    && state.started.elapsed() >= CUT_AGE
+                    && state.held.load(Ordering::Acquire) > 0
+            })
             .map(|(id, _)| *id);
         match oldest.and_then(|id| open.remove(&id)) {
-            Some((_, cut)) => {
-                cut.notify_one();
+            Some(state) => {
+                state.cut.notify_one();
                 true
             }
             None => false,
@@ -470,7 +489,7 @@ mod tests {
         tokio::time::advance(CUT_AGE).await;
         let waiting = budgets.upload(&mut other, 100, Instant::now() + BUDGET_WAIT, &second);
         let cut = async {
-            first.cut.notified().await;
+            first.state.cut.notified().await;
             drop(held);
         };
         let (got, ()) = tokio::join!(waiting, cut);

@@ -147,7 +147,7 @@ async fn receive(app: &AppState, body: Body) -> Result<Received, Refusal> {
     loop {
         let next = tokio::select! {
             next = tokio::time::timeout_at(deadline, body.frame()) => next,
-            _ = upload.cut.notified() => return Err(Refusal::Cut),
+            _ = upload.state.cut.notified() => return Err(Refusal::Cut),
         };
         let frame = match next {
             Err(_) => return Err(Refusal::TimedOut(app.body_timeout)),
@@ -187,6 +187,14 @@ async fn review(
     started: Instant,
 ) -> Result<Vec<u8>, (Refusal, String)> {
     let estimate = received.shape.estimate();
+    if estimate > app.budgets.decode_limit() as u64 {
+        let refusal = Refusal::TooLargeToDecode {
+            estimate,
+            objects: received.shape.objects_in_arrays,
+            limit: app.budgets.decode_limit(),
+        };
+        return Err((refusal, uid_of(&received.frames)));
+    }
     let heavy = budget::is_heavy(estimate, received.shape.bytes as usize);
     // A large review first waits for its turn (so that queued ones hold no decode budget), up to
     // half of what is left of the API server's timeout.
@@ -251,7 +259,7 @@ fn uid_of(frames: &[Bytes]) -> String {
     struct Request {
         uid: Option<String>,
     }
-    let reader = FramesReader { frames, offset: 0 };
+    let reader = std::io::BufReader::new(FramesReader { frames, offset: 0 });
     serde_json::from_reader::<_, Review>(reader)
         .ok()
         .and_then(|r| r.request?.uid)

@@ -3,9 +3,10 @@
 //!
 //! A connection is *active* while one of its requests is being handled, *idle* otherwise (which
 //! includes the TLS handshake and the wait for headers, both bounded by the header timeout). At
-//! the cap, a new connection evicts the connection that has been idle longest (HTTP/2: GOAWAY, so
-//! the API server moves to a new connection without losing a request); only when every connection
-//! is active is the new one closed at once. Active requests are bounded in time by the body
+//! the cap, a new connection evicts an idle one (HTTP/2: GOAWAY, so the API server moves to a new
+//! connection without losing a request): first the oldest of those that never had a request (a
+//! flood of handshakes or of silent connections), then the one idle longest; only when every
+//! connection is active is the new one closed at once. Active requests are bounded in time by the body
 //! timeout and the engine's budget, so the cap frees up.
 
 use std::collections::HashMap;
@@ -101,6 +102,8 @@ pub struct Conn {
     active: AtomicUsize,
     /// Milliseconds after `epoch` when the last request ended (or the connection opened).
     idle_since: AtomicU64,
+    /// Has had a request: such connections (the API server's) are evicted after the others.
+    served: AtomicBool,
     evict: Notify,
     evicted: AtomicBool,
     epoch: Instant,
@@ -160,6 +163,7 @@ impl Connections {
         let conn = Arc::new(Conn {
             active: AtomicUsize::new(0),
             idle_since: AtomicU64::new(millis_since(self.epoch)),
+            served: AtomicBool::new(false),
             evict: Notify::new(),
             evicted: AtomicBool::new(false),
             epoch: self.epoch,
@@ -183,7 +187,12 @@ fn evict_longest_idle(open: &HashMap<u64, Arc<Conn>>) -> bool {
     let victim = open
         .values()
         .filter(|c| c.active.load(Ordering::Acquire) == 0 && !c.evicted.load(Ordering::Acquire))
-        .min_by_key(|c| c.idle_since.load(Ordering::Acquire));
+        .min_by_key(|c| {
+            (
+                c.served.load(Ordering::Acquire),
+                c.idle_since.load(Ordering::Acquire),
+            )
+        });
     match victim {
         Some(conn) => {
             conn.evicted.store(true, Ordering::Release);
@@ -202,6 +211,7 @@ impl Conn {
     /// Marks a request as being handled until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> Active {
         self.active.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
         Active(self.clone())
     }
 
@@ -225,7 +235,9 @@ impl Conn {
                     Some(left) => left,
                 }
             } else {
-                timeout
+                // Checked again soon: a connection closes within 1.25 idle timeouts of its last
+                // request.
+                timeout / 4
             };
             tokio::time::sleep(wait).await;
         }
@@ -264,6 +276,19 @@ mod tests {
             open: 10,
         };
         assert_eq!(Caps::new(512, unlimited.room(128), 32).soft, 512);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_that_never_had_a_request_go_first() {
+        let connections = Connections::new(Caps { soft: 2, hard: 4 });
+        let served = connections.admit().unwrap();
+        drop(served.conn.begin());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let fresh = connections.admit().unwrap();
+        // The served one has been idle longer, but the fresh one never had a request.
+        let _third = connections.admit().unwrap();
+        assert!(fresh.conn.evicted.load(Ordering::Acquire));
+        assert!(!served.conn.evicted.load(Ordering::Acquire));
     }
 
     #[tokio::test(start_paused = true)]
