@@ -65,6 +65,8 @@ impl ServerProcess {
         command
             .args(["serve", "--dev", "--log-format", "json"])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            // The management API (on by default with --dev, on a fixed port) is not under test.
+            .args(["--api-listen", "off"])
             .arg("--dev-cert-dir")
             .arg(&cert_dir)
             .arg("--config")
@@ -95,9 +97,11 @@ impl ServerProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while port.is_none() || admin.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .map_err(|_| "the server did not start")?;
+            let Ok(line) = rx.recv_timeout(left) else {
+                let _ = child.kill();
+                let said = lines.lock().unwrap().join("\n");
+                return Err(format!("the server did not start; it said:\n{said}").into());
+            };
             if let Some(rest) = line.split("https://localhost:").nth(1) {
                 port = rest.split('/').next().and_then(|p| p.parse::<u16>().ok());
             }
