@@ -67,7 +67,7 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "Spark conf secrets need the driver container's args to start with \"driver\" (container {0:?} does not); \
+        "Spark conf secrets need the driver container's args to start with \"driver\" (container {0} does not); \
          the Spark entrypoint passes them to spark-submit"
     )]
     NoDriverArgs(String),
@@ -76,14 +76,14 @@ pub enum PlanError {
     )]
     SparkConfNotSupported(WorkloadKind),
     #[error(
-        "container {0:?}: {PYSPARK_SUBMIT_ARGS} is not a plain value, so Spark conf secrets cannot be added to it; \
+        "container {0}: {PYSPARK_SUBMIT_ARGS} is not a plain value, so Spark conf secrets cannot be added to it; \
          set it as a plain value or remove it"
     )]
     PysparkArgsNotPlain(String),
-    #[error("container {0:?}: {PYSPARK_SUBMIT_ARGS} has unbalanced quotes; fix its quoting")]
+    #[error("container {0}: {PYSPARK_SUBMIT_ARGS} has unbalanced quotes; fix its quoting")]
     PysparkArgsUnparsable(String),
     #[error(
-        "container {container:?}, {place}: {error}; write ${{secrets.<key>}} with a key of the global store"
+        "container {container}, {place}: {error}; write ${{secrets.<key>}} with a key of the global store"
     )]
     Placeholder {
         container: String,
@@ -122,7 +122,7 @@ fn target_containers<'a>(
 fn placeholder_sites(container: &Container) -> impl Iterator<Item = (String, &str)> {
     let env = container.env.iter().flatten().filter_map(|e| {
         let value = e.value.as_deref()?;
-        refs::has_placeholder(value).then(|| (format!("env {:?}", e.name), value))
+        refs::has_placeholder(value).then(|| (format!("env {}", refs::shown_name(&e.name)), value))
     });
     let args = container.args.iter().flatten().enumerate();
     let args = args
@@ -137,7 +137,7 @@ fn split<'a>(
     text: &'a str,
 ) -> Result<Vec<Piece<'a>>, PlanError> {
     refs::split_placeholders(text).map_err(|error| PlanError::Placeholder {
-        container: container.name.clone(),
+        container: refs::shown_name(&container.name),
         place: place.to_owned(),
         error,
     })
@@ -429,7 +429,7 @@ fn add_driver_confs(
     plan: &mut Plan,
 ) -> Result<Option<Vec<String>>, PlanError> {
     let Some(list) = args.filter(|a| a.first().map(String::as_str) == Some("driver")) else {
-        return Err(PlanError::NoDriverArgs(container.name.clone()));
+        return Err(PlanError::NoDriverArgs(refs::shown_name(&container.name)));
     };
     let ours = conf_args(env, confs, plan);
     let (rest, dropped) = without_confs(&list[1..], confs);
@@ -502,13 +502,17 @@ fn add_pyspark_confs(
     let existing = env.position(PYSPARK_SUBMIT_ARGS);
     let current = match existing.map(|item| env.get(item)) {
         Some(var) => match (&var.value, &var.value_from) {
-            (_, Some(_)) => return Err(PlanError::PysparkArgsNotPlain(container.name.clone())),
+            (_, Some(_)) => {
+                return Err(PlanError::PysparkArgsNotPlain(refs::shown_name(
+                    &container.name,
+                )));
+            }
             (value, None) => value.clone().unwrap_or_default(),
         },
         None => String::new(),
     };
     let tokens = shlex::split(&current)
-        .ok_or_else(|| PlanError::PysparkArgsUnparsable(container.name.clone()))?;
+        .ok_or_else(|| PlanError::PysparkArgsUnparsable(refs::shown_name(&container.name)))?;
     let at = existing.map_or(Anchor::End, Anchor::Before);
     let mut sorted: Vec<&Resolved> = confs.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
@@ -531,7 +535,7 @@ fn add_pyspark_confs(
         .map(String::as_str)
         .chain(["pyspark-shell"]);
     let value = shlex::try_join(words)
-        .map_err(|_| PlanError::PysparkArgsUnparsable(container.name.clone()))?;
+        .map_err(|_| PlanError::PysparkArgsUnparsable(refs::shown_name(&container.name)))?;
     match existing {
         Some(item) if env.get(item).value.as_deref() == Some(value.as_str()) => return Ok(()),
         Some(item) => env.set_value(item, value),

@@ -1,4 +1,5 @@
-//! HTTP handlers: `POST /mutate` on the TLS port, `/livez` `/readyz` `/metrics` on the admin port.
+//! HTTP handlers: `POST /mutate` and `POST /validate` on the TLS port, `/livez` `/readyz` `/metrics` on
+//! the admin port.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,7 @@ pub(crate) struct AppState {
 pub(crate) fn admission_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
         .with_state(state)
 }
 
@@ -103,6 +105,30 @@ struct Received {
 /// read when Content-Length announces it, and otherwise as soon as the streamed bytes pass the
 /// limit; it is never buffered whole.
 async fn mutate(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    admission(app, request, Endpoint::Mutate).await
+}
+
+/// `POST /validate`: the validating webhooks (pod updates, SparkApplications), same contract.
+async fn validate(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    admission(app, request, Endpoint::Validate).await
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Mutate,
+    Validate,
+}
+
+impl Endpoint {
+    async fn run(self, webhook: &Webhook, body: &[u8], timeout: Option<Duration>) -> Vec<u8> {
+        match self {
+            Endpoint::Mutate => webhook.review_bytes(body, timeout).await,
+            Endpoint::Validate => webhook.validate_bytes(body, timeout).await,
+        }
+    }
+}
+
+async fn admission(app: Arc<AppState>, request: Request, endpoint: Endpoint) -> Response {
     let started = Instant::now();
     let timeout = request.uri().query().and_then(timeout_from_query);
     let (parts, body) = request.into_parts();
@@ -117,7 +143,7 @@ async fn mutate(State(app): State<Arc<AppState>>, request: Request) -> Response 
         receive(&app, body).await
     };
     let answer = match received {
-        Ok(received) => review(&app, received, timeout, started).await,
+        Ok(received) => review(&app, received, endpoint, timeout, started).await,
         Err(refusal) => Err((refusal, String::new())),
     };
     let answer = answer.unwrap_or_else(|(refusal, uid)| {
@@ -183,6 +209,7 @@ async fn receive(app: &AppState, body: Body) -> Result<Received, Refusal> {
 async fn review(
     app: &AppState,
     received: Received,
+    endpoint: Endpoint,
     timeout: Option<Duration>,
     started: Instant,
 ) -> Result<Vec<u8>, (Refusal, String)> {
@@ -232,7 +259,7 @@ async fn review(
     let remaining = timeout.map(|t| t.saturating_sub(started.elapsed()));
     let Some(turn) = turn else {
         // Boxed: the engine's future is large, and tower/axum move the handler's future by value.
-        let answer = Box::pin(app.webhook.review_bytes(&body, remaining)).await;
+        let answer = Box::pin(endpoint.run(&app.webhook, &body, remaining)).await;
         drop(decode);
         return Ok(answer);
     };
@@ -241,7 +268,7 @@ async fn review(
     let webhook = app.webhook.clone();
     let handle = tokio::runtime::Handle::current();
     let work = tokio::task::spawn_blocking(move || {
-        let answer = handle.block_on(webhook.review_bytes(&body, remaining));
+        let answer = handle.block_on(endpoint.run(&webhook, &body, remaining));
         drop((turn, decode));
         answer
     });
