@@ -433,6 +433,21 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
             "the global store has no key \"nope\"",
         ),
         ("no containers", with(&|r| r["request"]["object"]["spec"]["containers"] = json!([])), "the pod has no containers"),
+        // 110 KB that asked for a 450 MB patch: every env reference goes into every container.
+        (
+            "six hundred references into two thousand containers",
+            with(&|r| {
+                let pod = &mut r["request"]["object"];
+                let names: Vec<String> = (0..2000).map(|i| format!("c{i}")).collect();
+                let mut annotations: serde_json::Map<String, Value> = (0..600)
+                    .map(|i| (format!("env.secrets.iomete.com/V{i}"), json!("kubernetes:global/warehouse_path")))
+                    .collect();
+                annotations.insert("secrets.iomete.com/containers".into(), json!(names.join(",")));
+                pod["metadata"]["annotations"] = Value::Object(annotations);
+                pod["spec"]["containers"] = names.iter().map(|n| json!({"name": n})).collect();
+            }),
+            "the pod's 600 env secret references go into each of the 2000 containers named in secrets.iomete.com/containers: 1200000 secret entries",
+        ),
     ];
     for (name, body, expected) in cases {
         let started = std::time::Instant::now();

@@ -363,6 +363,48 @@ async fn huge_reviews_are_answered_while_probes_and_other_reviews_keep_answering
     );
 }
 
+/// Found after the issue: env references are written into every container that
+/// `secrets.iomete.com/containers` names, so a 110 KB driver (1,000 references, 2,000 containers)
+/// asked for a 450 MB patch (5 s, 800 MB RSS in the release build); and that annotation, naming one
+/// container 580,000 times beside 3,000 containers (3.5 MB), took 11 s to match. Now references
+/// times containers is held to the reference bound, and names are matched through an index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_into_many_containers_are_bounded_and_names_matched_in_linear_time() {
+    init();
+    let server = ServerProcess::start(&bin(), None, &[]).unwrap();
+    let config = server.client(b"http/1.1");
+    let body = huge::references_into_containers(2000, 1000);
+    let started = Instant::now();
+    let (status, answer) = post_once(server.addr, config.clone(), &body).await.unwrap();
+    let took = started.elapsed();
+    let response = response_of(&answer);
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    assert_eq!((status, response["allowed"].clone()), (200, json!(false)));
+    assert!(
+        message.contains("1000 env secret references go into each of the 2000 containers")
+            && message.contains("--max-references"),
+        "{message}"
+    );
+    assert!(answer.len() < 4096, "an answer of {} bytes", answer.len());
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    let body = huge::repeated_container_names(3000, 580_000);
+    assert!(body.len() < 4 * 1024 * 1024, "{}", body.len());
+    let started = Instant::now();
+    let (status, answer) = post_once(server.addr, config, &body).await.unwrap();
+    let took = started.elapsed();
+    let response = response_of(&answer);
+    assert_eq!((status, response["allowed"].clone()), (200, json!(true)));
+    // The debug build under test; release numbers are in docs/performance.md.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let (_, peak_kib) = server.memory_kib();
+    assert!(
+        peak_kib * 1024 <= 256 * MIB,
+        "peak RSS {} MiB",
+        peak_kib / 1024
+    );
+}
+
 /// The bound on references per pod is configurable and its denial says how to fix it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_beyond_the_bound_are_denied_with_the_fix() {

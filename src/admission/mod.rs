@@ -455,6 +455,14 @@ impl Webhook {
         if refs.len() + legacy.len() > max {
             return Err(too_many_references(refs.len() + legacy.len(), max));
         }
+        // Each env reference is written into every container it targets: bound the product too,
+        // or a small pod listing thousands of containers asks for a patch of gigabytes.
+        let env_refs = refs.iter().filter(|r| r.kind == TargetKind::Env).count();
+        let containers = workload.env_targets.len();
+        let entries = env_refs.saturating_mul(containers) + (refs.len() - env_refs) + legacy.len();
+        if entries > max {
+            return Err(too_many_env_entries(env_refs, containers, entries, max));
+        }
         if refs.is_empty() && legacy.is_empty() {
             self.guard(pod, namespace, &BTreeSet::new())?;
             return self
@@ -822,6 +830,19 @@ fn too_many_references(named: usize, max: usize) -> Denial {
             "the pod names {named} secret references (annotations and ${{secrets.…}} placeholders), more \
              than the {max} secrets-webhook accepts per pod; remove unused references, or ask a platform \
              admin to raise --max-references"
+        ),
+    )
+}
+
+fn too_many_env_entries(env_refs: usize, containers: usize, entries: usize, max: usize) -> Denial {
+    Denial::new(
+        "too-many-references",
+        format!(
+            "the pod's {env_refs} env secret references go into each of the {containers} containers named in \
+             {}: {entries} secret entries with its other references, more than the {max} \
+             secrets-webhook writes per pod; name fewer containers or references, or ask a platform admin \
+             to raise --max-references",
+            workload::CONTAINERS_ANNOTATION
         ),
     )
 }

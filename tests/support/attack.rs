@@ -287,6 +287,43 @@ pub mod huge {
         review_of("huge-volumes", &pod)
     }
 
+    /// A Spark driver whose `secrets.iomete.com/containers` lists its `containers` containers,
+    /// with `refs` env references of the global store: each reference goes into each container
+    /// (2,000 × 1,000 is a 110 KB body).
+    pub fn references_into_containers(containers: usize, refs: usize) -> Vec<u8> {
+        let names: Vec<String> = (0..containers).map(|i| format!("c{i}")).collect();
+        let mut annotations: serde_json::Map<String, Value> = (0..refs)
+            .map(|i| {
+                (
+                    format!("env.secrets.iomete.com/V{i}"),
+                    json!("kubernetes:global/api_token"),
+                )
+            })
+            .collect();
+        annotations.insert(
+            "secrets.iomete.com/containers".into(),
+            json!(names.join(",")),
+        );
+        let mut pod = driver_pod(Value::Object(annotations), vec!["driver".into()]);
+        pod["spec"]["containers"] = names.iter().map(|n| json!({"name": n})).collect();
+        review_of("huge-containers", &pod)
+    }
+
+    /// A Spark driver with `containers` containers whose `secrets.iomete.com/containers` names
+    /// the last one `repeats` times (3,000 and 580,000 fit in 4 MiB).
+    pub fn repeated_container_names(containers: usize, repeats: usize) -> Vec<u8> {
+        let last = format!("c{}", containers - 1);
+        let annotations = json!({
+            "env.secrets.iomete.com/V": "kubernetes:global/api_token",
+            "secrets.iomete.com/containers": vec![last.as_str(); repeats].join(","),
+        });
+        let mut pod = driver_pod(annotations, vec!["driver".into()]);
+        pod["spec"]["containers"] = (0..containers)
+            .map(|i| json!({"name": format!("c{i}")}))
+            .collect();
+        review_of("huge-names", &pod)
+    }
+
     /// A plain pod with a uid of `uid_len` bytes and a name of `name_len`.
     pub fn long_uid(uid_len: usize, name_len: usize) -> Vec<u8> {
         let mut pod = plain_pod();
