@@ -433,6 +433,31 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
             "the global store has no key \"nope\"",
         ),
         ("no containers", with(&|r| r["request"]["object"]["spec"]["containers"] = json!([])), "the pod has no containers"),
+        // Each resource check held copies of the identity: 150,000 groups on 64 domains took 560 MB.
+        (
+            "a hundred thousand groups",
+            with(&|r| {
+                r["request"]["userInfo"]["groups"] = (0..100_000).map(|i| json!(format!("g{i}"))).collect();
+                r["request"]["object"]["metadata"]["annotations"] = json!({"env.secrets.iomete.com/A": "kubernetes:finance/db_password"});
+            }),
+            "the identity this pod is admitted for is larger than secrets-webhook accepts: it has 100000 groups and extra values, more than 1000",
+        ),
+        (
+            "a long user name",
+            with(&|r| {
+                r["request"]["userInfo"]["username"] = json!("u".repeat(5000));
+                r["request"]["object"]["metadata"]["annotations"] = json!({"env.secrets.iomete.com/A": "kubernetes:finance/db_password"});
+            }),
+            "its user name has 5000 bytes, more than 1024",
+        ),
+        (
+            "long extra values",
+            with(&|r| {
+                r["request"]["userInfo"]["extra"] = json!({"k": (0..100).map(|_| "x".repeat(1000)).collect::<Vec<_>>()});
+                r["request"]["object"]["metadata"]["annotations"] = json!({"env.secrets.iomete.com/A": "kubernetes:finance/db_password"});
+            }),
+            "bytes of names, groups and extra values, more than 65536",
+        ),
         // 110 KB that asked for a 450 MB patch: every env reference goes into every container.
         (
             "six hundred references into two thousand containers",

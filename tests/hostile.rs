@@ -405,6 +405,58 @@ async fn references_into_many_containers_are_bounded_and_names_matched_in_linear
     );
 }
 
+/// Found after the issue: each of a pod's (up to 64) resource checks copied the identity into the
+/// decision cache, which kept it for thousands of decisions. Eight reviews with 150,000 groups on
+/// 64 domains took the release build to 4.5 GB; 300 reviews by identities of 1,000 groups (a new
+/// one each) took it from 14 to 650 MB. Now identities are bounded (1,000 groups and extra
+/// values, 64 KiB) and decisions are cached under a digest of the identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_identities_are_denied_and_never_kept_per_decision() {
+    init();
+    let server = ServerProcess::start(&bin(), None, &[]).unwrap();
+    let config = server.client(b"http/1.1");
+    for n in 0..3 {
+        let body = huge::large_identity(n, 150_000, 64);
+        assert!(body.len() < 4 * 1024 * 1024, "{}", body.len());
+        let (status, answer) = post_once(server.addr, config.clone(), &body).await.unwrap();
+        let response = response_of(&answer);
+        let message = response["status"]["message"].as_str().unwrap_or_default();
+        assert_eq!((status, response["allowed"].clone()), (200, json!(false)));
+        assert!(
+            message.contains("it has 150000 groups and extra values, more than 1000"),
+            "{message}"
+        );
+        assert!(answer.len() < 4096, "an answer of {} bytes", answer.len());
+    }
+    // Within the bound: 1,000 groups (27 KiB), each review a new identity, 64 Use checks each.
+    let (rss_before, _) = server.memory_kib();
+    let mut stream = tls(server.addr, config).await.unwrap();
+    for n in 100..250 {
+        let (status, answer) = post_on(&mut stream, &huge::large_identity(n, 1000, 64))
+            .await
+            .unwrap();
+        let response = response_of(&answer);
+        assert_eq!((status, response["allowed"].clone()), (200, json!(false)));
+        assert!(
+            response["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("lacks Use on domain"))
+        );
+    }
+    let (rss_after, peak_kib) = server.memory_kib();
+    assert!(
+        rss_after.saturating_sub(rss_before) < 64 * 1024,
+        "RSS grew from {} to {} MiB over 150 identities",
+        rss_before / 1024,
+        rss_after / 1024
+    );
+    assert!(
+        peak_kib * 1024 <= 256 * MIB,
+        "peak RSS {} MiB",
+        peak_kib / 1024
+    );
+}
+
 /// The bound on references per pod is configurable and its denial says how to fix it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_beyond_the_bound_are_denied_with_the_fix() {

@@ -117,6 +117,14 @@ pub struct Outcome {
 /// Most distinct domains and Vault configs one pod may reference (each needs its own Use check).
 const MAX_RESOURCES: usize = 64;
 
+/// Most groups and `extra` values, and most bytes of text, of the identity a pod is admitted for;
+/// and most bytes of its user name, which denial texts (cached with the decisions) quote. Each
+/// check, stamp and audit annotation carries the identity; real ones are far smaller (a user in a
+/// few hundred directory groups).
+const MAX_IDENTITY_VALUES: usize = 1_000;
+const MAX_IDENTITY_BYTES: usize = 64 * 1024;
+const MAX_USERNAME_BYTES: usize = 1024;
+
 /// The API server's `AdmissionReview` version; the only one served.
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -624,10 +632,12 @@ impl Webhook {
             keys: &self.keys,
             executors: self.settings.executors,
         };
-        resolver
+        let resolved = resolver
             .resolve(&req.user_info, pod, namespace, is_executor, deadline)
             .await
-            .map_err(|e| Denial::new("identity", e.to_string()))
+            .map_err(|e| Denial::new("identity", e.to_string()))?;
+        identity_within_bounds(&resolved.identity)?;
+        Ok(resolved)
     }
 
     /// Kubernetes references: the store is in this namespace and holds the key.
@@ -832,6 +842,39 @@ fn too_many_references(named: usize, max: usize) -> Denial {
              admin to raise --max-references"
         ),
     )
+}
+
+/// Denies an identity too large to carry through the checks (described by its size, not quoted).
+fn identity_within_bounds(identity: &Identity) -> Result<(), Denial> {
+    let extra = identity.extra.iter();
+    let values = identity.groups.len() + extra.clone().map(|(_, v)| v.len()).sum::<usize>();
+    let bytes = identity.username.len()
+        + identity.uid.as_ref().map_or(0, String::len)
+        + identity.groups.iter().map(String::len).sum::<usize>()
+        + extra
+            .map(|(k, v)| k.len() + v.iter().map(String::len).sum::<usize>())
+            .sum::<usize>();
+    let problem = if identity.username.len() > MAX_USERNAME_BYTES {
+        format!(
+            "its user name has {} bytes, more than {MAX_USERNAME_BYTES}",
+            identity.username.len()
+        )
+    } else if values > MAX_IDENTITY_VALUES {
+        format!("it has {values} groups and extra values, more than {MAX_IDENTITY_VALUES}")
+    } else if bytes > MAX_IDENTITY_BYTES {
+        format!(
+            "it has {bytes} bytes of names, groups and extra values, more than {MAX_IDENTITY_BYTES}"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Denial::new(
+        "identity",
+        format!(
+            "the identity this pod is admitted for is larger than secrets-webhook accepts: {problem}; \
+             submit the pod as an identity with fewer groups"
+        ),
+    ))
 }
 
 fn too_many_env_entries(env_refs: usize, containers: usize, entries: usize, max: usize) -> Denial {

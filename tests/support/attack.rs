@@ -324,6 +324,27 @@ pub mod huge {
         review_of("huge-names", &pod)
     }
 
+    /// A Spark driver naming `domains` domains, submitted by user `u{n}` in `groups` groups of
+    /// 20 bytes (distinct for each `n`): 150,000 groups make a 3.6 MB body.
+    pub fn large_identity(n: usize, groups: usize, domains: usize) -> Vec<u8> {
+        let annotations: serde_json::Map<String, Value> = (0..domains)
+            .map(|d| {
+                (
+                    format!("env.secrets.iomete.com/V{d}"),
+                    json!(format!("kubernetes:d{d}/k")),
+                )
+            })
+            .collect();
+        let pod = driver_pod(Value::Object(annotations), vec!["driver".into()]);
+        let mut review: Value =
+            serde_json::from_slice(&review_of(&format!("identity-{n}"), &pod)).unwrap_or_default();
+        review["request"]["userInfo"] = json!({
+            "username": format!("u{n}"),
+            "groups": (0..groups).map(|g| format!("group-{n:06}-{g:07}")).collect::<Vec<_>>(),
+        });
+        review.to_string().into_bytes()
+    }
+
     /// A plain pod with a uid of `uid_len` bytes and a name of `name_len`.
     pub fn long_uid(uid_len: usize, name_len: usize) -> Vec<u8> {
         let mut pod = plain_pod();
