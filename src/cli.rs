@@ -129,7 +129,8 @@ pub struct ServeArgs {
     /// Concurrent streams per HTTP/2 connection [default: in-flight bytes / body limit, at most 250].
     #[arg(long, env = "SECRETS_WEBHOOK_MAX_STREAMS")]
     pub max_streams: Option<u32>,
-    /// Secret references (annotations and legacy placeholders) one pod may name.
+    /// Secret references (annotations and legacy placeholders) one pod may name; also the secret
+    /// entries written (env references times the containers they go into).
     #[arg(long, env = "SECRETS_WEBHOOK_MAX_REFERENCES", default_value_t = crate::refs::DEFAULT_MAX_REFERENCES)]
     pub max_references: usize,
     /// The product's `features.secretsV2.enabled`: when false, pods pass untouched (the guard still runs).
