@@ -9,7 +9,8 @@
 //! table kept in docs/performance.md. `HOSTILE_ONLY` (comma list) picks scenarios.
 //!
 //! `scaling` (in process, no server): the engine's time for one review as references and env
-//! entries grow, with the reference bound lifted, to show that the work is near linear.
+//! entries grow, with the reference bound lifted, to show that the work is near linear
+//! (`HOSTILE_SCALING_SIZES`, a comma list, picks the reference counts).
 //!
 //! Loopback only; every attack is bounded in count and time.
 
@@ -247,14 +248,29 @@ async fn attack(
     }
 }
 
-/// The worst reviews of the issue, two of a kind at once, over and over until `stop`: 60,000
-/// references, 330,000 empty volumes, a 400,000-element args array (each under 4 MiB).
+/// The worst reviews, two of a kind at once, over and over until `stop`. The issue's: 60,000
+/// references, 330,000 empty volumes, a 400,000-element args array; found after it: 1,000 env
+/// references into 2,000 containers, one container named 580,000 times in
+/// `secrets.iomete.com/containers`, an identity of 150,000 groups naming 64 domains (each under
+/// 4 MiB).
 async fn huge_loop(server: &ServerProcess, stop: Arc<AtomicBool>) -> String {
     let config = server.client(b"http/1.1");
     let kinds = [
         ("60k refs", Arc::new(huge::many_references(60_000))),
         ("330k volumes", Arc::new(huge::empty_volumes(330_000))),
         ("400k args", Arc::new(huge::long_args(400_000))),
+        (
+            "1k refs x 2k containers",
+            Arc::new(huge::references_into_containers(2000, 1000)),
+        ),
+        (
+            "580k container names",
+            Arc::new(huge::repeated_container_names(3000, 580_000)),
+        ),
+        (
+            "150k groups",
+            Arc::new(huge::large_identity(0, 150_000, 64)),
+        ),
     ];
     let mut worst = vec![Duration::ZERO; kinds.len()];
     let mut outcomes = vec![std::collections::BTreeMap::<String, usize>::new(); kinds.len()];
@@ -267,6 +283,10 @@ async fn huge_loop(server: &ServerProcess, stop: Arc<AtomicBool>) -> String {
                         let message = response["status"]["message"].as_str().unwrap_or("");
                         if response["allowed"] == true {
                             "allowed".to_owned()
+                        } else if message.contains("groups and extra values") {
+                            "denied: identity too large".to_owned()
+                        } else if message.contains("containers named in") {
+                            "denied: references x containers".to_owned()
                         } else if message.contains("references") {
                             "denied: too many references".to_owned()
                         } else if message.contains("to decode") {
@@ -358,7 +378,12 @@ fn scaling(runtime: &tokio::runtime::Runtime) -> attack::Result<()> {
     use secrets_webhook::admission::Webhook;
     use secrets_webhook::config::{LocalConfig, Settings};
     use serde_json::{Value, json};
-    let keys = 60_000;
+    // `HOSTILE_SCALING_SIZES` (comma list) picks other counts, e.g. one at a time under callgrind.
+    let sizes: Vec<usize> = std::env::var("HOSTILE_SCALING_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000, 30_000, 60_000]);
+    let keys = sizes.iter().copied().max().unwrap_or(0).max(1_000);
     let mut config = LocalConfig::default();
     config.stores.global = (0..keys).map(|i| format!("k{i}")).collect();
     let settings = Settings {
@@ -392,7 +417,7 @@ fn scaling(runtime: &tokio::runtime::Runtime) -> attack::Result<()> {
             .collect::<serde_json::Map<_, _>>()
             .into()
     };
-    for n in [1_000, 10_000, 30_000, 60_000] {
+    for &n in &sizes {
         let body = review_of(
             "scaling",
             &driver_pod(annotations(n), vec!["driver".into()]),
@@ -402,7 +427,7 @@ fn scaling(runtime: &tokio::runtime::Runtime) -> attack::Result<()> {
             "| {n} env references | {:.1} MiB | {:.0} ms | {:.1} µs | {} |",
             body.len() as f64 / 1048576.0,
             took.as_secs_f64() * 1e3,
-            took.as_secs_f64() * 1e6 / n as f64,
+            took.as_secs_f64() * 1e6 / n.max(1) as f64,
             if answer["allowed"] == true {
                 "patched"
             } else {
