@@ -22,8 +22,13 @@ fn bin() -> String {
 }
 const MIB: u64 = 1024 * 1024;
 
-fn init() {
+/// Each test is a load test of a whole server process on a 2-core machine: run them one at a
+/// time, so that one test's attack is not another's noise (the held guard lets the next start).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn alone() -> tokio::sync::MutexGuard<'static, ()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    ONE_AT_A_TIME.lock().await
 }
 
 fn stop_flag() -> Arc<AtomicBool> {
@@ -58,7 +63,7 @@ async fn admitted(server: &ServerProcess, uid: &str) -> bool {
 /// open files`, and the certificate reload fail. Here: 400 such connections against 256 fds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_http2_flood_under_a_low_fd_limit_leaves_admission_probes_and_reload_working() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), Some(256), &[]).unwrap();
     let stop = stop_flag();
     let tally = Arc::new(Tally::default());
@@ -123,7 +128,7 @@ async fn idle_http2_flood_under_a_low_fd_limit_leaves_admission_probes_and_reloa
 /// that keeps sending requests stays open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_close_after_the_idle_timeout_busy_ones_stay() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &["--idle-timeout-secs", "2"]).unwrap();
     let (_idle, idle_closed) = h2(server.addr, server.client(b"h2")).await.unwrap();
     let (mut busy, busy_closed) = h2(server.addr, server.client(b"h2")).await.unwrap();
@@ -160,7 +165,7 @@ async fn idle_connections_close_after_the_idle_timeout_busy_ones_stay() {
 /// in progress) instead of being refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &["--max-connections", "4"]).unwrap();
     // The oldest connection has a request in progress: its body is still arriving.
     let mut busy = tls(server.addr, server.client(b"http/1.1")).await.unwrap();
@@ -201,7 +206,7 @@ async fn at_the_connection_cap_the_longest_idle_connection_makes_room() {
 /// review still gets through (the oldest unfinished uploads are cut to make room).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upload_flood_keeps_peak_memory_bounded_and_real_reviews_answered() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let stop = stop_flag();
     let (h1_tally, h2_tally) = (Arc::new(Tally::default()), Arc::new(Tally::default()));
@@ -255,7 +260,7 @@ async fn upload_flood_keeps_peak_memory_bounded_and_real_reviews_answered() {
 /// the body limit (64 MiB / 4 MiB by default), not 250.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_streams_are_capped_at_what_the_upload_budget_holds() {
-    init();
+    let _alone = alone().await;
     for (args, expected) in [
         (&[][..], 16),
         (&["--max-inflight-bytes", "8388608"][..], 2),
@@ -279,7 +284,7 @@ async fn http2_streams_are_capped_at_what_the_upload_budget_holds() {
 /// numbers are in docs/performance.md.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_reviews_are_answered_while_probes_and_other_reviews_keep_answering() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let config = server.client(b"http/1.1");
     let references = Arc::new(huge::many_references(60_000));
@@ -370,7 +375,7 @@ async fn huge_reviews_are_answered_while_probes_and_other_reviews_keep_answering
 /// times containers is held to the reference bound, and names are matched through an index.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_into_many_containers_are_bounded_and_names_matched_in_linear_time() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let config = server.client(b"http/1.1");
     let body = huge::references_into_containers(2000, 1000);
@@ -412,7 +417,7 @@ async fn references_into_many_containers_are_bounded_and_names_matched_in_linear
 /// values, 64 KiB) and decisions are cached under a digest of the identity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_identities_are_denied_and_never_kept_per_decision() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let config = server.client(b"http/1.1");
     for n in 0..3 {
@@ -460,7 +465,7 @@ async fn large_identities_are_denied_and_never_kept_per_decision() {
 /// The bound on references per pod is configurable and its denial says how to fix it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn references_beyond_the_bound_are_denied_with_the_fix() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &["--max-references", "2"]).unwrap();
     let annotations = json!({
         "env.secrets.iomete.com/A": "kubernetes:global/api_token",
@@ -489,7 +494,7 @@ async fn references_beyond_the_bound_are_denied_with_the_fix() {
 /// warnings are rate-limited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_lines_are_clipped_and_rapid_reset_warnings_rate_limited() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     let body = huge::long_uid(2_500_000, 200_000);
     let (status, answer) = post_once(server.addr, server.client(b"http/1.1"), &body)
@@ -539,7 +544,7 @@ async fn log_lines_are_clipped_and_rapid_reset_warnings_rate_limited() {
 /// all get in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listen_backlog_holds_a_burst_of_connections() {
-    init();
+    let _alone = alone().await;
     let server = ServerProcess::start(&bin(), None, &[]).unwrap();
     server.signal("-STOP").unwrap();
     let (established, held) = connect_burst(server.addr, 600, Duration::from_millis(1500)).await;
