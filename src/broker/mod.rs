@@ -1,6 +1,6 @@
 //! The broker (`--broker-listen`, HTTPS, its own port): where a pod wired for runtime delivery
 //! fetches its Vault values at start (docs/vault.md, "Delivery: runtime mode"; the threat model is
-//! docs/authorization.md §14).
+//! docs/authorization.md §15).
 //!
 //! A request carries the pod's projected token (audience `secrets.iomete.com`). The broker:
 //!

@@ -28,8 +28,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde::{Deserialize, Serialize};
 
 use super::JsonPatch;
-use crate::admission::workload::{Slot, Workload, WorkloadKind, first_arg};
 use crate::refs::{self, Reference, SecretObject, TargetKind};
+use crate::workload::{Slot, Workload, WorkloadKind, first_arg};
 
 /// Audience of the pod's broker token: the broker asks for it in its TokenReview, and the
 /// Kubernetes API server refuses tokens issued for it.
@@ -971,8 +971,8 @@ pub fn drop_confs(args: &[String], keys: &BTreeSet<&str>) -> (Vec<String>, usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::workload::{Selectors, classify};
     use crate::refs::{Source, SourceType};
+    use crate::workload::{Selectors, classify};
 
     const DRIVER: &str = include_str!("../../tests/fixtures/pods/spark35-driver-submit.json");
 
