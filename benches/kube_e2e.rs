@@ -13,6 +13,12 @@
 //!   time to the last admission, Vault reads per key (OpenBao's audit log), owner-pod GETs (the
 //!   API server's audit log).
 //!
+//! - Broker burst (runtime delivery): a driver and `KUBE_BENCH_EXECUTORS` executors with three
+//!   `delivery: runtime` Vault references, admitted; after the Vault cache expired, every executor
+//!   fetches its values from the broker at once with its own pod-bound token: p50/p99 to values,
+//!   Vault reads per key, TokenReviews and pod GETs, the webhook's CPU time and RSS.
+//!   `KUBE_BENCH_ONLY=broker` runs only this part.
+//!
 //! Knobs: KUBE_BENCH_SAMPLES (latency pairs, default 300), KUBE_BENCH_WARMUP (30),
 //! KUBE_BENCH_PODS (300), KUBE_BENCH_CONCURRENCY (16), KUBE_BENCH_EXECUTORS (500).
 
@@ -93,6 +99,11 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
     let concurrency = knob("KUBE_BENCH_CONCURRENCY", 16);
     let executors = knob("KUBE_BENCH_EXECUTORS", 500);
     let admin = client(&k.kubeconfig).await;
+    let only = std::env::var("KUBE_BENCH_ONLY").unwrap_or_default();
+    if only == "broker" {
+        broker_burst(k, &admin, bao_bin, executors).await;
+        return;
+    }
 
     // A domain with 10 keys; the admin identity (the bench's client) holds Use on it.
     let domain = unique("bench");
@@ -246,6 +257,7 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
     );
 
     burst(k, &admin, bao_bin, executors, concurrency).await;
+    broker_burst(k, &admin, bao_bin, executors).await;
 }
 
 async fn cleanup(api: &Api<Pod>) {
@@ -292,7 +304,7 @@ async fn burst(
         {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
          "metadata": {"name": vc, "namespace": NS},
          "spec": {"resourceBundle": format!("{vc}-bundle"), "host": bao.addr,
-                  "path": format!("/v1/secret/data/{path}"),
+                  "path": format!("/v1/secret/data/{path}"), "delivery": "materialize",
                   "auth": {"token": {"secretRef": {"name": format!("{vc}-credentials"), "key": "token"}}}}}]})
         .to_string());
     // The burst runs in its own namespace; Spark's ServiceAccount there creates the executors.
@@ -446,4 +458,288 @@ fn owner_gets(k: &Cluster, ns: &str, driver: &str) -> usize {
                 && e["objectRef"]["name"] == driver
         })
         .count()
+}
+
+/// CPU seconds (user + system) and (RSS, peak RSS) in KiB of process `pid`, from /proc.
+fn proc_usage(pid: u32) -> (f64, u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 (1-based), 11 and 12 after the name and state.
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (cpu, kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// Calls of the webhook's ServiceAccount to `resource` with `verb`, from the API server's audit log.
+fn webhook_calls(k: &Cluster, verb: &str, resource: &str) -> usize {
+    k.webhook_audit()
+        .iter()
+        .filter(|e| e["verb"] == verb && e["objectRef"]["resource"] == resource)
+        .count()
+}
+
+/// Runtime delivery: executors starting at once fetch their values from the broker.
+async fn broker_burst(
+    k: &'static Cluster,
+    admin: &kube::Client,
+    bao_bin: &std::path::Path,
+    executors: usize,
+) {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::ServiceAccount;
+
+    let bao = openbao::OpenBao::start(bao_bin).await;
+    let path = unique("broker");
+    let vault_keys = ["k0", "k1", "k2"];
+    for key in vault_keys {
+        bao.put_kv2(
+            None,
+            "secret",
+            &format!("{path}/{key}"),
+            json!({"value": format!("bench-{key}")}),
+        )
+        .await;
+    }
+    bao.policy(
+        "bench-reader",
+        r#"path "secret/data/*" { capabilities = ["read"] }"#,
+    )
+    .await;
+    let token = bao.token(&["bench-reader"], None, false).await;
+    let vc = unique("vc");
+    k.apply(&json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("{vc}-credentials"), "namespace": NS},
+         "stringData": {"token": token}},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+         "metadata": {"name": format!("{vc}-bundle"), "namespace": NS},
+         "spec": {"grants": [{"subjects": [{"kind": "User", "name": "kube-e2e-admin"}], "permissions": ["use"]}]}},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+         "metadata": {"name": vc, "namespace": NS},
+         "spec": {"resourceBundle": format!("{vc}-bundle"), "host": bao.addr,
+                  "path": format!("/v1/secret/data/{path}"), "delivery": "runtime",
+                  "auth": {"token": {"secretRef": {"name": format!("{vc}-credentials"), "key": "token"}}}}}]})
+        .to_string());
+    let ns = k.namespace("broker");
+    k.apply(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: spark, namespace: {ns}}}\n"
+    ));
+    let refs: serde_json::Map<String, Value> = vault_keys
+        .iter()
+        .map(|key| {
+            (
+                format!("env.secrets.iomete.com/{}", key.to_uppercase()),
+                json!(format!("vault:{vc}/{key}#value")),
+            )
+        })
+        .collect();
+    let refs = Value::Object(refs);
+    let drivers = Api::<Pod>::namespaced(admin.clone(), &ns);
+    let driver_name = unique("broker-driver");
+    let until = Instant::now() + Duration::from_secs(60);
+    let driver = loop {
+        match drivers
+            .create(
+                &PostParams::default(),
+                &driver_pod(&ns, &driver_name, refs.clone()),
+            )
+            .await
+        {
+            Ok(pod) => break pod,
+            Err(e) => {
+                assert!(Instant::now() < until, "driver not admitted: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    };
+    let driver_uid = driver.metadata.uid.clone().unwrap();
+    let app = driver.metadata.labels.as_ref().unwrap()["spark-app-selector"].clone();
+    let token = k.token(&ns, "spark", Some(&driver_name));
+    let spark = client(&k.token_kubeconfig("bench-broker-spark", &token)).await;
+    let api = Api::<Pod>::namespaced(spark, &ns);
+    let executor = |i: usize| -> Pod {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{driver_name}-exec-{i}"), "namespace": ns,
+                "labels": {"spark-role": "executor", "spark-app-selector": app, "bench": "kube-e2e"},
+                "annotations": refs,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "controller": true,
+                                     "name": driver_name, "uid": driver_uid}]},
+            "spec": {"serviceAccountName": "spark",
+                     "containers": [{"name": "spark-kubernetes-executor", "image": "apache/spark:3.5.5",
+                                     "args": ["executor"]}]}}))
+        .unwrap()
+    };
+    // Admitted 16 at a time (the admission burst is measured above); each must be wired.
+    let created: Vec<Pod> = stream::iter(0..executors)
+        .map(|i| {
+            let api = api.clone();
+            let pod = executor(i);
+            async move { api.create(&PostParams::default(), &pod).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for pod in &created {
+        let text = serde_json::to_string(pod).unwrap();
+        assert!(
+            text.contains("/iomete-secrets/secrets-webhook"),
+            "not wired: {text}"
+        );
+    }
+    // One pod-bound broker token per executor, as the kubelet projects it.
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), &ns);
+    let tokens: Vec<(String, String)> = stream::iter(created.iter())
+        .map(|pod| {
+            let accounts = accounts.clone();
+            let name = pod.metadata.name.clone().unwrap();
+            let uid = pod.metadata.uid.clone().unwrap();
+            async move {
+                let request = TokenRequest {
+                    spec: TokenRequestSpec {
+                        audiences: vec!["secrets.iomete.com".into()],
+                        expiration_seconds: Some(600),
+                        bound_object_ref: Some(BoundObjectReference {
+                            kind: Some("Pod".into()),
+                            api_version: Some("v1".into()),
+                            name: Some(name),
+                            uid: Some(uid.clone()),
+                        }),
+                    },
+                    ..TokenRequest::default()
+                };
+                let answer = accounts
+                    .create_token_request("spark", &PostParams::default(), &request)
+                    .await
+                    .unwrap();
+                (answer.status.unwrap().token, uid)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    // Cold: the Vault cache (30 s) and the broker's caches have expired.
+    tokio::time::sleep(Duration::from_secs(32)).await;
+
+    let env = std::fs::read_to_string(k.dir.join("env")).unwrap();
+    let broker = env
+        .lines()
+        .find_map(|l| l.strip_prefix("export KUBE_E2E_BROKER="))
+        .unwrap()
+        .to_owned();
+    let ca = std::fs::read(k.dir.join("pki/webhook-ca.crt")).unwrap();
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .pool_max_idle_per_host(0);
+    for cert in reqwest::Certificate::from_pem_bundle(&ca).unwrap() {
+        builder = builder.add_root_certificate(cert);
+    }
+    let http = builder.build().unwrap();
+    let pid: u32 = std::fs::read_to_string(k.dir.join("pids/webhook"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let reads_before: Vec<usize> = vault_keys
+        .iter()
+        .map(|key| vault_reads(&bao, &format!("secret/data/{path}/{key}")))
+        .collect();
+    let reviews_before = webhook_calls(k, "create", "tokenreviews");
+    let gets_before = webhook_calls(k, "get", "pods");
+    let (cpu_before, _, _) = proc_usage(pid);
+    let url = format!("{broker}/v1/values");
+    let started = Instant::now();
+    // All at once: each executor's wrapper is its own connection.
+    let tasks: Vec<_> = tokens
+        .into_iter()
+        .map(|(token, uid)| {
+            let http = http.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                let response = http
+                    .post(&url)
+                    .bearer_auth(token)
+                    .json(&json!({"container": "spark-kubernetes-executor", "podUid": uid}))
+                    .send()
+                    .await;
+                let outcome = match response {
+                    Ok(r) if r.status().is_success() => {
+                        let body: Value = r.json().await.unwrap_or_default();
+                        (0..3).all(|i| body["env"][format!("K{i}")] == format!("bench-k{i}"))
+                    }
+                    _ => false,
+                };
+                (sent.elapsed(), outcome)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut delivered = 0;
+    for task in tasks {
+        let (latency, ok) = task.await.unwrap();
+        latencies.push(latency);
+        delivered += usize::from(ok);
+    }
+    let wall = started.elapsed();
+    let (cpu_after, rss, peak) = proc_usage(pid);
+    latencies.sort();
+    let reads: Vec<String> = vault_keys
+        .iter()
+        .zip(&reads_before)
+        .map(|(key, before)| {
+            (vault_reads(&bao, &format!("secret/data/{path}/{key}")) - before).to_string()
+        })
+        .collect();
+    let reviews = webhook_calls(k, "create", "tokenreviews") - reviews_before;
+    let gets = webhook_calls(k, "get", "pods") - gets_before;
+    println!(
+        "\n## Broker burst: {executors} executors fetch their runtime values at once (3 Vault references each, cold caches)\n"
+    );
+    println!("| | |");
+    println!("|---|---|");
+    println!(
+        "| executors admitted and wired | {} of {executors} |",
+        created.len()
+    );
+    println!("| fetches answered with exactly the 3 values | {delivered} of {executors} |");
+    println!(
+        "| time to values p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
+        ms(percentile(&latencies, 0.50)),
+        ms(percentile(&latencies, 0.99)),
+        ms(*latencies.last().unwrap())
+    );
+    println!("| wall time of the burst | {:.0} ms |", ms(wall));
+    println!(
+        "| Vault reads per key during the burst | {} |",
+        reads.join(", ")
+    );
+    println!("| TokenReviews by the webhook during the burst | {reviews} |");
+    println!("| pod GETs by the webhook during the burst (executors + their driver) | {gets} |");
+    println!(
+        "| webhook CPU during the burst | {:.2} s |",
+        cpu_after - cpu_before
+    );
+    println!(
+        "| webhook RSS after / peak (whole run) | {} / {} MiB |",
+        rss / 1024,
+        peak / 1024
+    );
+    cleanup(&api).await;
 }

@@ -188,7 +188,9 @@ cmd_webhook_start() {
   # `env -i`: nothing from this shell (no in-cluster variables); `env` execs the webhook.
   start_proc webhook env -i PATH="$PATH" HOME="$state" KUBECONFIG="$state/webhook.kubeconfig" \
     RUST_LOG="${WEBHOOK_RUST_LOG:-info}" "${argv[@]}" \
-    --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT"
+    --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT" \
+    --broker-listen "127.0.0.1:$BROKER_PORT" --broker-url "https://127.0.0.1:$BROKER_PORT" \
+    --broker-ca-file "$state/pki/webhook-ca.crt" --runtime-image "secrets-webhook:kube-e2e"
   echo "$webhook" > "$state/pids/webhook.exe"
   wait_for webhook 60 http_ok "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz" || true
 }
@@ -225,7 +227,7 @@ cmd_up() {
   [ -x "$webhook" ] || die "no webhook binary at $webhook"
   command -v openssl > /dev/null || die "openssl is needed to generate the certificates"
 
-  read -r ETCD_PORT ETCD_PEER_PORT API_PORT WEBHOOK_PORT WEBHOOK_ADMIN_PORT <<< "$(free_ports 5)"
+  read -r ETCD_PORT ETCD_PEER_PORT API_PORT WEBHOOK_PORT WEBHOOK_ADMIN_PORT BROKER_PORT <<< "$(free_ports 6)"
   cat > "$state/vars" <<VARS
 bin=$bin
 webhook=$webhook
@@ -233,6 +235,7 @@ ETCD_PORT=$ETCD_PORT
 API_PORT=$API_PORT
 WEBHOOK_PORT=$WEBHOOK_PORT
 WEBHOOK_ADMIN_PORT=$WEBHOOK_ADMIN_PORT
+BROKER_PORT=$BROKER_PORT
 VARS
   pki
   local server="https://127.0.0.1:$API_PORT"
@@ -322,6 +325,7 @@ export KUBECONFIG=$state/admin.kubeconfig
 export KUBE_E2E_DIR=$state
 export KUBE_E2E_BIN=$bin
 export KUBE_E2E_WEBHOOK_ADMIN=http://127.0.0.1:$WEBHOOK_ADMIN_PORT
+export KUBE_E2E_BROKER=https://127.0.0.1:$BROKER_PORT
 ENV
   log "up: webhook https://127.0.0.1:$WEBHOOK_PORT/mutate, metrics http://127.0.0.1:$WEBHOOK_ADMIN_PORT/metrics, logs $state/logs/"
   print_env

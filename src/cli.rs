@@ -28,6 +28,14 @@ pub enum Command {
     /// Vault integration tools.
     #[command(subcommand)]
     Vault(VaultCommand),
+    /// In a pod wired for runtime delivery: fetch the container's secret values from the webhook,
+    /// then replace this process with CMD (`exec -- CMD ARGS...`).
+    Exec(crate::exec::ExecArgs),
+    /// Copy this binary to DEST (the runtime wrapper's init container; no shell needed).
+    CopySelf {
+        /// Where to put the binary (mode 0555).
+        dest: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +170,21 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub api_token_audiences: Vec<String>,
+    /// HTTPS address of the broker pods fetch runtime Vault values from (`off` to disable).
+    /// Default: 0.0.0.0:8445 in a cluster; off with `--dev` (no API server to review tokens).
+    #[arg(long, env = "SECRETS_WEBHOOK_BROKER_LISTEN")]
+    pub broker_listen: Option<String>,
+    /// The broker's URL as pods reach it. Default: https://secrets-webhook.<namespace>.svc:8445.
+    #[arg(long, env = "SECRETS_WEBHOOK_BROKER_URL")]
+    pub broker_url: Option<String>,
+    /// PEM CA certificate(s) pods verify the broker with. Default: ca.crt next to --tls-cert
+    /// (cert-manager's Secret has it), or the development CA with `--dev`.
+    #[arg(long, env = "SECRETS_WEBHOOK_BROKER_CA_FILE")]
+    pub broker_ca_file: Option<PathBuf>,
+    /// The webhook's own image, for the init container that installs the runtime wrapper.
+    /// Default: the image of this pod's container (read from the API at start).
+    #[arg(long, env = "SECRETS_WEBHOOK_RUNTIME_IMAGE")]
+    pub runtime_image: Option<String>,
     /// Log format: `json` (default) or `text`.
     #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
@@ -218,5 +241,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let local = crate::config::LocalConfig::load(&config)?;
             crate::backends::vault::run_check(&name, &local.vault_configs, &config)
         }
+        Command::Exec(args) => {
+            let error = crate::exec::run(args);
+            anyhow::bail!("secrets-webhook exec: {error}")
+        }
+        Command::CopySelf { dest } => crate::exec::copy_self(&dest),
     }
 }

@@ -22,6 +22,7 @@ pub use crate::backends::Naming;
 pub use crate::backends::local::StoresConfig;
 pub use crate::identity::ExecutorPolicy;
 pub use crate::identity::keys::SigningKeysConfig;
+pub use crate::plan::runtime::{RuntimeConfig, RuntimeSettings};
 pub use crate::workload::Selectors;
 
 /// The local config file (YAML). Key names only, never values.
@@ -51,6 +52,9 @@ pub struct LocalConfig {
     /// Management API: backends trusted to name the user they act for (`X-Remote-User`).
     #[serde(default)]
     pub console_backends: Vec<crate::api::ConsoleBackend>,
+    /// Runtime delivery: the webhook's image, its broker, extra image entrypoints.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +87,36 @@ impl LocalConfig {
         serde_yaml::from_str(text)
     }
 
-    /// The config file's namespace, when it names one, is the data-plane namespace.
-    fn settings(&self, mut settings: Settings) -> Settings {
+    /// The config file's namespace, when it names one, is the data-plane namespace; its `runtime`
+    /// section fills what the settings do not have yet.
+    pub fn settings(&self, mut settings: Settings) -> Settings {
         if let Some(ns) = &self.namespace {
             settings.naming.namespace = ns.clone();
         }
+        self.runtime_into(&mut settings.runtime);
         settings
+    }
+
+    /// The `runtime` section into `settings` where they are not set yet (flags win). A CA file
+    /// that cannot be read leaves the CA unset: runtime references are then denied, saying so.
+    pub fn runtime_into(&self, settings: &mut RuntimeSettings) {
+        let r = &self.runtime;
+        if settings.image.is_none() {
+            settings.image = r.image.clone();
+        }
+        if let Some(url) = &r.broker_url {
+            settings.broker_url = url.clone();
+        }
+        if settings.broker_ca.is_none() {
+            if let Some(path) = &r.broker_ca_file {
+                match std::fs::read_to_string(path) {
+                    Ok(pem) => settings.broker_ca = Some(pem),
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e,
+                        "runtime.brokerCaFile cannot be read: runtime Vault references will be denied"),
+                }
+            }
+        }
+        settings.entrypoints = r.entrypoints();
     }
 }
 

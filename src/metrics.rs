@@ -18,6 +18,26 @@ const WORKLOADS: &[&str] = &[
     "none",
 ];
 const OUTCOMES: &[&str] = &["allowed", "patched", "denied", "invalid"];
+/// The broker's outcomes: `delivered`, or the slug of why not (`broker::BrokerError::slug`).
+const BROKER_OUTCOMES: &[&str] = &[
+    "delivered",
+    "bad-request",
+    "unauthenticated",
+    "token-refused",
+    "other-pod",
+    "pod-gone",
+    "stamps",
+    "not-in-plan",
+    "not-granted",
+    "forbidden",
+    "value",
+    "unavailable",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AdmissionLabels {
@@ -60,6 +80,8 @@ pub struct Metrics {
     cache_requests: Family<CacheLabels, Counter>,
     backend_calls: Family<BackendLabels, Counter>,
     cert_expiry: Gauge<f64, AtomicU64>,
+    broker_requests: Family<OutcomeLabels, Counter>,
+    broker_durations: Histogram,
 }
 
 impl Default for Metrics {
@@ -142,6 +164,23 @@ impl Metrics {
             "Seconds until the serving certificate expires (negative once expired)",
             cert_expiry.clone(),
         );
+        let broker_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "secrets_webhook_broker_requests",
+            "Requests of pods fetching their runtime values, by outcome",
+            broker_requests.clone(),
+        );
+        let broker_durations = duration_histogram();
+        registry.register(
+            "secrets_webhook_broker_duration_seconds",
+            "Time to answer one broker request",
+            broker_durations.clone(),
+        );
+        for outcome in BROKER_OUTCOMES {
+            let _ = broker_requests.get_or_create(&OutcomeLabels {
+                outcome: (*outcome).to_owned(),
+            });
+        }
         // Known series start at zero, so rates and alerts work before the first event.
         for workload in WORKLOADS {
             let _ = durations.get_or_create(&WorkloadLabels {
@@ -163,7 +202,19 @@ impl Metrics {
             cache_requests,
             backend_calls,
             cert_expiry,
+            broker_requests,
+            broker_durations,
         }
+    }
+
+    /// One broker request answered: `delivered` or the slug of the refusal.
+    pub fn broker(&self, outcome: &str, seconds: f64) {
+        self.broker_durations.observe(seconds);
+        self.broker_requests
+            .get_or_create(&OutcomeLabels {
+                outcome: one_of(outcome, BROKER_OUTCOMES),
+            })
+            .inc();
     }
 
     /// One admission answered. `workload`: spark-driver|spark-executor|jupyter|opted-in|none;

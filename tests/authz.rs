@@ -318,7 +318,8 @@ async fn two_hundred_executors_cost_one_pod_get() {
         assert_eq!(
             r.via,
             Via::SparkDriver {
-                driver: "spark-pi-143984a22158e5b5-driver".into()
+                driver: "spark-pi-143984a22158e5b5-driver".into(),
+                uid: uid.clone()
             }
         );
         assert!(r.may_inherit(&finance_db(), &Default::default()).is_ok());

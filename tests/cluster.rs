@@ -273,6 +273,7 @@ async fn secret_values_reach_no_log_response_or_metric() {
         "apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
         "metadata": {"name": "vault-prod-finance", "namespace": NS},
         "spec": {"resourceBundle": "finance-bundle", "host": bao.addr, "path": "/v1/secret/data/production",
+                 "delivery": "materialize",
                  "auth": {"token": {"secretRef": {"name": "vault-token", "key": "token"}}}}
     }));
     let webhook = cluster_webhook(&api).await;

@@ -479,7 +479,14 @@ fn openbao(test: &str) -> Option<(tokio::runtime::Runtime, support::openbao::Ope
 
 /// A VaultConfig (token auth, credentials in a Secret) over `path` of `bao`, governed by a new
 /// bundle granting Use to `subjects`; its name.
-fn vault_config(k: &Cluster, host: &str, path: &str, token: &str, subjects: &[&str]) -> String {
+fn vault_config(
+    k: &Cluster,
+    host: &str,
+    path: &str,
+    token: &str,
+    subjects: &[&str],
+    delivery: &str,
+) -> String {
     let name = unique("vc");
     let subjects: Vec<Value> = subjects
         .iter()
@@ -498,7 +505,7 @@ fn vault_config(k: &Cluster, host: &str, path: &str, token: &str, subjects: &[&s
         {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
          "metadata": {"name": name, "namespace": NS},
          "spec": {"resourceBundle": format!("{name}-bundle"), "host": host,
-                  "path": format!("/v1/secret/data/{path}"),
+                  "path": format!("/v1/secret/data/{path}"), "delivery": delivery,
                   "auth": {"token": {"secretRef": {"name": format!("{name}-credentials"), "key": "token"}}}}}
     ]});
     k.apply(&objects.to_string());
@@ -554,8 +561,15 @@ fn vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shi
         .await;
     });
     let reader = rt.block_on(bao.token(&["e2e-reader"], None, false));
-    let vc = vault_config(k, &bao.addr, &path, &reader, &["User:alice"]);
-    let bad = vault_config(k, &bao.addr, &path, "not-a-token-Zq81", &["User:alice"]);
+    let vc = vault_config(k, &bao.addr, &path, &reader, &["User:alice"], "materialize");
+    let bad = vault_config(
+        k,
+        &bao.addr,
+        &path,
+        "not-a-token-Zq81",
+        &["User:alice"],
+        "materialize",
+    );
 
     // The webhook tests each config and writes Ready through the status subresource.
     let ready = ready_condition(k, &vc);
@@ -762,6 +776,8 @@ fn the_webhook_service_account_holds_exactly_the_shipped_rbac() {
             "subjectaccessreviews.authorization.k8s.io",
             false,
         ),
+        // The broker reviews pods' runtime-delivery tokens.
+        (NS, "create", "tokenreviews.authentication.k8s.io", true),
     ] {
         assert_eq!(can(ns, verb, resource), want, "{verb} {resource} in {ns}");
     }
@@ -1642,4 +1658,370 @@ fn resource_bundles_are_watched_in_the_data_plane_namespace_only() {
         }
         assert!(matches!(ras.check_use(&alice, &finance, soon()).await, Decision::Deny(_)));
     });
+}
+
+/// A token for the broker: audience `secrets.iomete.com`, `duration`, bound to `pod` if given.
+fn broker_token(k: &Cluster, ns: &str, sa: &str, pod: Option<&str>, duration: &str) -> String {
+    let mut args = vec![
+        "create".to_string(),
+        "token".into(),
+        sa.into(),
+        "--audience=secrets.iomete.com".into(),
+        format!("--duration={duration}"),
+    ];
+    if let Some(pod) = pod {
+        args.push("--bound-object-kind=Pod".into());
+        args.push(format!("--bound-object-name={pod}"));
+    }
+    k.kubectl().ns(ns).args(args).run().ok().trim().to_owned()
+}
+
+/// `secrets-webhook exec --broker … -- env` with `token`, as the wrapper runs in the pod: the
+/// child's environment (`NAME=value` lines) on success, the wrapper's error otherwise.
+fn exec_env(
+    k: &Cluster,
+    token: &str,
+    container: &str,
+    pod_uid: Option<&str>,
+) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).unwrap();
+    let broker = std::fs::read_to_string(k.dir.join("env"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("export KUBE_E2E_BROKER=").map(str::to_owned))
+        .expect("kube-e2e.sh exports KUBE_E2E_BROKER");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_secrets-webhook"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args([
+            "exec",
+            "--broker",
+            &broker,
+            "--container",
+            container,
+            "--attempts",
+            "2",
+        ])
+        .arg("--ca-file")
+        .arg(k.dir.join("pki/webhook-ca.crt"))
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--dir")
+        .arg(dir.path());
+    if let Some(uid) = pod_uid {
+        cmd.args(["--pod-uid", uid]);
+    }
+    let out = cmd.args(["--", "env"]).output().unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "the wrapper exits 1 when refused"
+        );
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Every object the API serves (all listable resources, all namespaces), as JSON text.
+fn every_object(k: &Cluster) -> String {
+    let resources = k
+        .kubectl()
+        .args(["api-resources", "--verbs=list", "-o", "name"])
+        .run()
+        .ok();
+    let mut all = String::new();
+    let mut listed = 0;
+    for resource in resources.lines().map(str::trim).filter(|r| !r.is_empty()) {
+        let run = k
+            .kubectl()
+            .args(["get", resource, "-A", "-o", "json"])
+            .run();
+        if run.success {
+            listed += 1;
+            all.push_str(&run.stdout);
+        }
+    }
+    assert!(listed > 30, "only {listed} resources could be listed");
+    all
+}
+
+/// Every key and value stored in etcd (`etcdctl get --prefix /`), bytes as text.
+fn etcd_dump(k: &Cluster) -> String {
+    let vars = std::fs::read_to_string(k.dir.join("vars")).unwrap();
+    let port = vars
+        .lines()
+        .find_map(|l| l.strip_prefix("ETCD_PORT="))
+        .expect("kube-e2e.sh records ETCD_PORT");
+    let out = std::process::Command::new(k.bin.join("etcdctl"))
+        .args(["--endpoints", &format!("http://127.0.0.1:{port}")])
+        .args(["get", "--prefix", "/"])
+        .env("ETCDCTL_API", "3")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "etcdctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout.len() > 10_000,
+        "etcd holds the cluster's objects"
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn runtime_delivery_hands_each_pod_its_values_at_start_and_nothing_reaches_etcd() {
+    const TEST: &str =
+        "runtime_delivery_hands_each_pod_its_values_at_start_and_nothing_reaches_etcd";
+    let Some(k) = cluster(TEST) else { return };
+    let Some((rt, bao)) = openbao(TEST) else {
+        return;
+    };
+    let _shared = k.shared();
+    let path = unique("rt");
+    // Canaries unique to this test (other tests materialize theirs on purpose).
+    let s3 = format!("rtcanary-s3-{path}");
+    let other = format!("rtcanary-other-{path}");
+    rt.block_on(async {
+        bao.put_kv2(
+            None,
+            "secret",
+            &path,
+            json!({"s3_secret": s3, "other": other}),
+        )
+        .await;
+        bao.policy(
+            "e2e-reader",
+            r#"path "secret/data/*" { capabilities = ["read"] }
+               path "secret/metadata/*" { capabilities = ["read", "list"] }"#,
+        )
+        .await;
+    });
+    let reader = rt.block_on(bao.token(&["e2e-reader"], None, false));
+    let vc = vault_config(k, &bao.addr, &path, &reader, &["User:alice"], "runtime");
+    let ready = ready_condition(k, &vc);
+    assert_eq!(ready["status"], "True", "{ready}");
+
+    let ns = k.namespace("runtime");
+    k.kubectl()
+        .ns(&ns)
+        .args(["create", "serviceaccount", "spark"])
+        .run()
+        .ok();
+    let mut driver = spark_driver(json!({
+        "env.secrets.iomete.com/S3_SECRET": format!("vault:{vc}/s3_secret"),
+    }));
+    driver["metadata"]["namespace"] = json!(ns);
+    const DRIVER: &str = "spark-kubernetes-driver";
+
+    // bob holds no Use: still denied at admission, as before.
+    let denial = create_as(k, &driver, "bob", &[]).unwrap_err();
+    assert!(denial.contains(DENIED), "{denial}");
+    assert!(
+        denial.contains(&format!("vault:{vc}/s3_secret")),
+        "{denial}"
+    );
+
+    // Admitted and wired: the token volume, the install container, the wrapper, no value.
+    let stored = create_when_ready(k, &driver, "alice", &[]);
+    let text = stored.to_string();
+    assert!(!text.contains(&s3), "the stored pod carries the value");
+    let spec = &stored["spec"];
+    let command: Vec<&str> = spec["containers"][0]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        command,
+        [
+            "/iomete-secrets/secrets-webhook",
+            "exec",
+            "--",
+            "/opt/entrypoint.sh"
+        ]
+    );
+    assert_eq!(spec["containers"][0]["args"][0], "driver");
+    assert_eq!(
+        spec["initContainers"][0]["image"],
+        "secrets-webhook:kube-e2e"
+    );
+    let projection = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "iomete-secrets-token")
+        .and_then(|v| v["projected"]["sources"][0].get("serviceAccountToken"))
+        .unwrap_or_else(|| panic!("no projected token in {spec}"));
+    assert_eq!(projection["audience"], "secrets.iomete.com");
+    assert!(projection["expirationSeconds"].as_i64().unwrap() <= 600);
+    let uid = stored["metadata"]["uid"].as_str().unwrap().to_owned();
+    let pod = name(&driver).to_owned();
+
+    // The pod's own token: the child sees exactly its value, and not the wrapper's settings.
+    let token = broker_token(k, &ns, "spark", Some(&pod), "10m");
+    let env = exec_env(k, &token, DRIVER, Some(&uid)).unwrap();
+    let secret_lines: Vec<&str> = env.lines().filter(|l| l.contains("rtcanary-")).collect();
+    assert_eq!(secret_lines, [format!("S3_SECRET={s3}")]);
+    assert!(!env.contains("SECRETS_WEBHOOK_"), "{env}");
+
+    // A container the webhook did not wire gets nothing.
+    let refused = exec_env(k, &token, "sidecar", Some(&uid)).unwrap_err();
+    assert!(
+        refused.contains("no runtime secrets for container"),
+        "{refused}"
+    );
+
+    // Another pod of the same service account, and its token: bound to another pod.
+    let mut plain = driver.clone();
+    plain["metadata"]["name"] = json!(unique("plain"));
+    plain["metadata"]["annotations"] = json!({});
+    let plain_stored = create_as(k, &plain, "alice", &[]).unwrap();
+    let plain_token = broker_token(k, &ns, "spark", Some(name(&plain)), "10m");
+    let refused = exec_env(k, &plain_token, DRIVER, Some(&uid)).unwrap_err();
+    assert!(refused.contains("bound to another pod"), "{refused}");
+    // ...and asking for its own pod: nothing was admitted for it.
+    let plain_uid = plain_stored["metadata"]["uid"].as_str().unwrap();
+    let refused = exec_env(k, &plain_token, DRIVER, Some(plain_uid)).unwrap_err();
+    assert!(refused.contains("was not admitted with"), "{refused}");
+
+    // Tokens that are not the projected one: unbound, long-lived, for the API server's audience.
+    let refused =
+        exec_env(k, &broker_token(k, &ns, "spark", None, "10m"), DRIVER, None).unwrap_err();
+    assert!(refused.contains("not bound to a pod"), "{refused}");
+    let refused = exec_env(
+        k,
+        &broker_token(k, &ns, "spark", Some(&pod), "1h"),
+        DRIVER,
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        refused.contains("lives longer than 600 seconds"),
+        "{refused}"
+    );
+    let refused = exec_env(k, &k.token(&ns, "spark", Some(&pod)), DRIVER, None).unwrap_err();
+    assert!(refused.contains("the token was not accepted"), "{refused}");
+
+    // An executor created by the driver (its token bound to the driver pod): within the
+    // driver's grants it is wired and fetches; beyond them it is denied at admission.
+    let kube_token = k.token(&ns, "spark", Some(&pod));
+    let executor = |refs: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": unique("exec"), "namespace": ns,
+                            "labels": {"spark-role": "executor",
+                                       "spark-app-selector": driver["metadata"]["labels"]["spark-app-selector"]},
+                            "annotations": refs,
+                            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "controller": true,
+                                                 "name": pod, "uid": uid}]},
+               "spec": {"serviceAccountName": "spark",
+                        "containers": [{"name": "spark-kubernetes-executor", "image": "apache/spark:3.5.5",
+                                        "args": ["executor"]}]}})
+    };
+    let within =
+        executor(json!({"env.secrets.iomete.com/S3_SECRET": format!("vault:{vc}/s3_secret")}));
+    let admitted = k
+        .kubectl_with_token(&kube_token)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(within.to_string())
+        .run()
+        .json();
+    let exec_token = broker_token(k, &ns, "spark", Some(name(&within)), "10m");
+    let exec_uid = admitted["metadata"]["uid"].as_str().unwrap().to_owned();
+    let env = exec_env(k, &exec_token, "spark-kubernetes-executor", Some(&exec_uid)).unwrap();
+    let secret_lines: Vec<&str> = env.lines().filter(|l| l.contains("rtcanary-")).collect();
+    assert_eq!(secret_lines, [format!("S3_SECRET={s3}")]);
+    let beyond = executor(json!({"env.secrets.iomete.com/OTHER": format!("vault:{vc}/other")}));
+    let error = k
+        .kubectl_with_token(&kube_token)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(beyond.to_string())
+        .run()
+        .err();
+    assert!(error.contains(DENIED), "{error}");
+    assert!(error.contains(&format!("vault:{vc}/other")), "{error}");
+
+    // Revoked: alice loses Use; the next start is refused (once the authorization cache expires).
+    let bundle = format!("{vc}-bundle");
+    let grants = |subject: &str| {
+        json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+               "metadata": {"name": bundle, "namespace": NS},
+               "spec": {"grants": [{"subjects": [{"kind": "User", "name": subject}], "permissions": ["use"]}]}})
+        .to_string()
+    };
+    k.apply(&grants("nobody"));
+    let refused = k.eventually_within(
+        "the revoked grant refuses the next start",
+        std::time::Duration::from_secs(90),
+        || match exec_env(k, &token, DRIVER, Some(&uid)) {
+            Ok(_) => Err("still delivered".to_string()),
+            Err(e) => Ok(e),
+        },
+    );
+    assert!(refused.contains("lacks Use"), "{refused}");
+    k.apply(&grants("alice"));
+    k.eventually_within(
+        "the restored grant delivers again",
+        std::time::Duration::from_secs(90),
+        || exec_env(k, &token, DRIVER, Some(&uid)),
+    );
+
+    // Deleted, then re-created with the same name: the old token holds nothing any more.
+    k.kubectl()
+        .ns(&ns)
+        .args([
+            "delete",
+            "pod",
+            &pod,
+            "--grace-period=0",
+            "--force",
+            "--wait=true",
+        ])
+        .run();
+    // Refused at once, or within the broker's 2-second pod cache.
+    let soon = std::time::Duration::from_secs(5);
+    let refused = k.eventually_within("the deleted pod is refused", soon, || {
+        exec_env(k, &token, DRIVER, Some(&uid))
+            .map(|_| ())
+            .err()
+            .ok_or("delivered".to_string())
+    });
+    assert!(
+        refused.contains("the token was not accepted") || refused.contains("no longer exists"),
+        "{refused}"
+    );
+    // The executor's driver is gone: the executor is refused too.
+    let refused = k.eventually_within("the orphaned executor is refused", soon, || {
+        exec_env(k, &exec_token, "spark-kubernetes-executor", Some(&exec_uid))
+            .map(|_| ())
+            .err()
+            .ok_or("delivered".to_string())
+    });
+    assert!(refused.contains("refused"), "{refused}");
+    let again = create_when_ready(k, &driver, "alice", &[]);
+    assert_ne!(again["metadata"]["uid"].as_str(), Some(uid.as_str()));
+    let refused = exec_env(k, &token, DRIVER, None).unwrap_err();
+    assert!(refused.contains("refused"), "{refused}");
+
+    // The canary: in no object the API serves, nowhere in etcd, not in the webhook's log.
+    for (what, text) in [
+        ("an object served by the API", every_object(k)),
+        ("etcd", etcd_dump(k)),
+        ("the webhook log", k.webhook_log()),
+    ] {
+        assert!(
+            !text.contains(&s3) && !text.contains(&other),
+            "the canary is in {what}"
+        );
+    }
+    // The scans see this test's objects (a scan that read nothing would pass too).
+    let marker = format!("/v1/secret/data/{path}");
+    assert!(every_object(k).contains(&marker));
+    assert!(etcd_dump(k).contains(&marker));
 }

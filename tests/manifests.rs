@@ -304,6 +304,8 @@ fn rbac_grants_exactly_what_the_code_does() {
         grants(&cluster),
         BTreeSet::from([
             grant("", "pods", &["get"]),
+            // The broker reviews the pods' runtime-delivery tokens.
+            grant("authentication.k8s.io", "tokenreviews", &["create"]),
             grant("", "secrets", &["create", "get", "update", "patch"]),
             grant(
                 "secrets.iomete.com",

@@ -12,9 +12,10 @@ use secrets_webhook::backends::vault::spec::{
     ClusterAppRole, ClusterAuth, ClusterToken, SecretKeyRef,
 };
 use secrets_webhook::backends::vault::{
-    VaultBackend, VaultConfig, VaultConfigResourceSpec, VaultConfigSpec, VaultOptions, data_key,
+    Delivery, VaultBackend, VaultConfig, VaultConfigResourceSpec, VaultConfigSpec, VaultOptions,
+    data_key,
 };
-use secrets_webhook::backends::{KeyRef, VaultSource, VaultWant};
+use secrets_webhook::backends::{Delivered, KeyRef, VaultSource, VaultWant};
 use secrets_webhook::config::{LocalConfig, Naming};
 use secrets_webhook::identity::{KeyRing, Keys};
 use secrets_webhook::metrics::Metrics;
@@ -50,9 +51,16 @@ async fn deliver(
 ) -> Vec<Result<KeyRef, String>> {
     let objects: Vec<SecretObject> = refs.iter().map(|(c, k)| vault_ref(c, k)).collect();
     let wants: Vec<VaultWant<'_>> = objects.iter().map(|secret| VaultWant { secret }).collect();
+    // These tests are about materialize mode; a runtime answer here is a failure.
     backend
         .deliver("spark-apps", &wants, dry_run, Instant::now() + budget)
         .await
+        .into_iter()
+        .map(|d| match d? {
+            Delivered::Secret(key_ref) => Ok(key_ref),
+            Delivered::Runtime => Err("delivered at runtime, not materialized".to_string()),
+        })
+        .collect()
 }
 
 async fn one(backend: &VaultBackend, config: &str, key: &str) -> Result<KeyRef, String> {
@@ -179,19 +187,19 @@ async fn reads_deliver_and_deny_clearly() {
     let config_yaml = format!(
         r#"
 vaultConfigs:
-  - {{name: vault-prod-finance, host: "{host}", path: /v1/secret/data/production, resourceBundle: finance-bundle,
+  - {{name: vault-prod-finance, host: "{host}", path: /v1/secret/data/production, delivery: materialize, resourceBundle: finance-bundle,
      auth: {{appRole: {{roleId: "{role_id}", secretIdFile: "{}"}}}}}}
-  - {{name: vault-token, host: "{host}", path: /v1/secret/data/production, resourceBundle: finance-bundle,
+  - {{name: vault-token, host: "{host}", path: /v1/secret/data/production, delivery: materialize, resourceBundle: finance-bundle,
      auth: {{token: {{file: "{}"}}}}}}
-  - {{name: vault-ns, host: "{host}", path: /v1/secret/data/app, namespace: team-a, resourceBundle: b,
+  - {{name: vault-ns, host: "{host}", path: /v1/secret/data/app, namespace: team-a, delivery: materialize, resourceBundle: b,
      auth: {{token: {{file: "{root}"}}}}}}
-  - {{name: vault-no-ns, host: "{host}", path: /v1/secret/data/app, resourceBundle: b,
+  - {{name: vault-no-ns, host: "{host}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b,
      auth: {{token: {{file: "{root}"}}}}}}
-  - {{name: vault-kv1, host: "{host}", path: /v1/kv1/production, resourceBundle: b,
+  - {{name: vault-kv1, host: "{host}", path: /v1/kv1/production, delivery: materialize, resourceBundle: b,
      auth: {{token: {{file: "{root}"}}}}}}
-  - {{name: vault-denied, host: "{host}", path: /v1/secret/data/production, resourceBundle: b,
+  - {{name: vault-denied, host: "{host}", path: /v1/secret/data/production, delivery: materialize, resourceBundle: b,
      auth: {{token: {{file: "{}"}}}}}}
-  - {{name: vault-bad-secret-id, host: "{host}", path: /v1/secret/data/production, resourceBundle: b,
+  - {{name: vault-bad-secret-id, host: "{host}", path: /v1/secret/data/production, delivery: materialize, resourceBundle: b,
      auth: {{appRole: {{roleId: "{role_id}", secretIdFile: "{}"}}}}}}
 "#,
         secret_id_file.display(),
@@ -445,10 +453,10 @@ async fn tokens_expire_renew_and_log_in_again() {
     let yaml = format!(
         r#"
 vaultConfigs:
-  - {{name: short, host: "{h}", path: /v1/secret/data/app, resourceBundle: b,
+  - {{name: short, host: "{h}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b,
      auth: {{appRole: {{roleId: "{role_id}", secretIdFile: "{}"}}}}}}
-  - {{name: renewed, host: "{h}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
-  - {{name: fixed, host: "{h}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
+  - {{name: renewed, host: "{h}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
+  - {{name: fixed, host: "{h}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
 "#,
         bao.file("sid", &secret_id).display(),
         bao.file("renewable", &renewable).display(),
@@ -500,8 +508,8 @@ async fn sealed_stopped_and_silent_vaults_deny_within_the_budget() {
     let yaml = format!(
         r#"
 vaultConfigs:
-  - {{name: v, host: "{}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{token}"}}}}}}
-  - {{name: silent, host: "http://{}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{token}"}}}}}}
+  - {{name: v, host: "{}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{token: {{file: "{token}"}}}}}}
+  - {{name: silent, host: "http://{}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{token: {{file: "{token}"}}}}}}
 "#,
         bao.addr,
         silent.local_addr().unwrap(),
@@ -600,6 +608,7 @@ fn vault_config(name: &str, host: &str, path: &str, auth: ClusterAuth) -> VaultC
             namespace: None,
             ca_cert: None,
             auth,
+            delivery: Delivery::Materialize,
         },
     );
     config.metadata.namespace = Some("iomete-system".into());
@@ -1080,9 +1089,9 @@ async fn tls_needs_the_configured_ca() {
     let yaml = format!(
         r#"
 vaultConfigs:
-  - {{name: with-ca, host: "{h}", path: /v1/secret/data/app, resourceBundle: b, caCertFile: "{ca}",
+  - {{name: with-ca, host: "{h}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, caCertFile: "{ca}",
      auth: {{token: {{file: "{token}"}}}}}}
-  - {{name: without-ca, host: "{h}", path: /v1/secret/data/app, resourceBundle: b,
+  - {{name: without-ca, host: "{h}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b,
      auth: {{token: {{file: "{token}"}}}}}}
 "#,
         h = bao.addr,

@@ -17,10 +17,11 @@ use crate::authz::cache::CacheSettings;
 use crate::authz::{Authorizer, Decision, Identity, Resource};
 use crate::backends::kubernetes::StoreWatch;
 use crate::backends::vault::{VaultBackend, VaultOptions};
-use crate::backends::{KeyRef, Naming, StoreCheck, StoreIndex, VaultSource, VaultWant};
+use crate::backends::{Delivered, KeyRef, Naming, StoreCheck, StoreIndex, VaultSource, VaultWant};
 use crate::identity::stamps::{self, Subject};
 use crate::identity::{self, ExecutorPolicy, Keys};
 use crate::metrics::Metrics;
+use crate::plan::runtime::{self, DriverRef, RuntimeSettings};
 use crate::plan::{self, Inputs, JsonPatch, Resolved};
 use crate::refs::{self, Reference, SourceType, TargetKind};
 use crate::workload::{self, Selectors, WorkloadKind};
@@ -38,6 +39,8 @@ pub struct Settings {
     pub authorizer: crate::authz::AuthorizerKind,
     /// How executors prove they were created by their driver.
     pub executors: ExecutorPolicy,
+    /// Runtime delivery: the webhook's image, its broker, the entrypoint table.
+    pub runtime: RuntimeSettings,
     /// Most references (annotations and legacy placeholders) one pod may name.
     pub max_references: usize,
 }
@@ -51,6 +54,7 @@ impl Default for Settings {
             enabled: true,
             authorizer: crate::authz::AuthorizerKind::Ras,
             executors: ExecutorPolicy::default(),
+            runtime: RuntimeSettings::default(),
             max_references: refs::DEFAULT_MAX_REFERENCES,
         }
     }
@@ -512,30 +516,66 @@ impl Webhook {
         self.check_stores(&refs, &legacy, namespace)
             .map_err(|d| d.for_identity(&who))?;
         // Read and check first, write nothing: the plan or the guard may still deny the pod.
-        let resolved = self.resolve(&refs, namespace, true, deadline).await?;
-        let (env, spark_confs): (Vec<Resolved>, Vec<Resolved>) = refs
-            .iter()
-            .zip(resolved)
-            .map(|(r, key_ref)| {
-                let resolved = Resolved {
-                    name: r.name.clone(),
-                    secret: r.secret.clone(),
-                    key_ref,
-                };
-                (r.kind, resolved)
-            })
-            .fold((vec![], vec![]), |(mut env, mut confs), (kind, r)| {
-                match kind {
-                    TargetKind::Env => env.push(r),
-                    TargetKind::SparkConf => confs.push(r),
+        let delivered = self.resolve(&refs, namespace, true, deadline).await?;
+        let mut env: Vec<Resolved> = Vec::new();
+        let mut spark_confs: Vec<Resolved> = Vec::new();
+        let mut at_runtime: Vec<&Reference> = Vec::new();
+        for (r, delivered) in refs.iter().zip(delivered) {
+            let key_ref = match delivered {
+                Delivered::Secret(key_ref) => key_ref,
+                Delivered::Runtime => {
+                    at_runtime.push(r);
+                    continue;
                 }
-                (env, confs)
-            });
-        let stamps = self.stamps(identity, refs.iter().map(|r| &r.secret), pod, namespace)?;
-        let plan = plan::plan(
-            Inputs {
+            };
+            let resolved = Resolved {
+                name: r.name.clone(),
+                secret: r.secret.clone(),
+                key_ref,
+            };
+            match r.kind {
+                TargetKind::Env => env.push(resolved),
+                TargetKind::SparkConf => spark_confs.push(resolved),
+            }
+        }
+        // Runtime references: the pod is wired to fetch them at start; the rest of the plan
+        // works on the wired pod.
+        let wired = if at_runtime.is_empty() {
+            None
+        } else {
+            let driver = match &who.via {
+                identity::Via::SparkDriver { driver, uid } => Some(DriverRef {
+                    name: driver.clone(),
+                    uid: uid.clone(),
+                }),
+                _ => None,
+            };
+            let wired = runtime::wire(runtime::Inputs {
                 pod,
                 workload: &workload,
+                refs: &at_runtime,
+                driver: driver.as_ref(),
+                settings: &self.settings.runtime,
+            })
+            .map_err(|e| Denial::new("runtime", e.to_string()).for_identity(&who))?;
+            Some(wired)
+        };
+        let runtime_plan = wired.as_ref().map(|w| w.plan.to_annotation());
+        let stamps = self.stamps(
+            identity,
+            refs.iter().map(|r| &r.secret),
+            runtime_plan.as_deref(),
+            pod,
+            namespace,
+        )?;
+        let (planned_pod, planned_workload) = match &wired {
+            Some(w) => (&w.pod, &w.workload),
+            None => (pod, &workload),
+        };
+        let plan = plan::plan(
+            Inputs {
+                pod: planned_pod,
+                workload: planned_workload,
                 env: &env,
                 spark_confs: &spark_confs,
                 global_store: &naming.global_store,
@@ -546,6 +586,14 @@ impl Webhook {
         .map_err(|e| Denial::new("malformed", e.to_string()))?;
         self.guard(pod, namespace, &plan.wanted)
             .map_err(|d| d.for_identity(&who))?;
+        let (patch, mut warnings) = match wired {
+            Some(w) => {
+                let mut patch = w.patch;
+                patch.append(plan.patch);
+                (patch, w.warnings)
+            }
+            None => (plan.patch, Vec::new()),
+        };
         let needs_vault = refs
             .iter()
             .any(|r| r.secret.source.kind == SourceType::Vault);
@@ -553,11 +601,11 @@ impl Webhook {
             // Admitted: now materialize the Vault values (served from the read just made).
             self.resolve(&refs, namespace, false, deadline).await?;
         }
-        let mut warnings = who.warnings.clone();
+        warnings.splice(0..0, who.warnings.iter().cloned());
         warnings.extend(plan.warnings);
         Ok(Outcome {
             workload: Some(workload.kind),
-            patch: plan.patch,
+            patch,
             warnings,
             identity: Some(identity.username.clone()),
             audit: identity::audit_annotations(Some(&who), ""),
@@ -585,7 +633,7 @@ impl Webhook {
             return Ok(outcome);
         }
         let who = self.identify(req, pod, namespace, false, deadline).await?;
-        let stamps = self.stamps(&who.identity, std::iter::empty(), pod, namespace)?;
+        let stamps = self.stamps(&who.identity, std::iter::empty(), None, pod, namespace)?;
         outcome.patch = stamps::stamp_ops(pod, &stamps);
         outcome.audit = identity::audit_annotations(Some(&who), "");
         Ok(outcome)
@@ -597,6 +645,7 @@ impl Webhook {
         &self,
         identity: &Identity,
         granted: impl IntoIterator<Item = &'a refs::SecretObject>,
+        runtime: Option<&str>,
         pod: &Pod,
         namespace: &str,
     ) -> Result<BTreeMap<String, String>, Denial> {
@@ -609,9 +658,10 @@ impl Webhook {
                 .to_string(),
             )
         })?;
-        Ok(stamps::stamp_annotations(
+        Ok(stamps::stamps_with_runtime(
             identity,
             granted,
+            runtime,
             &Subject::of_new_pod(pod, namespace),
             &keys,
         ))
@@ -768,14 +818,15 @@ impl Webhook {
         }
     }
 
-    /// Where the kubelet finds each reference's value, in order.
+    /// How each reference's value reaches the pod, in order: where the kubelet finds it, or at
+    /// runtime from the broker.
     async fn resolve(
         &self,
         refs: &[Reference],
         namespace: &str,
         dry_run: bool,
         deadline: Instant,
-    ) -> Result<Vec<KeyRef>, Denial> {
+    ) -> Result<Vec<Delivered>, Denial> {
         let naming = &self.settings.naming;
         let wants: Vec<VaultWant<'_>> = refs
             .iter()
@@ -800,12 +851,12 @@ impl Webhook {
         let mut problems = Vec::new();
         for r in refs {
             match r.secret.source.kind {
-                SourceType::Kubernetes => out.push(KeyRef {
+                SourceType::Kubernetes => out.push(Delivered::Secret(KeyRef {
                     secret: naming.store_for(&r.secret.source.id),
                     key: r.secret.key.clone(),
-                }),
+                })),
                 SourceType::Vault => match delivered.next() {
-                    Some(Ok(key_ref)) => out.push(key_ref),
+                    Some(Ok(delivered)) => out.push(delivered),
                     Some(Err(why)) => {
                         problems.push(format!("annotation {}: {}: {why}", r.origin, r.secret))
                     }

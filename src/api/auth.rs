@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
-use kube::api::{Api, PostParams};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -181,7 +179,12 @@ impl Authenticator {
                 let deadline = Instant::now() + REVIEW_BUDGET;
                 let answer = reviews
                     .get(digest(token), deadline, move || {
-                        Box::pin(review(client, audiences, owned))
+                        Box::pin(crate::identity::tokens::review(
+                            client,
+                            audiences,
+                            owned,
+                            REVIEW_BUDGET,
+                        ))
                     })
                     .await;
                 match answer {
@@ -317,50 +320,4 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Problem> {
     Ok(token)
 }
 
-/// One TokenReview: the identity, `None` when the token is not accepted, or why no answer came.
-async fn review(client: kube::Client, audiences: Vec<String>, token: String) -> Reviewed {
-    let api: Api<TokenReview> = Api::all(client);
-    let request = TokenReview {
-        spec: TokenReviewSpec {
-            token: Some(token),
-            audiences: (!audiences.is_empty()).then_some(audiences),
-        },
-        ..TokenReview::default()
-    };
-    let answer = tokio::time::timeout(REVIEW_BUDGET, api.create(&PostParams::default(), &request))
-        .await
-        .map_err(|_| "the TokenReview timed out (failing closed); try again".to_string())?
-        .map_err(|e| {
-            format!(
-                "the TokenReview failed (failing closed): {}",
-                kube_reason(&e)
-            )
-        })?;
-    let Some(status) = answer.status else {
-        return Ok(None);
-    };
-    if status.authenticated != Some(true) {
-        return Ok(None);
-    }
-    let Some(user) = status
-        .user
-        .filter(|u| u.username.as_deref().is_some_and(|n| !n.is_empty()))
-    else {
-        return Ok(None);
-    };
-    let mut identity = Identity::new(
-        user.username.unwrap_or_default(),
-        user.groups.unwrap_or_default(),
-    );
-    identity.uid = user.uid;
-    identity.extra = user.extra.unwrap_or_default();
-    Ok(Some(identity))
-}
-
-/// A kube error without anything from the request (the token is never in it anyway).
-pub(crate) fn kube_reason(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(status) => format!("HTTP {} {}", status.code, status.reason),
-        other => other.to_string(),
-    }
-}
+pub(crate) use crate::identity::tokens::kube_reason;

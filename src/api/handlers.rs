@@ -18,7 +18,7 @@ use super::vault_configs::{self, AuthMethod, AuthSpec, ConfigSpec, StoredConfig}
 use super::{Api, RequestId, audit};
 use crate::authz::{Decision, Permission, Resource};
 use crate::backends::vault::spec::{Credential, check_segments, header_safe};
-use crate::backends::vault::{CheckReport, SecretValue, check_target};
+use crate::backends::vault::{CheckReport, Delivery, SecretValue, check_target};
 use crate::refs::{SecretObject, Source, SourceType, is_secret_data_key};
 
 /// Largest request body (a Secret holds at most 1 MiB in all).
@@ -998,6 +998,8 @@ struct ConfigInput {
     name: Option<String>,
     spec: ConfigSpec,
     credential: Option<SecretValue>,
+    /// Whether the body named `delivery` (an update without it keeps the stored one).
+    delivery_given: bool,
 }
 
 fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput, Problem> {
@@ -1008,6 +1010,7 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
         "namespace",
         "caCert",
         "auth",
+        "delivery",
         "name",
         "status",
     ];
@@ -1056,6 +1059,18 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
             ));
         }
     }
+    let delivery = match opt_string(map, "delivery", "delivery")?.as_deref() {
+        None => None,
+        Some("runtime") => Some(Delivery::Runtime),
+        Some("materialize") => Some(Delivery::Materialize),
+        Some(_) => {
+            return Err(Problem::invalid(
+                "delivery",
+                "delivery must be runtime (values fetched by the pod at start, never stored) or \
+                 materialize (values copied into a Secret of the pod's namespace)",
+            ));
+        }
+    };
     let auth = match map.get("auth") {
         Some(Value::Object(a)) => a,
         Some(other) => {
@@ -1168,8 +1183,10 @@ fn parse_config(map: &Map<String, Value>, with_name: bool) -> Result<ConfigInput
             namespace,
             ca_cert,
             auth: spec_auth,
+            delivery: delivery.unwrap_or_default(),
         },
         credential,
+        delivery_given: delivery.is_some(),
     })
 }
 
@@ -1295,8 +1312,11 @@ pub(super) async fn put_vault_config(
                     .await
                     .map_err(Problem::forbidden)?;
             }
-            let input = parse_config(&read_object(&headers, body)?, true)?;
+            let mut input = parse_config(&read_object(&headers, body)?, true)?;
             check_body_name(&input, &name)?;
+            if !input.delivery_given {
+                input.spec.delivery = current.spec.delivery;
+            }
             let tags = match precondition(&headers)? {
                 Precondition::Create => {
                     return Err(Problem::new(
@@ -1318,6 +1338,14 @@ pub(super) async fn put_vault_config(
                      platform admin may change resourceBundle",
                 )
                 .at("resourceBundle"));
+            }
+            if input.spec.delivery != current.spec.delivery && !admin {
+                return Err(Problem::forbidden(
+                    "changing how a Vault config's values reach pods (materialize puts them into \
+                     Secrets in the pods' namespaces) is for platform admins; only a platform admin \
+                     may change delivery",
+                )
+                .at("delivery"));
             }
             if input.credential.is_none() && input.spec.needs_new_credential(&current.spec) {
                 let field = credential_field(&input.spec);
@@ -1692,6 +1720,7 @@ mod tests {
                 role_id: Some("r".into()),
                 mount: None,
             },
+            delivery: Delivery::Runtime,
         };
         let shown = serde_json::to_value(ConfigView {
             name: "n".into(),
@@ -1715,6 +1744,7 @@ mod tests {
                 "namespace",
                 "caCert",
                 "auth",
+                "delivery",
                 "status"
             ])
         );

@@ -280,6 +280,7 @@ pub fn document() -> Value {
               "path": {"type": "string", "description": "KV v2 data path with its /data/ segment, e.g. /v1/secret/data/production."},
               "namespace": {"type": ["string", "null"], "description": "Vault Enterprise namespace."},
               "caCert": {"type": ["string", "null"], "description": "PEM CA certificate(s) of Vault's TLS certificate."},
+              "delivery": {"type": "string", "enum": ["runtime", "materialize"], "default": "runtime", "description": "How values reach pods: runtime (fetched by the pod at start from the webhook, never stored) or materialize (copied into a Secret of the pod's namespace). Omitted on an update: unchanged. Only platform admins may change it."},
               "auth": {
                 "type": "object", "additionalProperties": false, "required": ["method"],
                 "properties": {
@@ -392,6 +393,7 @@ mod tests {
                     role_id: Some("r".into()),
                     mount: Some("m".into()),
                 },
+                delivery: Default::default(),
             },
             status: Some(ReadyView {
                 ready: true,

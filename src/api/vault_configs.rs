@@ -23,8 +23,8 @@ use crate::backends::vault::spec::{
     SecretKeyRef, Target,
 };
 use crate::backends::vault::{
-    CONFIG_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SecretValue, VaultBackend, VaultConfig,
-    VaultConfigResourceSpec, VaultConfigSpec, VaultError, credentials_secret_prefix,
+    CONFIG_LABEL, Delivery, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SecretValue, VaultBackend,
+    VaultConfig, VaultConfigResourceSpec, VaultConfigSpec, VaultError, credentials_secret_prefix,
 };
 use crate::config::Naming;
 
@@ -57,6 +57,8 @@ pub struct ConfigSpec {
     pub namespace: Option<String>,
     pub ca_cert: Option<String>,
     pub auth: AuthSpec,
+    /// How values reach pods (runtime or materialize); only platform admins change it.
+    pub delivery: Delivery,
 }
 
 impl ConfigSpec {
@@ -185,6 +187,7 @@ impl MemoryVaultConfigs {
                     .as_ref()
                     .and_then(|p| std::fs::read_to_string(p).ok()),
                 auth,
+                delivery: c.delivery,
             };
             configs.insert(
                 c.name.clone(),
@@ -223,7 +226,7 @@ impl MemoryVaultConfigs {
         credential: Credential,
     ) -> Result<(), WriteError> {
         target(name, spec, credential)
-            .and_then(|t| self.backend.put_target(t))
+            .and_then(|t| self.backend.put_target(t, spec.delivery))
             .map_err(|e| WriteError::Rejected(e.to_string()))
     }
 }
@@ -387,6 +390,7 @@ impl KubeVaultConfigs {
                 namespace: s.namespace,
                 ca_cert: s.ca_cert,
                 auth,
+                delivery: s.delivery,
             },
             version,
             ready,
@@ -499,6 +503,7 @@ fn resource_spec(spec: &ConfigSpec, credential: SecretKeyRef) -> VaultConfigReso
         namespace: spec.namespace.clone(),
         ca_cert: spec.ca_cert.clone(),
         auth,
+        delivery: spec.delivery,
     }
 }
 

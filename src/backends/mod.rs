@@ -17,12 +17,30 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use crate::refs::SecretObject;
+pub use vault::{Delivery, SecretValue};
 
 /// Where the kubelet finds a value: `valueFrom.secretKeyRef{name: secret, key}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyRef {
     pub secret: String,
     pub key: String,
+}
+
+/// How a Vault reference reaches the pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Materialized: the kubelet reads it from this Secret key.
+    Secret(KeyRef),
+    /// Runtime: the pod fetches it at start from the webhook (the broker); checked, not stored.
+    Runtime,
+}
+
+/// Why a value could not be read for the broker: the text (never a value) and whether a later
+/// try may succeed (Vault unreachable, sealed, slow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueError {
+    pub message: String,
+    pub retry: bool,
 }
 
 /// Answer of a store lookup.
@@ -58,14 +76,26 @@ pub trait VaultSource: Send + Sync {
     /// The resource bundle that governs `config`, or `None` if no such Vault config exists.
     fn bundle_of(&self, config: &str) -> Option<String>;
 
-    /// Read every wanted field (cached, coalesced) and make each reachable from `namespace` through
-    /// a [`KeyRef`]; write nothing when `dry_run`. One result per want, in order. Finishes by
-    /// `deadline`. Error texts name what failed and the fix, never a value.
+    /// How `config`'s values reach pods; `None` when no such config exists.
+    fn delivery_of(&self, config: &str) -> Option<Delivery>;
+
+    /// Read every wanted field (cached, coalesced). A `materialize` config's field is made
+    /// reachable from `namespace` through a [`KeyRef`] (written nowhere when `dry_run`); a
+    /// `runtime` config's is only checked. One result per want, in order. Finishes by `deadline`.
+    /// Error texts name what failed and the fix, never a value.
     async fn deliver(
         &self,
         namespace: &str,
         wants: &[VaultWant<'_>],
         dry_run: bool,
         deadline: Instant,
-    ) -> Vec<Result<KeyRef, String>>;
+    ) -> Vec<Result<Delivered, String>>;
+
+    /// The values themselves, for the broker (cached and coalesced like `deliver`). One result
+    /// per secret, in order; error texts never hold a value.
+    async fn values(
+        &self,
+        secrets: &[&SecretObject],
+        deadline: Instant,
+    ) -> Vec<Result<SecretValue, ValueError>>;
 }

@@ -7,11 +7,13 @@
 //! - [`keys`]: the signing keys (current and previous), hot-reloaded in a cluster.
 //! - [`owner`]: where an executor's driver pod is looked up.
 //! - [`run_as`]: SparkApplications may only name their own requester in `run-as`.
+//! - [`tokens`]: TokenReview, for callers that present a bearer token.
 
 pub mod keys;
 pub mod owner;
 pub mod run_as;
 pub mod stamps;
+pub mod tokens;
 pub mod trusted;
 
 use std::collections::{BTreeSet, HashMap};
@@ -66,8 +68,8 @@ pub enum Via {
         controller: String,
         annotation: String,
     },
-    /// A Spark executor inheriting the stamps of its driver pod.
-    SparkDriver { driver: String },
+    /// A Spark executor inheriting the stamps of its driver pod (`uid`: the driver's).
+    SparkDriver { driver: String, uid: String },
 }
 
 impl std::fmt::Display for Via {
@@ -78,7 +80,7 @@ impl std::fmt::Display for Via {
                 controller,
                 annotation,
             } => write!(f, "trusted-controller {controller} ({annotation})"),
-            Via::SparkDriver { driver } => write!(f, "spark-driver {driver}"),
+            Via::SparkDriver { driver, .. } => write!(f, "spark-driver {driver}"),
         }
     }
 }
@@ -98,7 +100,7 @@ impl Resolved {
     /// For executors, whether `secret` is among the driver's grants (global secrets need none).
     /// Other pods: always Ok (their grants are checked by the authorizer).
     pub fn may_inherit(&self, secret: &SecretObject, naming: &Naming) -> Result<(), IdentityError> {
-        let (Some(granted), Via::SparkDriver { driver }) = (&self.inherited, &self.via) else {
+        let (Some(granted), Via::SparkDriver { driver, .. }) = (&self.inherited, &self.via) else {
             return Ok(());
         };
         if is_global(secret, naming) || granted.contains(&secret.to_string()) {
@@ -322,47 +324,9 @@ impl Resolver<'_> {
         }
         let driver_name = owner.name.as_str();
         let driver = self
-            .owners
-            .owner_pod(namespace, driver_name, deadline)
-            .await
-            .map_err(|e| IdentityError::OwnerLookup {
-                namespace: namespace.to_string(),
-                name: driver_name.to_string(),
-                reason: e.0,
-            })?
-            .ok_or_else(|| IdentityError::OwnerNotFound {
-                namespace: namespace.to_string(),
-                name: driver_name.to_string(),
-            })?;
-
+            .find_driver(pod, namespace, driver_name, &owner.uid, deadline)
+            .await?;
         let driver_uid = driver.metadata.uid.as_deref().unwrap_or_default();
-        if !owner.uid.is_empty() && !driver_uid.is_empty() && owner.uid != driver_uid {
-            return Err(IdentityError::OwnerUid {
-                name: driver_name.to_string(),
-                expected: owner.uid.clone(),
-                actual: driver_uid.to_string(),
-            });
-        }
-        let label =
-            |p: &Pod, key: &str| p.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
-        if label(&driver, SPARK_ROLE).as_deref() != Some("driver") {
-            return Err(IdentityError::NotADriver {
-                name: driver_name.to_string(),
-            });
-        }
-        // Spark labels both pods of an application alike; a missing label on either side must
-        // not skip the comparison.
-        let (executor_app, driver_app) = (
-            label(pod, stamps::SPARK_APP),
-            label(&driver, stamps::SPARK_APP),
-        );
-        if executor_app != driver_app {
-            return Err(IdentityError::OtherApplication {
-                driver: driver_name.to_string(),
-                executor_app: executor_app.unwrap_or_default(),
-                driver_app: driver_app.unwrap_or_default(),
-            });
-        }
         let expected = format!(
             "system:serviceaccount:{namespace}:{}",
             stamps::service_account(&driver)
@@ -375,21 +339,87 @@ impl Resolver<'_> {
             });
         }
         self.check_bound_token(req_user, driver_name, driver_uid)?;
-        let keys = self.keys.get().ok_or(IdentityError::NoSigningKey {
-            action: "verify the driver's stamps",
-        })?;
-        let stamped =
-            stamps::verify(&driver, namespace, &keys).map_err(|reason| IdentityError::Stamps {
-                driver: driver_name.to_string(),
-                reason,
-            })?;
+        let stamped = self.driver_stamps(&driver, namespace, driver_name)?;
         Ok(Resolved {
             identity: stamped.identity,
             via: Via::SparkDriver {
                 driver: driver_name.to_string(),
+                uid: driver_uid.to_string(),
             },
             inherited: Some(stamped.granted),
             warnings: Vec::new(),
+        })
+    }
+
+    /// The driver pod `namespace/name` of `executor`, as the executor may inherit from it: it
+    /// exists with the uid the executor names (`expected_uid`, when not empty), is a Spark
+    /// driver, and belongs to the executor's Spark application. Used at admission and by the
+    /// broker at every start of an executor.
+    pub async fn find_driver(
+        &self,
+        executor: &Pod,
+        namespace: &str,
+        name: &str,
+        expected_uid: &str,
+        deadline: Instant,
+    ) -> Result<std::sync::Arc<Pod>, IdentityError> {
+        let driver = self
+            .owners
+            .owner_pod(namespace, name, deadline)
+            .await
+            .map_err(|e| IdentityError::OwnerLookup {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+                reason: e.0,
+            })?
+            .ok_or_else(|| IdentityError::OwnerNotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })?;
+        let driver_uid = driver.metadata.uid.as_deref().unwrap_or_default();
+        if !expected_uid.is_empty() && !driver_uid.is_empty() && expected_uid != driver_uid {
+            return Err(IdentityError::OwnerUid {
+                name: name.to_string(),
+                expected: expected_uid.to_string(),
+                actual: driver_uid.to_string(),
+            });
+        }
+        let label =
+            |p: &Pod, key: &str| p.metadata.labels.as_ref().and_then(|l| l.get(key)).cloned();
+        if label(&driver, SPARK_ROLE).as_deref() != Some("driver") {
+            return Err(IdentityError::NotADriver {
+                name: name.to_string(),
+            });
+        }
+        // Spark labels both pods of an application alike; a missing label on either side must
+        // not skip the comparison.
+        let (executor_app, driver_app) = (
+            label(executor, stamps::SPARK_APP),
+            label(&driver, stamps::SPARK_APP),
+        );
+        if executor_app != driver_app {
+            return Err(IdentityError::OtherApplication {
+                driver: name.to_string(),
+                executor_app: executor_app.unwrap_or_default(),
+                driver_app: driver_app.unwrap_or_default(),
+            });
+        }
+        Ok(driver)
+    }
+
+    /// The driver's verified stamps: the identity and grants its executors inherit.
+    pub fn driver_stamps(
+        &self,
+        driver: &Pod,
+        namespace: &str,
+        name: &str,
+    ) -> Result<stamps::Stamped, IdentityError> {
+        let keys = self.keys.get().ok_or(IdentityError::NoSigningKey {
+            action: "verify the driver's stamps",
+        })?;
+        stamps::verify(driver, namespace, &keys).map_err(|reason| IdentityError::Stamps {
+            driver: name.to_string(),
+            reason,
         })
     }
 

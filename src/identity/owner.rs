@@ -56,10 +56,29 @@ impl KubeOwnerLookup {
         Self::build(client, ttl, Some(metrics))
     }
 
+    /// [`KubeOwnerLookup::counted`] under another `cache` label (the broker's pod lookups).
+    pub fn counted_as(
+        client: kube::Client,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+        cache: &'static str,
+    ) -> Self {
+        Self::build_as(client, ttl, Some(metrics), cache)
+    }
+
     fn build(client: kube::Client, ttl: Duration, metrics: Option<Arc<Metrics>>) -> Self {
+        Self::build_as(client, ttl, metrics, OWNER_CACHE)
+    }
+
+    fn build_as(
+        client: kube::Client,
+        ttl: Duration,
+        metrics: Option<Arc<Metrics>>,
+        cache: &'static str,
+    ) -> Self {
         let keep_for = move |outcome: &OwnerOutcome| matches!(outcome, Ok(Some(_))).then_some(ttl);
         let flights = match &metrics {
-            Some(m) => SingleFlight::counted(10_000, Arc::clone(m), OWNER_CACHE, keep_for),
+            Some(m) => SingleFlight::counted(10_000, Arc::clone(m), cache, keep_for),
             None => SingleFlight::new(10_000, keep_for),
         };
         Self {

@@ -21,10 +21,18 @@ use crate::refs::SecretObject;
 pub const STAMP_IDENTITY: &str = "secrets.iomete.com/identity";
 /// Stamp: the references the pod was allowed to use (JSON array of short forms, sorted).
 pub const STAMP_GRANTED: &str = "secrets.iomete.com/granted";
-/// The signature over both stamps and the pod they belong to.
+/// The signature over the stamps and the pod they belong to.
 pub const STAMP_SIGNATURE: &str = "secrets.iomete.com/signature";
+/// Stamp, on pods with runtime Vault references only: which container fetches which value at
+/// start (`plan::runtime::RuntimePlan`, JSON). Covered by the signature.
+pub const STAMP_RUNTIME: &str = "secrets.iomete.com/runtime";
 /// Every annotation the webhook owns: set only by the webhook, at CREATE, and never changed after.
-pub const OWNED: [&str; 3] = [STAMP_IDENTITY, STAMP_GRANTED, STAMP_SIGNATURE];
+pub const OWNED: [&str; 4] = [
+    STAMP_IDENTITY,
+    STAMP_GRANTED,
+    STAMP_SIGNATURE,
+    STAMP_RUNTIME,
+];
 /// Label naming the Spark application of a driver and its executors.
 pub const SPARK_APP: &str = "spark-app-selector";
 
@@ -86,13 +94,14 @@ impl<'a> Subject<'a> {
         }
     }
 
-    fn message(&self, identity: &str, granted: &str) -> Vec<u8> {
+    fn message(&self, identity: &str, granted: &str, runtime: Option<&str>) -> Vec<u8> {
         let (kind, name) = match self.name {
             PodName::Name(n) => ("name", n),
             PodName::GenerateName(g) => ("generateName", g),
         };
-        // A JSON array: every field is delimited, so no two subjects give the same bytes.
-        serde_json::to_vec(&(
+        // A JSON array: every field is delimited, so no two subjects give the same bytes. The
+        // runtime plan is a ninth element when present, so stamps without one sign as before.
+        let fields = (
             DOMAIN,
             self.namespace,
             kind,
@@ -101,7 +110,14 @@ impl<'a> Subject<'a> {
             self.service_account,
             identity,
             granted,
-        ))
+        );
+        match runtime {
+            None => serde_json::to_vec(&fields),
+            Some(plan) => serde_json::to_vec(&(
+                fields.0, fields.1, fields.2, fields.3, fields.4, fields.5, fields.6, fields.7,
+                plan,
+            )),
+        }
         .unwrap_or_default()
     }
 }
@@ -136,6 +152,8 @@ pub enum StampError {
 pub struct Stamped {
     pub identity: Identity,
     pub granted: BTreeSet<String>,
+    /// The runtime plan (`STAMP_RUNTIME`), verified with the rest; `None` when the pod has none.
+    pub runtime: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -176,18 +194,33 @@ pub fn stamp_annotations<'a>(
     subject: &Subject<'_>,
     keys: &KeyRing,
 ) -> BTreeMap<String, String> {
+    stamps_with_runtime(identity, granted, None, subject, keys)
+}
+
+/// [`stamp_annotations`] with a runtime plan (the value of `STAMP_RUNTIME`), signed with the rest.
+pub fn stamps_with_runtime<'a>(
+    identity: &Identity,
+    granted: impl IntoIterator<Item = &'a SecretObject>,
+    runtime: Option<&str>,
+    subject: &Subject<'_>,
+    keys: &KeyRing,
+) -> BTreeMap<String, String> {
     let identity = identity_stamp(identity);
     let granted = granted_stamp(granted);
     let signature = format!(
         "v1.{}.{}",
         subject.name.tag(),
-        keys.sign(&subject.message(&identity, &granted))
+        keys.sign(&subject.message(&identity, &granted, runtime))
     );
-    BTreeMap::from([
+    let mut stamps = BTreeMap::from([
         (STAMP_IDENTITY.to_string(), identity),
         (STAMP_GRANTED.to_string(), granted),
         (STAMP_SIGNATURE.to_string(), signature),
-    ])
+    ]);
+    if let Some(plan) = runtime {
+        stamps.insert(STAMP_RUNTIME.to_string(), plan.to_string());
+    }
+    stamps
 }
 
 /// Reads and verifies the stamps of a stored pod in `namespace`. The signature is checked before
@@ -215,8 +248,11 @@ pub fn verify(pod: &Pod, namespace: &str, keys: &KeyRing) -> Result<Stamped, Sta
         "g" => PodName::GenerateName(meta.generate_name.as_deref().unwrap_or_default()),
         _ => return Err(SignatureError::Malformed.into()),
     };
+    let runtime = annotations
+        .and_then(|a| a.get(STAMP_RUNTIME))
+        .map(String::as_str);
     let subject = Subject::with_name(pod, namespace, name);
-    keys.verify(mac, &subject.message(identity, granted))?;
+    keys.verify(mac, &subject.message(identity, granted, runtime))?;
     let identity: IdentityStamp =
         serde_json::from_str(identity).map_err(|_| StampError::Unreadable(STAMP_IDENTITY))?;
     if identity.user.is_empty() {
@@ -227,6 +263,7 @@ pub fn verify(pod: &Pod, namespace: &str, keys: &KeyRing) -> Result<Stamped, Sta
     Ok(Stamped {
         identity: Identity::new(identity.user, identity.groups),
         granted,
+        runtime: runtime.map(str::to_string),
     })
 }
 
@@ -411,8 +448,8 @@ mod tests {
             e,
             StampError::Signature(SignatureError::UnknownKey(_))
         ));
-        // Missing pieces.
-        for key in OWNED {
+        // Missing pieces (the runtime plan is optional, covered below).
+        for key in OWNED[..3].iter().copied() {
             let mut p = pod.clone();
             p.metadata.annotations.as_mut().unwrap().remove(key);
             assert_eq!(
@@ -421,6 +458,40 @@ mod tests {
                 "{key}"
             );
         }
+        // The runtime plan is signed: added, changed or removed, the signature breaks.
+        let alice = Identity::new("alice", Vec::new());
+        let subject = Subject::of_new_pod(&pod, "default");
+        let with_plan = {
+            let mut p = pod.clone();
+            let stamps =
+                stamps_with_runtime(&alice, [&finance_db()], Some("{\"c\":1}"), &subject, &keys);
+            p.metadata.annotations.as_mut().unwrap().extend(stamps);
+            p
+        };
+        let stamped = verify(&with_plan, "default", &keys).unwrap();
+        assert_eq!(stamped.runtime.as_deref(), Some("{\"c\":1}"));
+        let mut p = with_plan.clone();
+        set(&mut p, STAMP_RUNTIME, "{\"c\":2}");
+        assert!(matches!(
+            verify(&p, "default", &keys),
+            Err(StampError::Signature(_))
+        ));
+        let mut p = with_plan.clone();
+        p.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .remove(STAMP_RUNTIME);
+        assert!(matches!(
+            verify(&p, "default", &keys),
+            Err(StampError::Signature(_))
+        ));
+        let mut p = pod.clone();
+        set(&mut p, STAMP_RUNTIME, "{\"c\":1}");
+        assert!(matches!(
+            verify(&p, "default", &keys),
+            Err(StampError::Signature(_))
+        ));
         let mut p = pod.clone();
         set(&mut p, STAMP_SIGNATURE, "v2.n.abc.def");
         assert_eq!(
@@ -483,7 +554,7 @@ mod tests {
         assert_eq!(changed(&pod, &p), vec![STAMP_GRANTED]);
         let bare = fixture("spark35-driver-submit.json");
         assert!(!holds_grants(&bare));
-        assert_eq!(changed(&bare, &pod), OWNED.to_vec());
+        assert_eq!(changed(&bare, &pod), OWNED[..3].to_vec());
     }
 
     fn apply(pod: &Pod, ops: JsonPatch) -> Pod {
@@ -518,8 +589,8 @@ mod tests {
         ]));
         let fixed = apply(&forged, stamp_ops(&forged, &stamps));
         let a = fixed.metadata.annotations.unwrap();
-        for key in OWNED {
-            assert_eq!(a[key], stamps[key]);
+        for (key, value) in &stamps {
+            assert_eq!(&a[key], value);
         }
         assert_eq!(a["keep"], "me");
 

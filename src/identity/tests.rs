@@ -552,7 +552,10 @@ async fn forged_or_edited_driver_stamps_give_executors_nothing() {
 fn audit_annotations_name_identity_and_decision() {
     let r = Resolved {
         identity: Identity::new("alice", Vec::new()),
-        via: Via::SparkDriver { driver: "d".into() },
+        via: Via::SparkDriver {
+            driver: "d".into(),
+            uid: "u".into(),
+        },
         inherited: None,
         warnings: Vec::new(),
     };

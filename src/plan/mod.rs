@@ -15,6 +15,7 @@ use crate::workload::{Slot, Workload, WorkloadKind};
 
 mod env;
 mod patch;
+pub mod runtime;
 pub use patch::{JsonPatch, PatchError};
 
 use env::{Anchor, EnvEditor, Item};

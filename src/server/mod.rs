@@ -41,6 +41,11 @@ const ADMIN_BACKLOG: u32 = 128;
 const API_CONNECTIONS: usize = 64;
 /// Concurrent streams per HTTP/2 connection on the management API.
 const API_STREAMS: u32 = 32;
+/// Broker connections at once: a start burst of executors, each its own connection (the broker
+/// works on 512 requests at once; the rest wait for a turn).
+const BROKER_CONNECTIONS: usize = 1024;
+/// Streams per HTTP/2 connection on the broker (each wrapper sends one request).
+const BROKER_STREAMS: u32 = 8;
 
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,6 +89,8 @@ pub struct ServerOptions {
     pub max_streams: Option<u32>,
     /// HTTPS address of the management API (same certificate), if it is served.
     pub api_listen: Option<SocketAddr>,
+    /// HTTPS address of the broker pods fetch runtime values from (same certificate), if served.
+    pub broker_listen: Option<SocketAddr>,
 }
 
 impl ServerOptions {
@@ -105,6 +112,7 @@ impl ServerOptions {
             max_decode_bytes: DEFAULT_MAX_DECODE_BYTES,
             max_streams: None,
             api_listen: None,
+            broker_listen: None,
         }
     }
 
@@ -142,12 +150,15 @@ pub struct Bound {
     connections: Arc<Connections>,
     admin_connections: Arc<Connections>,
     api_connections: Arc<Connections>,
+    broker_connections: Arc<Connections>,
     reloader: Reloader,
     initial: tls::LoadedPair,
     state: Arc<http::AppState>,
     options: ServerOptions,
     /// The management API's listener and, once given ([`Bound::with_api`]), its router.
     api: Option<(TcpListener, Option<axum::Router>)>,
+    /// The broker's listener and, once given ([`Bound::with_broker`]), its router.
+    broker: Option<(TcpListener, Option<axum::Router>)>,
 }
 
 /// Loads the certificate pair (failing if it is unusable) and binds both ports.
@@ -177,19 +188,31 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
         Some(at) => Some((listen(at, ADMIN_BACKLOG)?, None)),
         None => None,
     };
+    let broker = match options.broker_listen {
+        Some(at) => Some((listen(at, ADMIN_BACKLOG)?, None)),
+        None => None,
+    };
     let fds = FdLimit::read();
     let room = fds.room(options.fd_reserve);
     // The management API's connections (a console backend, a few operators) come first out of
     // the room; admission takes the rest, up to its own cap.
     let api_caps = Caps::new(API_CONNECTIONS, room / 4, options.fd_reserve / 4);
     let api_room = if api.is_some() { api_caps.hard } else { 0 };
+    // The broker's connections come out of the room as well (a quarter at most).
+    let broker_caps = Caps::new(BROKER_CONNECTIONS, room / 4, options.fd_reserve / 4);
+    let broker_room = if broker.is_some() {
+        broker_caps.hard
+    } else {
+        0
+    };
     let caps = Caps::new(
         options.max_connections,
-        room.saturating_sub(api_room),
+        room.saturating_sub(api_room + broker_room),
         options.fd_reserve / 4,
     );
     let connections = Connections::new(caps);
     let api_connections = Connections::new(api_caps);
+    let broker_connections = Connections::new(broker_caps);
     let admin_connections = Connections::new(Caps::new(ADMIN_CONNECTIONS, usize::MAX, 8));
     // Large reviews take turns on half the cores, so the I/O workers always have the others.
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -230,11 +253,13 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
         connections,
         admin_connections,
         api_connections,
+        broker_connections,
         reloader,
         initial,
         state,
         options,
         api,
+        broker,
     })
 }
 
@@ -270,6 +295,19 @@ impl Bound {
         self.api.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
+    /// The broker (HTTPS) address actually bound, if any.
+    pub fn broker_addr(&self) -> Option<SocketAddr> {
+        self.broker.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Serves `router` on the broker's listener (bound with `broker_listen`).
+    pub fn with_broker(mut self, router: axum::Router) -> Self {
+        if let Some((_, slot)) = self.broker.as_mut() {
+            *slot = Some(router);
+        }
+        self
+    }
+
     /// Serves `router` on the management API's listener (bound with `api_listen`).
     pub fn with_api(mut self, router: axum::Router) -> Self {
         if let Some((_, slot)) = self.api.as_mut() {
@@ -291,11 +329,13 @@ impl Bound {
             connections,
             admin_connections,
             api_connections,
+            broker_connections,
             reloader,
             initial,
             state,
             options,
             api,
+            broker,
         } = self;
         let (stop, stopped) = watch::channel(false);
         let (admin_stop, admin_stopped) = watch::channel(false);
@@ -317,6 +357,27 @@ impl Bound {
                         port: "api",
                     },
                     api_stopped,
+                )
+                .await;
+            }
+        };
+        let broker_stopped = stopped.clone();
+        let broker_acceptor = acceptor.clone();
+        let brokering = async move {
+            if let Some((listener, Some(router))) = broker {
+                conn::accept_loop(
+                    listener,
+                    conn::Listener {
+                        tls: Some(broker_acceptor),
+                        router,
+                        header_timeout: options.header_timeout,
+                        idle_timeout: options.idle_timeout,
+                        drain: options.drain,
+                        connections: broker_connections,
+                        h2_streams: BROKER_STREAMS,
+                        port: "broker",
+                    },
+                    broker_stopped,
                 )
                 .await;
             }
@@ -365,7 +426,7 @@ impl Bound {
             state.draining.store(true, Ordering::SeqCst);
             stop.send_replace(true);
         };
-        tokio::join!(control, admission, admin, reload, management);
+        tokio::join!(control, admission, admin, reload, management, brokering);
         tracing::info!("drained; exiting");
     }
 }
@@ -435,9 +496,24 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let api_listen = api_listen(args.api_listen.as_deref(), args.dev)?;
-    let (webhook, api, cert, key, dev_ca) = if args.dev {
+    let broker_listen = broker_listen(args.broker_listen.as_deref(), args.dev)?;
+    let mut settings = settings;
+    settings.runtime.image = args.runtime_image.clone();
+    settings.runtime.broker_url = args
+        .broker_url
+        .clone()
+        .unwrap_or_else(|| format!("https://secrets-webhook.{}.svc:8445", args.namespace));
+    if let Some(path) = &args.broker_ca_file {
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--broker-ca-file {}: {e}", path.display()))?;
+        settings.runtime.broker_ca = Some(pem);
+    }
+    let (webhook, api, cert, key, dev_ca, client) = if args.dev {
         let dev = crate::certs::ensure_dev_certs(&args.dev_cert_dir)?;
-        let config = LocalConfig::load(&args.config)?;
+        let mut config = LocalConfig::load(&args.config)?;
+        if config.runtime.broker_ca_file.is_none() {
+            config.runtime.broker_ca_file = Some(dev.ca.clone());
+        }
         let (webhook, api) = match api_listen {
             Some(_) => {
                 let (webhook, api) = crate::api::dev(settings, &config, metrics)?;
@@ -445,11 +521,28 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
             }
             None => (Webhook::from_local(settings, &config, metrics)?, None),
         };
-        (webhook, api, dev.cert, dev.key, Some(dev.ca))
+        (webhook, api, dev.cert, dev.key, Some(dev.ca), None)
     } else {
         let config = cluster_config(&args.config)?;
         crate::api::refuse_static_tokens(&config)?;
         let client = kube::Client::try_default().await?;
+        if settings.runtime.broker_ca.is_none() {
+            // cert-manager's Secret (and `secrets-webhook certs --secret-yaml`) hold the CA here.
+            let beside = args.tls_cert.with_file_name("ca.crt");
+            settings.runtime.broker_ca = std::fs::read_to_string(&beside).ok();
+        }
+        if settings.runtime.image.is_none() {
+            settings.runtime.image = own_image(&client).await;
+        }
+        config.runtime_into(&mut settings.runtime);
+        if settings.runtime.image.is_none() || settings.runtime.broker_ca.is_none() {
+            tracing::warn!(
+                image = settings.runtime.image.is_some(),
+                broker_ca = settings.runtime.broker_ca.is_some(),
+                "runtime delivery is not configured: pods using Vault configs with delivery: runtime \
+                 will be denied (set --runtime-image and --broker-ca-file)"
+            );
+        }
         let trusted = TrustedControllers::new(config.trusted_controllers.clone())?;
         // No key until the mounted Secret is read: not ready, and nothing is signed.
         let keys = Keys::empty();
@@ -479,13 +572,25 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
             Some(_) => Some(crate::api::cluster(
                 &webhook,
                 vault,
-                client,
+                client.clone(),
                 &config,
                 args.api_token_audiences.clone(),
             )?),
             None => None,
         };
-        (webhook, api, args.tls_cert, args.tls_key, None)
+        (
+            webhook,
+            api,
+            args.tls_cert,
+            args.tls_key,
+            None,
+            Some(client),
+        )
+    };
+    let webhook = Arc::new(webhook);
+    let broker = match (broker_listen, client) {
+        (Some(_), Some(client)) => Some(crate::broker::Broker::new(Arc::clone(&webhook), client)),
+        _ => None,
     };
     let options = ServerOptions {
         max_body_bytes: args.max_body_bytes,
@@ -499,11 +604,18 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         max_decode_bytes: args.max_decode_bytes,
         max_streams: args.max_streams,
         api_listen,
+        broker_listen,
         ..ServerOptions::new(args.listen, args.admin_listen, cert, key)
     };
-    let mut bound = bind(options, Arc::new(webhook)).await?;
+    let mut bound = bind(options, webhook).await?;
     if let Some(api) = api {
         bound = bound.with_api(api.router());
+    }
+    if let Some(broker) = broker {
+        bound = bound.with_broker(broker.router());
+        if let Some(addr) = bound.broker_addr() {
+            tracing::info!(broker = %addr, "broker served (runtime delivery)");
+        }
     }
     if let Some(ca) = dev_ca {
         let port = bound.addr().port();
@@ -562,6 +674,58 @@ fn api_listen(flag: Option<&str>, dev: bool) -> anyhow::Result<Option<SocketAddr
             anyhow::anyhow!("--api-listen must be an address like 0.0.0.0:8444, or off")
         }),
     }
+}
+
+/// `--broker-listen`: an address, or `off`; unset means 0.0.0.0:8445 in a cluster and off with
+/// `--dev` (there is no API server to review the pods' tokens).
+fn broker_listen(flag: Option<&str>, dev: bool) -> anyhow::Result<Option<SocketAddr>> {
+    match flag.map(str::trim) {
+        None if dev => Ok(None),
+        None => Ok(Some(SocketAddr::from(([0, 0, 0, 0], 8445)))),
+        Some("off") | Some("") => Ok(None),
+        Some(_) if dev => anyhow::bail!(
+            "--broker-listen needs a cluster: the broker checks each pod's token with the API server"
+        ),
+        Some(addr) => addr.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!("--broker-listen must be an address like 0.0.0.0:8445, or off")
+        }),
+    }
+}
+
+/// The image of this pod's container (`POD_NAMESPACE`/`POD_NAME` from the downward API), which
+/// the runtime wrapper's init container runs: the same binary as this process.
+async fn own_image(client: &kube::Client) -> Option<String> {
+    let (Ok(namespace), Ok(name)) = (std::env::var("POD_NAMESPACE"), std::env::var("POD_NAME"))
+    else {
+        tracing::warn!("POD_NAMESPACE or POD_NAME not set: cannot read this pod's image");
+        return None;
+    };
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), &namespace);
+    for attempt in 0..5u32 {
+        match tokio::time::timeout(Duration::from_secs(5), pods.get(&name)).await {
+            Ok(Ok(pod)) => {
+                let containers = pod.spec.map(|s| s.containers).unwrap_or_default();
+                let image = containers
+                    .iter()
+                    .find(|c| c.name == "secrets-webhook")
+                    .or(containers.first())
+                    .and_then(|c| c.image.clone());
+                if image.is_none() {
+                    tracing::warn!(pod = %name, "this pod's container has no image");
+                }
+                return image;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(pod = %name, attempt, error = %e, "cannot read this pod's image")
+            }
+            Err(_) => {
+                tracing::warn!(pod = %name, attempt, "cannot read this pod's image: timed out")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
+    }
+    None
 }
 
 /// SIGTERM (what the kubelet sends) or Ctrl-C.

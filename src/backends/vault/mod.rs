@@ -27,13 +27,14 @@ use self::client::Conn;
 pub use self::keys::{VaultKey, data_key};
 pub use self::materialize::{CONFIG_LABEL, CONTENT_SIGNATURE, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 pub use self::spec::{
-    VaultConfig, VaultConfigCondition, VaultConfigResourceSpec, VaultConfigSpec, VaultConfigStatus,
-    crd_yaml,
+    Delivery, VaultConfig, VaultConfigCondition, VaultConfigResourceSpec, VaultConfigSpec,
+    VaultConfigStatus, crd_yaml,
 };
-use super::{KeyRef, VaultSource, VaultWant};
+use super::{Delivered, KeyRef, VaultSource, VaultWant};
 use crate::backends::Naming;
 use crate::identity::Keys;
 use crate::metrics::Metrics;
+use crate::refs::SecretObject;
 
 /// Why a Vault value could not be delivered. `Display` is the user-facing denial text (the engine
 /// prefixes the annotation and the reference). Never holds a value or a credential.
@@ -380,6 +381,7 @@ impl CheckReport {
 enum Entry {
     Ready {
         conn: Arc<Conn>,
+        delivery: Delivery,
         spec: Option<VaultConfigResourceSpec>,
     },
     Invalid {
@@ -411,6 +413,22 @@ enum Sink {
     Cluster(materialize::SecretWriter),
 }
 
+/// A wanted reference, checked: its config's client and delivery, and its parsed key.
+struct Wanted<'w> {
+    config: &'w str,
+    /// The reference's key, `path#field`.
+    secret_key: &'w str,
+    conn: Arc<Conn>,
+    delivery: Delivery,
+    key: VaultKey,
+}
+
+/// A wanted reference whose field exists, with the fields of its secret (from the cache).
+struct Found<'w> {
+    wanted: Wanted<'w>,
+    fields: Arc<SecretFields>,
+}
+
 /// Most would-be writes remembered between two `take_would_be_writes` calls.
 const MAX_WOULD_BE_WRITES: usize = 1000;
 
@@ -435,7 +453,11 @@ impl VaultBackend {
         for spec in specs {
             let target = spec::Target::from_local(spec)?;
             let conn = Conn::new(target, None, opts.clone())?;
-            let entry = Entry::Ready { conn, spec: None };
+            let entry = Entry::Ready {
+                conn,
+                delivery: spec.delivery,
+                spec: None,
+            };
             if configs.insert(spec.name.clone(), entry).is_some() {
                 return Err(VaultError::InvalidConfig {
                     config: spec.name.clone(),
@@ -522,17 +544,36 @@ impl VaultBackend {
 
     /// Adds or replaces a config built by the caller (the management API's `--dev` store, whose
     /// credentials are held in memory). A changed target gets a new client (and cache).
-    pub fn put_target(&self, target: spec::Target) -> Result<(), VaultError> {
+    pub fn put_target(&self, target: spec::Target, delivery: Delivery) -> Result<(), VaultError> {
         let name = target.name.clone();
-        if let Some(Entry::Ready { conn, .. }) = self.read_configs().get(&name) {
-            if conn.target == target {
+        if let Some(Entry::Ready {
+            conn,
+            delivery: current,
+            ..
+        }) = self.read_configs().get(&name)
+        {
+            if conn.target == target && *current == delivery {
                 return Ok(());
             }
         }
         let conn = Conn::new(target, None, self.opts.clone())?;
-        self.write_configs()
-            .insert(name, Entry::Ready { conn, spec: None });
+        self.write_configs().insert(
+            name,
+            Entry::Ready {
+                conn,
+                delivery,
+                spec: None,
+            },
+        );
         Ok(())
+    }
+
+    /// How `config`'s values reach pods; `None` for a config that does not exist.
+    pub fn delivery_of(&self, config: &str) -> Option<Delivery> {
+        self.read_configs().get(config).map(|e| match e {
+            Entry::Ready { delivery, .. } => *delivery,
+            Entry::Invalid { spec, .. } => spec.as_ref().map(|s| s.delivery).unwrap_or_default(),
+        })
     }
 
     /// Forgets a config (the management API's `--dev` store).
@@ -563,8 +604,12 @@ impl VaultBackend {
     }
 
     fn conn(&self, config: &str) -> Result<Arc<Conn>, VaultError> {
+        self.entry(config).map(|(conn, _)| conn)
+    }
+
+    fn entry(&self, config: &str) -> Result<(Arc<Conn>, Delivery), VaultError> {
         match self.read_configs().get(config) {
-            Some(Entry::Ready { conn, .. }) => Ok(conn.clone()),
+            Some(Entry::Ready { conn, delivery, .. }) => Ok((conn.clone(), *delivery)),
             Some(Entry::Invalid { error, .. }) => Err(error.clone()),
             None => Err(VaultError::UnknownConfig {
                 config: config.to_string(),
@@ -572,93 +617,135 @@ impl VaultBackend {
         }
     }
 
-    /// Reads every wanted field (one shared read per secret) and, unless `dry_run`, writes them.
-    /// Everything is borrowed from `wants` and the cache: a warm admission runs this twice (check,
-    /// then materialize), so it builds no owned copies of keys, paths or values it does not write.
+    /// Reads every wanted secret (one shared read per distinct secret; a fresh cached result is
+    /// no read) and returns, per want, its config, its key and the secret's fields, or why not.
+    /// Everything is borrowed from `wants` and the cache: no copies of values.
+    async fn lookup<'w>(
+        &self,
+        wants: impl Iterator<Item = &'w SecretObject>,
+        deadline: Instant,
+    ) -> Vec<Result<Found<'w>, VaultError>> {
+        let wanted: Vec<Result<Wanted<'w>, VaultError>> = wants
+            .map(|secret| {
+                let config = secret.source.id.as_str();
+                let (conn, delivery) = self.entry(config)?;
+                let key = VaultKey::parse(&secret.key).map_err(|reason| VaultError::BadKey {
+                    config: config.to_owned(),
+                    key: crate::refs::shape(&secret.key),
+                    reason,
+                })?;
+                Ok(Wanted {
+                    config,
+                    secret_key: &secret.key,
+                    conn,
+                    delivery,
+                    key,
+                })
+            })
+            .collect();
+
+        // One read per distinct (config, secret), all at once; `index[i]` is want i's read.
+        let mut index: Vec<Option<usize>> = Vec::with_capacity(wanted.len());
+        let fetched: Vec<Result<Arc<SecretFields>, VaultError>> = {
+            let mut read_of: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+            let mut reads: Vec<(&Arc<Conn>, &str)> = Vec::new();
+            for w in &wanted {
+                index.push(w.as_ref().ok().map(|w| {
+                    *read_of
+                        .entry((w.config, w.key.path.as_str()))
+                        .or_insert_with(|| {
+                            reads.push((&w.conn, &w.key.path));
+                            reads.len() - 1
+                        })
+                }));
+            }
+            futures::future::join_all(reads.iter().map(|(conn, path)| conn.get(path, deadline)))
+                .await
+        };
+        wanted
+            .into_iter()
+            .zip(index)
+            .map(|(w, i)| {
+                let w = w?;
+                let fields = i
+                    .and_then(|i| fetched.get(i))
+                    .ok_or_else(|| VaultError::Internal {
+                        config: w.config.to_owned(),
+                    })?
+                    .clone()?;
+                if fields.get(&w.key.field).is_none() {
+                    let path = match w.conn.layout_now() {
+                        Some(layout) => layout.api_path(&layout.secret_path(&w.key.path)),
+                        None => w.key.path.clone(),
+                    };
+                    return Err(VaultError::FieldNotFound {
+                        config: w.config.to_owned(),
+                        path,
+                        field: w.key.field.clone(),
+                        available: available(&fields),
+                    });
+                }
+                Ok(Found { wanted: w, fields })
+            })
+            .collect()
+    }
+
+    /// The values of `secrets` (the broker: what a pod fetches at start), through the same cache
+    /// and coalescing as admissions, so a burst of pods makes one Vault read per secret. Each
+    /// config's delivery mode is not looked at: the pod's signed plan already says how.
+    pub async fn values(
+        &self,
+        secrets: &[&SecretObject],
+        deadline: Instant,
+    ) -> Vec<Result<SecretValue, VaultError>> {
+        self.lookup(secrets.iter().copied(), deadline)
+            .await
+            .into_iter()
+            .map(|found| {
+                let found = found?;
+                found
+                    .fields
+                    .get(&found.wanted.key.field)
+                    .cloned()
+                    .ok_or_else(|| VaultError::Internal {
+                        config: found.wanted.config.to_owned(),
+                    })
+            })
+            .collect()
+    }
+
+    /// Reads every wanted field (one shared read per secret). Fields of `runtime` configs are
+    /// only checked: the pod fetches them at start. Those of `materialize` configs are written
+    /// into the managed Secret unless `dry_run`.
     async fn deliver_all(
         &self,
         namespace: &str,
         wants: &[VaultWant<'_>],
         dry_run: bool,
         deadline: Instant,
-    ) -> Vec<Result<KeyRef, VaultError>> {
-        struct Wanted<'w> {
-            config: &'w str,
-            /// The reference's key, `path#field`.
-            secret_key: &'w str,
-            conn: Arc<Conn>,
-            key: VaultKey,
-        }
-        let wanted: Vec<Result<Wanted<'_>, VaultError>> = wants
-            .iter()
-            .map(|want| {
-                let config = want.secret.source.id.as_str();
-                let conn = self.conn(config)?;
-                let key =
-                    VaultKey::parse(&want.secret.key).map_err(|reason| VaultError::BadKey {
-                        config: config.to_owned(),
-                        key: crate::refs::shape(&want.secret.key),
-                        reason,
-                    })?;
-                Ok(Wanted {
-                    config,
-                    secret_key: &want.secret.key,
-                    conn,
-                    key,
-                })
-            })
-            .collect();
-
-        // One read per distinct (config, secret), all at once (a fresh cached result is no read).
-        let mut read_of: BTreeMap<(&str, &str), usize> = BTreeMap::new();
-        let mut reads: Vec<(&Arc<Conn>, &str)> = Vec::new();
-        for w in wanted.iter().flatten() {
-            read_of
-                .entry((w.config, w.key.path.as_str()))
-                .or_insert_with(|| {
-                    reads.push((&w.conn, &w.key.path));
-                    reads.len() - 1
-                });
-        }
-        let fetched: Vec<Result<Arc<SecretFields>, VaultError>> =
-            futures::future::join_all(reads.iter().map(|(conn, path)| conn.get(path, deadline)))
-                .await;
-
-        // Per reference: its config and Secret data key, or why not. Values are copied only to be
-        // written.
+    ) -> Vec<Result<Delivered, VaultError>> {
+        let found = self.lookup(wants.iter().map(|w| w.secret), deadline).await;
+        // Per reference: its config and Secret data key (materialize), runtime, or why not.
+        // Values are copied only to be written.
         let mut to_write: BTreeMap<&str, BTreeMap<String, SecretValue>> = BTreeMap::new();
-        let resolved: Vec<Result<(&str, String), VaultError>> = wanted
+        let resolved: Vec<Result<Option<(&str, String)>, VaultError>> = found
             .iter()
-            .map(|w| {
-                let w = w.as_ref().map_err(Clone::clone)?;
-                let fields = read_of
-                    .get(&(w.config, w.key.path.as_str()))
-                    .and_then(|&i| fetched.get(i))
-                    .ok_or_else(|| VaultError::Internal {
-                        config: w.config.to_owned(),
-                    })?
-                    .as_ref()
-                    .map_err(Clone::clone)?;
-                let value = fields.get(&w.key.field).ok_or_else(|| {
-                    let path = match w.conn.layout_now() {
-                        Some(layout) => layout.api_path(&layout.secret_path(&w.key.path)),
-                        None => w.key.path.clone(),
-                    };
-                    VaultError::FieldNotFound {
-                        config: w.config.to_owned(),
-                        path,
-                        field: w.key.field.clone(),
-                        available: available(fields),
-                    }
-                })?;
+            .map(|f| {
+                let f = f.as_ref().map_err(Clone::clone)?;
+                let w = &f.wanted;
+                if w.delivery == Delivery::Runtime {
+                    return Ok(None);
+                }
                 let key = data_key(w.secret_key);
                 if !dry_run {
-                    to_write
-                        .entry(w.config)
-                        .or_default()
-                        .insert(key.clone(), value.clone());
+                    if let Some(value) = f.fields.get(&w.key.field) {
+                        to_write
+                            .entry(w.config)
+                            .or_default()
+                            .insert(key.clone(), value.clone());
+                    }
                 }
-                Ok((w.config, key))
+                Ok(Some((w.config, key)))
             })
             .collect();
 
@@ -682,14 +769,16 @@ impl VaultBackend {
         resolved
             .into_iter()
             .map(|r| {
-                let (config, key) = r?;
+                let Some((config, key)) = r? else {
+                    return Ok(Delivered::Runtime);
+                };
                 if let Some(Err(e)) = written.get(config) {
                     return Err(e.clone());
                 }
-                Ok(KeyRef {
+                Ok(Delivered::Secret(KeyRef {
                     secret: self.naming.vault_secret_for(config),
                     key,
-                })
+                }))
             })
             .collect()
     }
@@ -741,6 +830,7 @@ impl VaultBackend {
         {
             Ok(conn) => Entry::Ready {
                 conn,
+                delivery: spec.delivery,
                 spec: Some(spec.clone()),
             },
             Err(error) => Entry::Invalid {
@@ -969,17 +1059,38 @@ impl VaultSource for VaultBackend {
         self.read_configs().get(config).map(Entry::bundle)
     }
 
+    fn delivery_of(&self, config: &str) -> Option<Delivery> {
+        VaultBackend::delivery_of(self, config)
+    }
+
     async fn deliver(
         &self,
         namespace: &str,
         wants: &[VaultWant<'_>],
         dry_run: bool,
         deadline: Instant,
-    ) -> Vec<Result<KeyRef, String>> {
+    ) -> Vec<Result<Delivered, String>> {
         self.deliver_all(namespace, wants, dry_run, deadline)
             .await
             .into_iter()
             .map(|r| r.map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    async fn values(
+        &self,
+        secrets: &[&SecretObject],
+        deadline: Instant,
+    ) -> Vec<Result<SecretValue, super::ValueError>> {
+        VaultBackend::values(self, secrets, deadline)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.map_err(|e| super::ValueError {
+                    retry: !e.is_definitive() && !matches!(e, VaultError::FieldNotFound { .. }),
+                    message: e.to_string(),
+                })
+            })
             .collect()
     }
 }

@@ -45,6 +45,51 @@ pub struct VaultConfigResourceSpec {
     pub ca_cert: Option<String>,
     /// Exactly one of `appRole` (recommended) or `token`.
     pub auth: ClusterAuth,
+    /// How values reach pods: `runtime` (default; fetched by the pod at start, never stored) or
+    /// `materialize` (copied into a Secret of the pod's namespace).
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// How a Vault config's values reach the pods that use them (docs/vault.md compares the two).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Delivery {
+    /// The pod fetches its values at start from the webhook (the broker), proving who it is with
+    /// a pod-bound service-account token; nothing is stored in etcd.
+    #[default]
+    Runtime,
+    /// The webhook copies the values into the Secret `iomete-vault-<config>` in the pod's
+    /// namespace and references them from there (for clusters that cannot run the wrapper).
+    Materialize,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Runtime => "runtime",
+            Delivery::Materialize => "materialize",
+        }
+    }
+}
+
+impl std::fmt::Display for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How the webhook logs in, in a cluster.
@@ -127,6 +172,9 @@ pub struct VaultConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_file: Option<PathBuf>,
     pub auth: LocalAuth,
+    /// `runtime` (default) or `materialize`, as in the CRD.
+    #[serde(default)]
+    pub delivery: Delivery,
 }
 
 /// Exactly one of `token` or `appRole`.
