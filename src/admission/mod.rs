@@ -51,6 +51,8 @@ pub enum BuildError {
 pub struct Denial {
     pub reason: &'static str,
     pub message: String,
+    /// The username the pod would have been admitted for, once resolved (for the log line).
+    pub identity: Option<String>,
     /// Audit annotations known at the time of the denial (the resolved identity).
     pub audit: HashMap<String, String>,
 }
@@ -60,12 +62,14 @@ impl Denial {
         Self {
             reason,
             message: message.into(),
+            identity: None,
             audit: HashMap::new(),
         }
     }
 
     /// Records who the denied pod was admitted for.
     fn for_identity(mut self, resolved: &identity::Resolved) -> Self {
+        self.identity = Some(resolved.identity.username.clone());
         self.audit = identity::audit_annotations(Some(resolved), "denied");
         self
     }
@@ -270,9 +274,16 @@ impl Webhook {
                 outcome.workload
             }
             Err(denial) => {
+                // The workload as classified, even when the denial came before or without it.
+                let workload = req.object.as_ref().and_then(|pod| {
+                    let classified = workload::classify(pod, &self.settings.selectors);
+                    classified.ok().flatten().map(|w| w.kind)
+                });
                 tracing::info!(
-                    uid = %req.uid, namespace, pod = %pod_name, decision = "denied",
-                    reason = denial.reason, message = %denial.message,
+                    uid = %req.uid, namespace, pod = %pod_name,
+                    identity = denial.identity.as_deref().unwrap_or(""),
+                    workload = workload.map_or("none", WorkloadKind::as_str),
+                    decision = "denied", reason = denial.reason, denial = %denial.message,
                     duration_ms = started.elapsed().as_secs_f64() * 1e3,
                     "admission"
                 );
@@ -283,7 +294,7 @@ impl Webhook {
                 response
                     .audit_annotations
                     .insert("decision".into(), format!("denied: {}", denial.reason));
-                None
+                workload
             }
         };
         (response, workload)

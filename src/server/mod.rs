@@ -7,6 +7,7 @@
 
 mod conn;
 mod http;
+pub mod logging;
 pub mod tls;
 
 use std::future::Future;
@@ -199,32 +200,11 @@ impl Bound {
 
 /// `secrets-webhook serve`.
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(&args.log_format)?;
+    logging::init(&args.log_format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(serve_main(args))
-}
-
-fn init_tracing(format: &str) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // An already installed subscriber (e.g. in a test binary) is fine: `try_init` errors are ignored.
-    match format {
-        "json" => {
-            let _ = builder.json().try_init();
-        }
-        "text" => {
-            let _ = builder
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .try_init();
-        }
-        other => anyhow::bail!("--log-format must be `json` or `text`, not `{other}`"),
-    }
-    Ok(())
 }
 
 async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
@@ -259,7 +239,8 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(ca) = dev_ca {
         let port = bound.addr().port();
         let ca = ca.display();
-        eprintln!(
+        // On stdout: stderr carries only log lines (one JSON object each, docs/logging.md).
+        println!(
             "secrets-webhook --dev: https://localhost:{port}/mutate (development CA: {ca})\n\
              admin: http://{admin}/readyz\n\
              try:\n  curl --cacert {ca} -H 'content-type: application/json' \

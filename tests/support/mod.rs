@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake_apiserver;
+pub mod leaks;
 pub mod logs;
 pub mod metrics;
 pub mod openbao;
