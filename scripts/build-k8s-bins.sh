@@ -3,6 +3,7 @@
 # proxy, using the pinned wrapper modules in tests/e2e/k8s-bins/. Outputs go to a cache outside git,
 # keyed by the wrapper modules' content, so a second run takes seconds. Prints the bin directory.
 #   K8S_E2E_CACHE   cache root (default ~/.cache/secrets-webhook-e2e)
+#   --no-build      only print the directory if it is already built; else exit 3
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 mods="$repo/tests/e2e/k8s-bins"
@@ -14,6 +15,10 @@ want=(kube-apiserver kube-controller-manager kubectl etcd etcdctl helm)
 have=1
 for b in "${want[@]}"; do [ -x "$bin/$b" ] || have=0; done
 if [ "$have" = 1 ]; then echo "$bin"; exit 0; fi
+if [ "${1:-}" = --no-build ]; then
+  echo "build-k8s-bins: not built yet ($bin); run scripts/build-k8s-bins.sh (a cold build takes ~20 min)" >&2
+  exit 3
+fi
 
 mkdir -p "$bin.tmp"
 export CGO_ENABLED=0 GOFLAGS=-mod=readonly GOTOOLCHAIN=local

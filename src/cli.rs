@@ -110,6 +110,17 @@ pub struct ServeArgs {
     /// Who decides Use: `ras` (ResourceBundle objects) or `subject-access-review` (Kubernetes RBAC).
     #[arg(long, env = "SECRETS_WEBHOOK_AUTHORIZER", value_enum, default_value_t = crate::authz::AuthorizerKind::Ras)]
     pub authorizer: crate::authz::AuthorizerKind,
+    /// HTTPS address of the management API and console (`off` to disable). Default: off in a
+    /// cluster, 127.0.0.1:8444 with `--dev`. Same certificate as admission.
+    #[arg(long, env = "SECRETS_WEBHOOK_API_LISTEN")]
+    pub api_listen: Option<String>,
+    /// Audiences a bearer token of the API must be issued for (TokenReview); default: the API server's.
+    #[arg(
+        long = "api-token-audience",
+        env = "SECRETS_WEBHOOK_API_TOKEN_AUDIENCES",
+        value_delimiter = ','
+    )]
+    pub api_token_audiences: Vec<String>,
     /// Log format: `json` (default) or `text`.
     #[arg(long, env = "SECRETS_WEBHOOK_LOG_FORMAT", default_value = "json")]
     pub log_format: String,

@@ -111,6 +111,15 @@ pub struct LocalConfig {
     pub resource_bundles: Vec<crate::authz::ras::LocalResourceBundle>,
     #[serde(default)]
     pub trusted_controllers: Vec<crate::admission::identity::TrustedController>,
+    /// Management API, `--dev` only: static bearer tokens (refused in a cluster).
+    #[serde(default)]
+    pub api_tokens: Vec<crate::api::ApiToken>,
+    /// Management API: who may create and delete Vault configs.
+    #[serde(default)]
+    pub api_admins: Vec<crate::authz::ras::Subject>,
+    /// Management API: backends trusted to name the user they act for (`X-Remote-User`).
+    #[serde(default)]
+    pub console_backends: Vec<crate::api::ConsoleBackend>,
 }
 
 /// Key names of the Kubernetes stores, standing in for the Secrets themselves.

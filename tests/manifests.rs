@@ -328,6 +328,34 @@ fn rbac_grants_exactly_what_the_code_does() {
         assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
         assert_eq!(binding["subjects"][0]["name"], "secrets-webhook");
     }
+    // The management API adds exactly what it calls (src/api): delete replaced credentials
+    // Secrets, write VaultConfigs, list pods for "in use", review tokens.
+    let api_role = object(
+        "manifests/components/management-api/rbac.yaml",
+        "Role",
+        "secrets-webhook-api",
+    );
+    assert_eq!(
+        grants(&api_role),
+        BTreeSet::from([
+            grant("", "secrets", &["delete"]),
+            grant("", "pods", &["list"]),
+            grant(
+                "secrets.iomete.com",
+                "vaultconfigs",
+                &["create", "patch", "delete"]
+            ),
+        ])
+    );
+    let api_cluster_role = object(
+        "manifests/components/management-api/rbac.yaml",
+        "ClusterRole",
+        "secrets-webhook-api",
+    );
+    assert_eq!(
+        grants(&api_cluster_role),
+        BTreeSet::from([grant("authentication.k8s.io", "tokenreviews", &["create"])])
+    );
     let sar = object(
         "manifests/components/sar-authorizer/rbac.yaml",
         "ClusterRole",

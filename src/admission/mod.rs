@@ -137,16 +137,28 @@ impl Webhook {
         metrics: Arc<Metrics>,
         trusted: identity::TrustedControllers,
     ) -> Result<Self, BuildError> {
-        let naming = &settings.naming;
-        let stores = StoreWatch::spawn(client.clone(), naming);
         let vault = VaultBackend::in_cluster(
             client.clone(),
-            naming.clone(),
+            settings.naming.clone(),
             VaultOptions {
                 metrics: Some(Arc::clone(&metrics)),
                 ..VaultOptions::default()
             },
         );
+        Self::from_cluster_parts(settings, client, metrics, trusted, vault)
+    }
+
+    /// [`Webhook::from_cluster`] with the Vault backend built by the caller (the management API
+    /// shares it).
+    pub fn from_cluster_parts(
+        settings: Settings,
+        client: kube::Client,
+        metrics: Arc<Metrics>,
+        trusted: identity::TrustedControllers,
+        vault: Arc<VaultBackend>,
+    ) -> Result<Self, BuildError> {
+        let naming = &settings.naming;
+        let stores = StoreWatch::spawn(client.clone(), naming);
         let authz = crate::authz::in_cluster(
             settings.authorizer,
             client.clone(),

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
-use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
+use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Permission, Resource};
 use crate::metrics::Metrics;
 
 /// Why [`SingleFlight::get`] has no value for a caller.
@@ -231,7 +231,7 @@ type Outcome = Result<Decision, AuthzError>;
 pub struct CachedAuthorizer<A> {
     inner: Arc<A>,
     settings: CacheSettings,
-    flights: Arc<SingleFlight<(Identity, Resource), Outcome>>,
+    flights: Arc<SingleFlight<(Identity, Permission, Resource), Outcome>>,
     /// Where inner calls are counted, under which `backend` label.
     counted: Option<(Arc<Metrics>, &'static str)>,
 }
@@ -292,14 +292,25 @@ impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
     }
 
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
-        let key = (who.clone(), what.clone());
+        self.decide(who, Permission::Use, what, deadline).await
+    }
+
+    async fn decide(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+        deadline: Instant,
+    ) -> Decision {
+        let key = (who.clone(), permission, what.clone());
         let inner = Arc::clone(&self.inner);
         let budget = self.settings.check_budget;
         let counted = self.counted.clone();
         let start = move || -> BoxFuture<'static, Outcome> {
             Box::pin(async move {
-                let (who, what) = key;
-                let outcome = match tokio::time::timeout(budget, inner.check(&who, &what)).await {
+                let (who, permission, what) = key;
+                let checked = inner.check_permission(&who, permission, &what);
+                let outcome = match tokio::time::timeout(budget, checked).await {
                     Ok(outcome) => outcome,
                     Err(_) => Err(AuthzError::Unreachable(format!(
                         "no answer within {} ms",
@@ -319,13 +330,13 @@ impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
         };
         let outcome = self
             .flights
-            .get((who.clone(), what.clone()), deadline, start)
+            .get((who.clone(), permission, what.clone()), deadline, start)
             .await;
         match outcome {
             Ok(Ok(decision)) => decision,
             Ok(Err(e)) => e.into_decision(),
             Err(FlightError::Deadline) => AuthzError::Unreachable(format!(
-                "no decision on Use of {what} for {who} before the admission deadline"
+                "no decision on {permission} of {what} for {who} before the admission deadline"
             ))
             .into_decision(),
             Err(FlightError::Lost) => {

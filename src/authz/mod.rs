@@ -15,6 +15,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use crate::metrics::Metrics;
+pub use ras::Permission;
 
 /// The identity a pod is admitted for (after trusted-controller and executor resolution).
 ///
@@ -79,6 +80,22 @@ pub trait Authorizer: Send + Sync {
     /// Whether `who` holds `Use` on `what`. Fails closed: an unreachable authorizer denies.
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision;
 
+    /// Whether `who` holds `permission` on `what` (the management API asks View and Update too).
+    /// Fails closed; an authorizer that only knows Use denies the others.
+    async fn decide(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+        deadline: Instant,
+    ) -> Decision {
+        match permission {
+            Permission::Use => self.check_use(who, what, deadline).await,
+            _ => AuthzError::Unreachable(format!("this authorizer cannot decide {permission}"))
+                .into_decision(),
+        }
+    }
+
     /// False while the authorizer cannot decide yet (e.g. bundles not listed); for `/readyz`.
     fn ready(&self) -> bool {
         true
@@ -105,6 +122,21 @@ impl AuthzError {
 pub trait CheckUse: Send + Sync {
     /// Whether `who` holds `Use` on `what`, or why that could not be decided.
     async fn check(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError>;
+
+    /// Whether `who` holds `permission` on `what`; only Use unless the authorizer says otherwise.
+    async fn check_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<Decision, AuthzError> {
+        match permission {
+            Permission::Use => self.check(who, what).await,
+            _ => Err(AuthzError::Unreachable(format!(
+                "this authorizer cannot decide {permission}"
+            ))),
+        }
+    }
 
     /// False while it cannot decide yet.
     fn ready(&self) -> bool {

@@ -29,6 +29,17 @@ pub enum Permission {
     Use,
 }
 
+impl std::fmt::Display for Permission {
+    /// `View`, `Update`, `Use`: the product's names, as denials write them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Permission::View => "View",
+            Permission::Update => "Update",
+            Permission::Use => "Use",
+        })
+    }
+}
+
 /// Whether a subject names a user or a group.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
@@ -175,11 +186,22 @@ impl RasAuthorizer {
         }
     }
 
-    /// The decision on the current bundles, or an error while they are not known yet.
+    /// The decision on `Use` with the current bundles, or an error while they are not known yet.
     pub fn evaluate(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
+        self.evaluate_permission(who, Permission::Use, what)
+    }
+
+    /// The decision on `permission` with the current bundles.
+    pub fn evaluate_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<Decision, AuthzError> {
         match &self.bundles {
             Bundles::Local(map) => Ok(decide(
                 who,
+                permission,
                 what,
                 map.iter().map(|(name, spec)| (name.as_str(), spec)),
             )),
@@ -192,6 +214,7 @@ impl RasAuthorizer {
                 let all = store.state();
                 Ok(decide(
                     who,
+                    permission,
                     what,
                     all.iter()
                         .map(|rb| (rb.metadata.name.as_deref().unwrap_or_default(), &rb.spec)),
@@ -204,6 +227,7 @@ impl RasAuthorizer {
 /// The RAS rule over a set of named bundles.
 fn decide<'a>(
     who: &Identity,
+    permission: Permission,
     what: &Resource,
     bundles: impl Iterator<Item = (&'a str, &'a ResourceBundleSpec)>,
 ) -> Decision {
@@ -213,20 +237,20 @@ fn decide<'a>(
             for (bundle_name, spec) in bundles {
                 if bundle_name == bundle {
                     found = true;
-                    if spec.grants_to(who, Permission::Use) {
+                    if spec.grants_to(who, permission) {
                         return Decision::Allow;
                     }
                 }
             }
             if found {
                 Decision::Deny(format!(
-                    "{who} lacks Use on {what} (resource bundle {bundle:?}); a platform admin can grant \
-                     Use to the user or one of its groups in that bundle"
+                    "{who} lacks {permission} on {what} (resource bundle {bundle:?}); a platform admin can grant \
+                     {permission} to the user or one of its groups in that bundle"
                 ))
             } else {
                 Decision::Deny(format!(
-                    "{who} lacks Use on vault config {name:?}: its resource bundle {bundle:?} does not \
-                     exist; a platform admin must create it and grant Use"
+                    "{who} lacks {permission} on vault config {name:?}: its resource bundle {bundle:?} does not \
+                     exist; a platform admin must create it and grant {permission}"
                 ))
             }
         }
@@ -234,7 +258,7 @@ fn decide<'a>(
             let mut governing = Vec::new();
             for (bundle_name, spec) in bundles {
                 if spec.domains.iter().any(|d| d == domain) {
-                    if spec.grants_to(who, Permission::Use) {
+                    if spec.grants_to(who, permission) {
                         return Decision::Allow;
                     }
                     governing.push(format!("{bundle_name:?}"));
@@ -242,15 +266,15 @@ fn decide<'a>(
             }
             if governing.is_empty() {
                 Decision::Deny(format!(
-                    "{who} lacks Use on {what} (no resource bundle lists domain {domain:?}); a platform \
-                     admin must add the domain to a bundle and grant Use"
+                    "{who} lacks {permission} on {what} (no resource bundle lists domain {domain:?}); a platform \
+                     admin must add the domain to a bundle and grant {permission}"
                 ))
             } else {
                 governing.sort();
                 let plural = if governing.len() == 1 { "" } else { "s" };
                 Decision::Deny(format!(
-                    "{who} lacks Use on {what} (resource bundle{plural} {}); a platform admin can grant \
-                     Use to the user or one of its groups there",
+                    "{who} lacks {permission} on {what} (resource bundle{plural} {}); a platform admin can grant \
+                     {permission} to the user or one of its groups there",
                     governing.join(", ")
                 ))
             }
@@ -265,6 +289,16 @@ impl CheckUse for RasAuthorizer {
         self.evaluate(who, what)
     }
 
+    async fn check_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<Decision, AuthzError> {
+        self.wait_ready().await;
+        self.evaluate_permission(who, permission, what)
+    }
+
     fn ready(&self) -> bool {
         RasAuthorizer::ready(self)
     }
@@ -275,6 +309,18 @@ impl Authorizer for RasAuthorizer {
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
         let _ = tokio::time::timeout_at(deadline.into(), self.wait_ready()).await;
         self.evaluate(who, what)
+            .unwrap_or_else(AuthzError::into_decision)
+    }
+
+    async fn decide(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+        deadline: Instant,
+    ) -> Decision {
+        let _ = tokio::time::timeout_at(deadline.into(), self.wait_ready()).await;
+        self.evaluate_permission(who, permission, what)
             .unwrap_or_else(AuthzError::into_decision)
     }
 

@@ -11,12 +11,21 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::api::{Api, PostParams};
 
-use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Resource};
+use super::{Authorizer, AuthzError, CheckUse, Decision, Identity, Permission, Resource};
 
 /// API group of the resources the webhook asks about.
 pub const GROUP: &str = "secrets.iomete.com";
 /// The verb that stands for RAS `Use`.
 pub const VERB: &str = "use";
+
+/// The RBAC verb that stands for a RAS permission: `get` (View), `update` (Update), `use` (Use).
+pub fn verb_of(permission: Permission) -> &'static str {
+    match permission {
+        Permission::View => "get",
+        Permission::Update => "update",
+        Permission::Use => VERB,
+    }
+}
 
 /// Asks the API server through a real `kube::Client`.
 #[derive(Clone)]
@@ -34,8 +43,18 @@ impl SarAuthorizer {
         }
     }
 
-    /// The review the webhook sends for one decision.
+    /// The review the webhook sends for one decision on Use.
     pub fn review_for(&self, who: &Identity, what: &Resource) -> SubjectAccessReview {
+        self.review_for_permission(who, Permission::Use, what)
+    }
+
+    /// The review the webhook sends for one decision on `permission`.
+    pub fn review_for_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> SubjectAccessReview {
         let (resource, name) = match what {
             Resource::Domain(domain) => ("domains", domain.as_str()),
             Resource::VaultConfig { name, .. } => ("vaultconfigs", name.as_str()),
@@ -48,7 +67,7 @@ impl SarAuthorizer {
                 extra: (!who.extra.is_empty()).then(|| who.extra.clone()),
                 resource_attributes: Some(ResourceAttributes {
                     namespace: Some(self.namespace.clone()),
-                    verb: Some(VERB.into()),
+                    verb: Some(verb_of(permission).into()),
                     group: Some(GROUP.into()),
                     resource: Some(resource.into()),
                     name: Some(name.into()),
@@ -64,9 +83,22 @@ impl SarAuthorizer {
 #[async_trait]
 impl CheckUse for SarAuthorizer {
     async fn check(&self, who: &Identity, what: &Resource) -> Result<Decision, AuthzError> {
+        self.check_permission(who, Permission::Use, what).await
+    }
+
+    async fn check_permission(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+    ) -> Result<Decision, AuthzError> {
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let verb = verb_of(permission);
         let answer = api
-            .create(&PostParams::default(), &self.review_for(who, what))
+            .create(
+                &PostParams::default(),
+                &self.review_for_permission(who, permission, what),
+            )
             .await
             .map_err(|e| {
                 AuthzError::Unreachable(format!("SubjectAccessReview for {who} failed: {e}"))
@@ -84,7 +116,7 @@ impl CheckUse for SarAuthorizer {
             Resource::VaultConfig { name, .. } => ("vaultconfigs", name),
         };
         let mut text = format!(
-            "{who} lacks Use on {what} (Kubernetes RBAC: verb \"{VERB}\" on {resource}.{GROUP} \
+            "{who} lacks {permission} on {what} (Kubernetes RBAC: verb \"{verb}\" on {resource}.{GROUP} \
              {name:?} in namespace {:?}",
             self.namespace
         );
@@ -102,7 +134,18 @@ impl CheckUse for SarAuthorizer {
 #[async_trait]
 impl Authorizer for SarAuthorizer {
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision {
-        match tokio::time::timeout_at(deadline.into(), self.check(who, what)).await {
+        self.decide(who, Permission::Use, what, deadline).await
+    }
+
+    async fn decide(
+        &self,
+        who: &Identity,
+        permission: Permission,
+        what: &Resource,
+        deadline: Instant,
+    ) -> Decision {
+        let decided = self.check_permission(who, permission, what);
+        match tokio::time::timeout_at(deadline.into(), decided).await {
             Ok(Ok(decision)) => decision,
             Ok(Err(e)) => e.into_decision(),
             Err(_) => AuthzError::Unreachable(

@@ -183,12 +183,13 @@ async fn run(api: Api<SecretKeys>, namespace: String, shared: Arc<Shared>) {
     tracing::error!(%namespace, "watch of secret stores ended");
 }
 
-/// A Secret as this module reads it: metadata and the key names of `data`, values skipped.
+/// A Secret as this module (and the management API) reads it: metadata and the key names of
+/// `data`, values skipped.
 #[derive(Clone, Debug, Deserialize)]
-struct SecretKeys {
-    metadata: ObjectMeta,
+pub(crate) struct SecretKeys {
+    pub(crate) metadata: ObjectMeta,
     #[serde(default, deserialize_with = "key_names")]
-    data: BTreeSet<String>,
+    pub(crate) data: BTreeSet<String>,
 }
 
 impl SecretKeys {

@@ -44,6 +44,8 @@ pub struct ServerOptions {
     pub drain: Duration,
     /// How often the certificate files are checked for changes.
     pub reload_interval: Duration,
+    /// HTTPS address of the management API (same certificate), if it is served.
+    pub api_listen: Option<SocketAddr>,
 }
 
 impl ServerOptions {
@@ -57,6 +59,7 @@ impl ServerOptions {
             header_timeout: Duration::from_secs(10),
             drain: Duration::from_secs(20),
             reload_interval: Duration::from_secs(2),
+            api_listen: None,
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct Bound {
     initial: tls::LoadedPair,
     state: Arc<http::AppState>,
     options: ServerOptions,
+    /// The management API's listener and, once given ([`Bound::with_api`]), its router.
+    api: Option<(TcpListener, Option<axum::Router>)>,
 }
 
 /// Loads the certificate pair (failing if it is unusable) and binds both ports.
@@ -107,6 +112,10 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
     };
     let addr = local(&listener, options.listen)?;
     let admin_addr = local(&admin_listener, options.admin_listen)?;
+    let api = match options.api_listen {
+        Some(at) => Some((listen(at).await?, None)),
+        None => None,
+    };
     let state = Arc::new(http::AppState {
         webhook,
         draining: Arc::new(AtomicBool::new(false)),
@@ -129,6 +138,7 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
         initial,
         state,
         options,
+        api,
     })
 }
 
@@ -141,6 +151,19 @@ impl Bound {
     /// The admin (HTTP) address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The management API (HTTPS) address actually bound, if any.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Serves `router` on the management API's listener (bound with `api_listen`).
+    pub fn with_api(mut self, router: axum::Router) -> Self {
+        if let Some((_, slot)) = self.api.as_mut() {
+            *slot = Some(router);
+        }
+        self
     }
 
     /// Serves until `shutdown` completes; then reports not-ready, stops accepting, lets in-flight
@@ -157,10 +180,28 @@ impl Bound {
             initial,
             state,
             options,
+            api,
         } = self;
         let (stop, stopped) = watch::channel(false);
         let (admin_stop, admin_stopped) = watch::channel(false);
         let reload = reloader.run(&initial, stopped.clone());
+        let api_stopped = stopped.clone();
+        let api_acceptor = acceptor.clone();
+        let management = async move {
+            if let Some((listener, Some(router))) = api {
+                conn::accept_loop(
+                    listener,
+                    conn::Listener {
+                        tls: Some(api_acceptor),
+                        router,
+                        header_timeout: options.header_timeout,
+                        drain: options.drain,
+                    },
+                    api_stopped,
+                )
+                .await;
+            }
+        };
         let admission = async {
             conn::accept_loop(
                 listener,
@@ -193,7 +234,7 @@ impl Bound {
             state.draining.store(true, Ordering::SeqCst);
             stop.send_replace(true);
         };
-        tokio::join!(control, admission, admin, reload);
+        tokio::join!(control, admission, admin, reload, management);
         tracing::info!("drained; exiting");
     }
 }
@@ -218,24 +259,67 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         authorizer: args.authorizer,
         ..Settings::default()
     };
-    let (webhook, cert, key, dev_ca) = if args.dev {
+    let api_listen = api_listen(args.api_listen.as_deref(), args.dev)?;
+    let (webhook, api, cert, key, dev_ca) = if args.dev {
         let dev = crate::certs::ensure_dev_certs(&args.dev_cert_dir)?;
         let config = LocalConfig::load(&args.config)?;
-        let webhook = Webhook::from_local(settings, &config, metrics)?;
-        (webhook, dev.cert, dev.key, Some(dev.ca))
+        let (webhook, api) = match api_listen {
+            Some(_) => {
+                let (webhook, api) = crate::api::dev(settings, &config, metrics)?;
+                (webhook, Some(api))
+            }
+            None => (Webhook::from_local(settings, &config, metrics)?, None),
+        };
+        (webhook, api, dev.cert, dev.key, Some(dev.ca))
     } else {
+        let config = cluster_config(&args.config)?;
+        crate::api::refuse_static_tokens(&config)?;
         let client = kube::Client::try_default().await?;
-        let trusted = cluster_trusted_controllers(&args.config)?;
-        let webhook = Webhook::from_cluster(settings, client, metrics, trusted).await?;
-        (webhook, args.tls_cert, args.tls_key, None)
+        let trusted = TrustedControllers::new(config.trusted_controllers.clone())?;
+        let (webhook, api) = match api_listen {
+            Some(_) => {
+                let vault = crate::backends::vault::VaultBackend::in_cluster(
+                    client.clone(),
+                    settings.naming.clone(),
+                    crate::backends::vault::VaultOptions {
+                        metrics: Some(Arc::clone(&metrics)),
+                        ..Default::default()
+                    },
+                );
+                let webhook = Webhook::from_cluster_parts(
+                    settings,
+                    client.clone(),
+                    metrics,
+                    trusted,
+                    Arc::clone(&vault),
+                )?;
+                let api = crate::api::cluster(
+                    &webhook,
+                    vault,
+                    client,
+                    &config,
+                    args.api_token_audiences.clone(),
+                )?;
+                (webhook, Some(api))
+            }
+            None => {
+                let webhook = Webhook::from_cluster(settings, client, metrics, trusted).await?;
+                (webhook, None)
+            }
+        };
+        (webhook, api, args.tls_cert, args.tls_key, None)
     };
     let options = ServerOptions {
         max_body_bytes: args.max_body_bytes,
         header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
         drain: Duration::from_secs(args.drain_secs),
+        api_listen,
         ..ServerOptions::new(args.listen, args.admin_listen, cert, key)
     };
-    let bound = bind(options, Arc::new(webhook)).await?;
+    let mut bound = bind(options, Arc::new(webhook)).await?;
+    if let Some(api) = api {
+        bound = bound.with_api(api.router());
+    }
     if let Some(ca) = dev_ca {
         let port = bound.addr().port();
         let ca = ca.display();
@@ -247,20 +331,45 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
              --data @examples/review-spark-driver.json https://localhost:{port}/mutate",
             admin = bound.admin_addr(),
         );
+        if let Some(api) = bound.api_addr() {
+            let port = api.port();
+            eprintln!(
+                "management API: https://localhost:{port}/api/v1 (OpenAPI: /api/v1/openapi.json), \
+                 console: https://localhost:{port}/console/\n\
+                 --dev: changes go to an in-memory store and are lost at exit; sign in with a \
+                 token from apiTokens in {config}\n\
+                 try:\n  curl --cacert {ca} -H 'authorization: Bearer dev-alice' \
+                 https://localhost:{port}/api/v1/domains/finance/secrets",
+                config = args.config.display(),
+            );
+        }
+    } else if let Some(api) = bound.api_addr() {
+        tracing::info!(api = %api, "management API and console served (writes go to the cluster)");
     }
     bound.serve(shutdown_signal()).await;
     Ok(())
 }
 
-/// In a cluster only `trustedControllers` comes from the config file (mounted from a ConfigMap);
-/// stores, Vault configs and bundles come from the API. No file: no trusted controllers.
-fn cluster_trusted_controllers(path: &std::path::Path) -> anyhow::Result<TrustedControllers> {
+/// In a cluster only `trustedControllers` and the management API's `apiAdmins` and
+/// `consoleBackends` come from the config file (mounted from a ConfigMap); stores, Vault configs
+/// and bundles come from the API. No file: none of them.
+fn cluster_config(path: &std::path::Path) -> anyhow::Result<LocalConfig> {
     if !path.exists() {
-        tracing::info!(config = %path.display(), "no config file: no trusted controllers");
-        return Ok(TrustedControllers::default());
+        tracing::info!(config = %path.display(), "no config file: no trusted controllers, no API admins");
+        return Ok(LocalConfig::default());
     }
-    let config = LocalConfig::load(path)?;
-    Ok(TrustedControllers::new(config.trusted_controllers)?)
+    Ok(LocalConfig::load(path)?)
+}
+
+/// `--api-listen`: an address, or `off`; unset means off, except with `--dev` (127.0.0.1:8444).
+fn api_listen(flag: Option<&str>, dev: bool) -> anyhow::Result<Option<SocketAddr>> {
+    match flag.map(str::trim) {
+        None if dev => Ok(Some(SocketAddr::from(([127, 0, 0, 1], 8444)))),
+        None | Some("off") | Some("") => Ok(None),
+        Some(addr) => addr.parse().map(Some).map_err(|_| {
+            anyhow::anyhow!("--api-listen must be an address like 0.0.0.0:8444, or off")
+        }),
+    }
 }
 
 /// SIGTERM (what the kubelet sends) or Ctrl-C.

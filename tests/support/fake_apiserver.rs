@@ -191,6 +191,9 @@ pub enum SarAnswer {
 
 type SarResponder = Arc<dyn Fn(&Json) -> SarAnswer + Send + Sync>;
 
+/// Tokens the TokenReview endpoint accepts: token -> (username, groups).
+type Tokens = HashMap<String, (String, Vec<String>)>;
+
 /// A fault for requests whose method matches (`*` = any) and whose path starts with `path_prefix`.
 #[derive(Clone, Debug)]
 pub struct Fault {
@@ -276,6 +279,7 @@ struct Inner {
     log: Vec<Logged>,
     faults: Vec<Fault>,
     sar: SarResponder,
+    tokens: Tokens,
 }
 
 struct Shared {
@@ -327,6 +331,7 @@ impl FakeApiServer {
             faults: Vec::new(),
             // A user no RBAC rule mentions.
             sar: Arc::new(|_| SarAnswer::Deny(String::new())),
+            tokens: HashMap::new(),
         };
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
@@ -453,6 +458,17 @@ impl FakeApiServer {
     }
 
     /// Decide SubjectAccessReviews; the closure gets the request body. Default: deny.
+    /// Makes TokenReview accept `token` for `user` with `groups` (every other token: not authenticated).
+    pub fn accept_token(&self, token: &str, user: &str, groups: &[&str]) {
+        self.shared.lock().tokens.insert(
+            token.to_string(),
+            (
+                user.to_string(),
+                groups.iter().map(|g| g.to_string()).collect(),
+            ),
+        );
+    }
+
     pub fn set_sar_responder(&self, f: impl Fn(&Json) -> SarAnswer + Send + Sync + 'static) {
         self.shared.lock().sar = Arc::new(f);
     }
@@ -867,8 +883,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, In
     let ctype = ctype.unwrap_or("").split(';').next().unwrap_or("").trim();
     let sar = target.coll.prefix == "apis/authorization.k8s.io/v1"
         && target.coll.plural == "subjectaccessreviews";
+    let token_review = target.coll.prefix == "apis/authentication.k8s.io/v1"
+        && target.coll.plural == "tokenreviews";
     let reply = match (&method, &target.name) {
         (&Method::POST, None) if sar => subject_access_review(&shared, body),
+        (&Method::POST, None) if token_review => review_token(&shared, body),
         (&Method::GET, None) if is_watch => start_watch(&shared, &target, &query),
         (&Method::GET, None) => list(&shared, &target, &query),
         (&Method::GET, Some(_)) => get(&shared, &target),
@@ -1199,6 +1218,26 @@ fn subject_access_review(shared: &Shared, body: Option<Json>) -> Reply {
     review["apiVersion"] = json!("authorization.k8s.io/v1");
     review["metadata"] = json!({"creationTimestamp": null});
     review["status"] = status;
+    reply(201, &review)
+}
+
+fn review_token(shared: &Shared, body: Option<Json>) -> Reply {
+    let Some(mut review) = body.filter(Json::is_object) else {
+        return bad_request("the request body is not a JSON object");
+    };
+    let token = review["spec"]["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let known = shared.lock().tokens.get(&token).cloned();
+    review["kind"] = json!("TokenReview");
+    review["apiVersion"] = json!("authentication.k8s.io/v1");
+    review["status"] = match known {
+        Some((user, groups)) => {
+            json!({"authenticated": true, "user": {"username": user, "groups": groups}})
+        }
+        None => json!({"authenticated": false, "error": "token not recognized"}),
+    };
     reply(201, &review)
 }
 

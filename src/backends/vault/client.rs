@@ -485,6 +485,8 @@ impl Conn {
             reason,
         };
         let raw = match credential {
+            Credential::Memory(value) => String::from_utf8(value.expose().to_vec())
+                .map_err(|_| unreadable(format!("{credential} is not UTF-8 text")))?,
             Credential::File(path) => tokio::fs::read_to_string(path)
                 .await
                 .map_err(|e| unreadable(format!("cannot read {credential}: {e}")))?,

@@ -271,12 +271,12 @@ impl Default for VaultOptions {
 pub struct SecretValue(Arc<[u8]>);
 
 impl SecretValue {
-    pub(crate) fn new(bytes: Vec<u8>) -> Self {
+    pub fn new(bytes: Vec<u8>) -> Self {
         Self(bytes.into())
     }
 
-    /// The bytes, for writing into the managed Secret only.
-    pub(crate) fn expose(&self) -> &[u8] {
+    /// The bytes, for writing into a Secret or logging in only.
+    pub fn expose(&self) -> &[u8] {
         &self.0
     }
 }
@@ -525,6 +525,26 @@ impl VaultBackend {
         Ok(keys)
     }
 
+    /// Adds or replaces a config built by the caller (the management API's `--dev` store, whose
+    /// credentials are held in memory). A changed target gets a new client (and cache).
+    pub fn put_target(&self, target: spec::Target) -> Result<(), VaultError> {
+        let name = target.name.clone();
+        if let Some(Entry::Ready { conn, .. }) = self.read_configs().get(&name) {
+            if conn.target == target {
+                return Ok(());
+            }
+        }
+        let conn = Conn::new(target, None, self.opts.clone())?;
+        self.write_configs()
+            .insert(name, Entry::Ready { conn, spec: None });
+        Ok(())
+    }
+
+    /// Forgets a config (the management API's `--dev` store).
+    pub fn remove_config(&self, name: &str) {
+        self.remove(name);
+    }
+
     /// Test Connection for one config: log in, check the mount is KV v2, read the path.
     pub async fn check(&self, config: &str) -> CheckReport {
         match self.conn(config) {
@@ -739,7 +759,8 @@ impl VaultBackend {
     }
 
     /// Credentials never come from the Secrets the webhook guards (secret stores, materialized
-    /// values): a VaultConfig must not be a way to send their contents to some host as a token.
+    /// values), except this config's own credentials Secret that the management API writes: a
+    /// VaultConfig must not be a way to send their contents to some host as a token.
     fn check_credential_refs(
         &self,
         name: &str,
@@ -749,11 +770,12 @@ impl VaultBackend {
             spec.auth.token.as_ref().map(|t| &t.secret_ref),
             spec.auth.app_role.as_ref().map(|a| &a.secret_id_ref),
         ];
-        match refs
-            .into_iter()
-            .flatten()
-            .find(|r| self.naming.is_managed_secret(&r.name))
-        {
+        match refs.into_iter().flatten().find(|r| {
+            self.naming.is_managed_secret(&r.name)
+                && !r
+                    .name
+                    .starts_with(&credentials_secret_prefix(&self.naming, name))
+        }) {
             Some(r) => Err(VaultError::InvalidConfig {
                 config: name.to_string(),
                 reason: format!(
@@ -775,6 +797,35 @@ impl VaultBackend {
 
     fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+    }
+}
+
+/// Name prefix of the Secrets in which the management API keeps a config's credentials:
+/// `iomete-vault-credentials.<config>.` and a random suffix, one immutable Secret per credential
+/// version. It lies under the managed prefix, so the guard denies pods that name it; config names
+/// are DNS labels (no dots), so it never equals a materialized `iomete-vault-<config>`.
+pub fn credentials_secret_prefix(naming: &Naming, config: &str) -> String {
+    format!("{}credentials.{config}.", naming.vault_secret_prefix)
+}
+
+/// Test Connection for a config that is not saved (or not saved like this): the same steps as
+/// [`VaultBackend::check`]. `kube` reads credentials kept in Secrets.
+pub async fn check_target(
+    target: spec::Target,
+    kube: Option<kube::Client>,
+    opts: VaultOptions,
+) -> CheckReport {
+    let name = target.name.clone();
+    let budget = opts.read_budget;
+    match Conn::new(target, kube, opts) {
+        Ok(conn) => check_conn(&conn, budget).await,
+        Err(e) => CheckReport {
+            config: name,
+            steps: vec![CheckStep {
+                label: "config".into(),
+                outcome: Err(e),
+            }],
+        },
     }
 }
 

@@ -163,6 +163,9 @@ pub enum Credential {
         name: String,
         key: String,
     },
+    /// Held in memory: a config created through the management API in `--dev`, or a Test
+    /// Connection of a config that is not saved. `Debug` never shows it.
+    Memory(super::SecretValue),
 }
 
 impl std::fmt::Display for Credential {
@@ -174,6 +177,7 @@ impl std::fmt::Display for Credential {
                 name,
                 key,
             } => write!(f, "Secret {namespace}/{name} key {key}"),
+            Credential::Memory(_) => f.write_str("the credential given to the management API"),
         }
     }
 }
@@ -285,7 +289,8 @@ impl Target {
         )
     }
 
-    fn build(
+    /// A target from parts (the management API's Test Connection and its `--dev` store).
+    pub fn build(
         name: &str,
         bundle: &str,
         host: &str,

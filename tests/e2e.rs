@@ -1,0 +1,1040 @@
+//! End to end through a real kube-apiserver (scripts/kube-e2e.sh, started once for this binary):
+//! the shipped manifests registered with the API server, which calls the webhook with its own
+//! AdmissionReviews; real kubectl, impersonation and ServiceAccount tokens; the webhook running
+//! with exactly the shipped RBAC. Without the Kubernetes binaries every test prints a SKIP line.
+
+mod support;
+
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use support::kube_e2e::{self, Cluster, NS, unique};
+
+const DENIED: &str = "admission webhook \"pods.secrets.iomete.com\" denied the request: ";
+
+/// The cluster, with the fixtures every test may use: the global store and the `spark`
+/// ServiceAccount that Spark pods name.
+fn cluster(test: &str) -> Option<&'static Cluster> {
+    let k = kube_e2e::cluster(test)?;
+    static FIXTURES: OnceLock<()> = OnceLock::new();
+    FIXTURES.get_or_init(|| {
+        k.apply(&format!(
+            "apiVersion: v1
+kind: Secret
+metadata: {{name: iomete-secret-store, namespace: {NS}}}
+stringData: {{warehouse_path: canary-global-wh-Zq81, legacy_token: canary-global-tok-Zq81}}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: spark, namespace: {NS}}}
+"
+        ));
+        k.bind_tenant_service_account("spark");
+    });
+    Some(k)
+}
+
+/// A domain with a store holding `keys` (values are canaries that must never show up) and a
+/// bundle granting Use on it to `subjects` (`User:alice`, `Group:data-eng`).
+fn domain(k: &Cluster, keys: &[&str], subjects: &[&str]) -> String {
+    let domain = unique("d");
+    let data: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|key| (key.to_string(), json!(canary(&domain, key))))
+        .collect();
+    let subjects: Vec<Value> = subjects
+        .iter()
+        .map(|s| {
+            let (kind, name) = s.split_once(':').unwrap();
+            json!({"kind": kind, "name": name})
+        })
+        .collect();
+    let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": format!("iomete-secret-store-{domain}"), "namespace": NS},
+         "stringData": data},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+         "metadata": {"name": format!("{domain}-bundle"), "namespace": NS},
+         "spec": {"domains": [domain], "grants": [{"subjects": subjects, "permissions": ["use", "view"]}]}}
+    ]});
+    k.apply(&objects.to_string());
+    domain
+}
+
+fn canary(domain: &str, key: &str) -> String {
+    format!("canary-{domain}-{key}-Zq81")
+}
+
+/// The real Spark 3.5 driver pod (tests/fixtures), renamed, in the data-plane namespace.
+fn spark_driver(annotations: Value) -> Value {
+    let path = format!(
+        "{}/tests/fixtures/pods/spark35-driver-submit.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let mut pod: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    pod["metadata"]["name"] = json!(unique("driver"));
+    pod["metadata"]["namespace"] = json!(NS);
+    pod["metadata"]["annotations"] = annotations;
+    pod
+}
+
+fn name(pod: &Value) -> &str {
+    pod["metadata"]["name"].as_str().unwrap()
+}
+
+/// `kubectl create -f -` as `user`; the stored pod, or kubectl's error.
+fn create_as(k: &Cluster, pod: &Value, user: &str, groups: &[&str]) -> Result<Value, String> {
+    let run = k
+        .kubectl()
+        .user(user, groups)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(pod.to_string())
+        .run();
+    if run.success {
+        Ok(serde_json::from_str(&run.stdout).unwrap())
+    } else {
+        Err(run.stderr)
+    }
+}
+
+/// Creates the pod as `user` once the webhook's watches have seen the objects a test just
+/// created (a server-side dry run is retried until admitted; it writes nothing).
+fn create_when_ready(k: &Cluster, pod: &Value, user: &str, groups: &[&str]) -> Value {
+    k.eventually("the webhook admits the pod", || {
+        let run = k
+            .kubectl()
+            .user(user, groups)
+            .args(["create", "--dry-run=server", "-o", "name", "-f", "-"])
+            .stdin(pod.to_string())
+            .run();
+        if run.success { Ok(()) } else { Err(run.stderr) }
+    });
+    create_as(k, pod, user, groups).unwrap_or_else(|e| panic!("create: {e}"))
+}
+
+fn env_of<'a>(pod: &'a Value, container: usize, var: &str) -> &'a Value {
+    pod["spec"]["containers"][container]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == var)
+        .unwrap_or_else(|| panic!("no env {var} in {}", pod["spec"]["containers"][container]))
+}
+
+fn secret_key_ref(pod: &Value, var: &str) -> (String, String) {
+    let r = &env_of(pod, 0, var)["valueFrom"]["secretKeyRef"];
+    (
+        r["name"].as_str().unwrap().to_owned(),
+        r["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn assert_no_canary(what: &str, text: &str) {
+    assert!(
+        !text.contains("-Zq81"),
+        "{what} carries a secret value: {text}"
+    );
+}
+
+#[test]
+fn alice_creates_a_spark_driver_with_every_reference_form_and_bob_is_denied() {
+    let Some(k) =
+        cluster("alice_creates_a_spark_driver_with_every_reference_form_and_bob_is_denied")
+    else {
+        return;
+    };
+    let _shared = k.shared();
+    let d = domain(
+        k,
+        &["db_password", "s3_secret", "api_key", "conf_secret"],
+        &["User:alice"],
+    );
+    let mut driver = spark_driver(json!({
+        "secrets.iomete.com/env-secrets": json!([
+            {"key": "DB_PASSWORD", "secretObject": {"key": "db_password", "source": {"type": "KUBERNETES", "id": d}}}
+        ]).to_string(),
+        "secrets.iomete.com/spark-conf-secrets": json!([
+            {"key": "spark.hadoop.fs.s3a.secret.key", "secretObject": {"key": "s3_secret", "source": {"type": "KUBERNETES", "id": d}}}
+        ]).to_string(),
+        "env.secrets.iomete.com/API_KEY": format!("kubernetes:{d}/api_key"),
+        "env.secrets.iomete.com/WAREHOUSE": "kubernetes:global/warehouse_path",
+        "spark-conf.secrets.iomete.com/spark.sql.catalog.token": format!("kubernetes:{d}/conf_secret"),
+    }));
+    // Legacy placeholders: a whole value, and inside a longer value.
+    let env = driver["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap();
+    env.push(json!({"name": "LEGACY_TOKEN", "value": "${secrets.legacy_token}"}));
+    env.push(json!({"name": "LEGACY_URL", "value": "s3://bucket/${secrets.warehouse_path}/x"}));
+
+    let stored = create_when_ready(k, &driver, "alice", &[]);
+    // What the API server stored, read back.
+    let stored_again = k.get("pod", NS, name(&driver)).expect("stored pod");
+    assert_eq!(stored["metadata"]["uid"], stored_again["metadata"]["uid"]);
+    let store = format!("iomete-secret-store-{d}");
+    assert_eq!(
+        secret_key_ref(&stored_again, "DB_PASSWORD"),
+        (store.clone(), "db_password".into())
+    );
+    assert_eq!(
+        secret_key_ref(&stored_again, "API_KEY"),
+        (store.clone(), "api_key".into())
+    );
+    assert_eq!(
+        secret_key_ref(&stored_again, "WAREHOUSE"),
+        ("iomete-secret-store".into(), "warehouse_path".into())
+    );
+    assert_eq!(
+        secret_key_ref(&stored_again, "LEGACY_TOKEN"),
+        ("iomete-secret-store".into(), "legacy_token".into())
+    );
+    // A placeholder inside a longer value: composed by the kubelet from a generated variable.
+    let url = env_of(&stored_again, 0, "LEGACY_URL")["value"]
+        .as_str()
+        .unwrap();
+    let generated = url
+        .strip_prefix("s3://bucket/$(")
+        .and_then(|rest| rest.strip_suffix(")/x"))
+        .unwrap_or_else(|| panic!("LEGACY_URL not composed: {url}"));
+    assert_eq!(
+        secret_key_ref(&stored_again, generated),
+        ("iomete-secret-store".into(), "warehouse_path".into())
+    );
+    // Spark confs: `--conf key=$(VAR)` right after `driver`, VAR a secretKeyRef.
+    let args: Vec<&str> = stored_again["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "driver");
+    for (conf, key) in [
+        ("spark.hadoop.fs.s3a.secret.key", "s3_secret"),
+        ("spark.sql.catalog.token", "conf_secret"),
+    ] {
+        let at = args
+            .iter()
+            .position(|a| a.starts_with(&format!("{conf}=$(")))
+            .unwrap_or_else(|| panic!("no --conf {conf} in {args:?}"));
+        assert_eq!(args[at - 1], "--conf");
+        assert!(
+            at <= 4,
+            "--conf {conf} must come right after `driver`: {args:?}"
+        );
+        let var = args[at]
+            .strip_prefix(&format!("{conf}=$("))
+            .and_then(|v| v.strip_suffix(')'))
+            .unwrap();
+        assert_eq!(
+            secret_key_ref(&stored_again, var),
+            (store.clone(), key.into())
+        );
+    }
+    // Stamps: who was checked, and what was granted.
+    let annotations = &stored_again["metadata"]["annotations"];
+    let identity: Value =
+        serde_json::from_str(annotations["secrets.iomete.com/identity"].as_str().unwrap()).unwrap();
+    assert_eq!(identity["user"], "alice");
+    let granted = annotations["secrets.iomete.com/granted"].as_str().unwrap();
+    for r in [
+        format!("kubernetes:{d}/db_password"),
+        format!("kubernetes:{d}/conf_secret"),
+    ] {
+        assert!(granted.contains(&r), "granted lacks {r}: {granted}");
+    }
+    assert_no_canary("the stored pod", &stored_again.to_string());
+
+    // bob holds no grant: kubectl prints the webhook's denial, naming the reference and the fix.
+    let mut for_bob = driver.clone();
+    for_bob["metadata"]["name"] = json!(unique("driver"));
+    let error = create_as(k, &for_bob, "bob", &["analysts"]).unwrap_err();
+    assert!(error.contains(DENIED), "{error}");
+    assert!(
+        error.contains(&format!("user \"bob\" lacks Use on domain \"{d}\"")),
+        "{error}"
+    );
+    assert!(error.contains("grant Use"), "{error}");
+    assert_no_canary("the denial", &error);
+    assert!(k.get("pod", NS, name(&for_bob)).is_none());
+    assert_no_canary("the webhook log", &k.webhook_log());
+}
+
+/// A plain pod that cannot matter to the webhook (no reference, no workload label).
+fn plain_pod(namespace: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": unique("plain"), "namespace": namespace},
+           "spec": {"containers": [{"name": "c", "image": "busybox", "env": [{"name": "A", "value": "b"}]}]}})
+}
+
+/// An opted-in pod (`secrets.iomete.com/inject=true`) with env references.
+fn opted_in_pod(namespace: &str, refs: &[(&str, &str)]) -> Value {
+    let annotations: serde_json::Map<String, Value> = refs
+        .iter()
+        .map(|(var, r)| (format!("env.secrets.iomete.com/{var}"), json!(r)))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": unique("app"), "namespace": namespace,
+                        "labels": {"secrets.iomete.com/inject": "true"}, "annotations": annotations},
+           "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+}
+
+/// The webhook's log lines (JSON) about pod `name`.
+fn admissions_of(k: &Cluster, name: &str) -> Vec<Value> {
+    k.webhook_log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["fields"]["message"] == "admission" && l["fields"]["pod"] == name)
+        .collect()
+}
+
+fn admissions_total(k: &Cluster) -> f64 {
+    k.metrics()
+        .lines()
+        .filter(|l| l.starts_with("secrets_webhook_admissions_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn crds_and_custom_resources_meet_the_real_schema_validation() {
+    let Some(k) = cluster("crds_and_custom_resources_meet_the_real_schema_validation") else {
+        return;
+    };
+    let _shared = k.shared();
+    // The CRDs were installed by the chart and are served.
+    for crd in [
+        "resourcebundles.secrets.iomete.com",
+        "vaultconfigs.secrets.iomete.com",
+    ] {
+        let crd = k.get("crd", "", crd).expect("CRD installed");
+        let established = crd["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True");
+        assert!(established, "{crd}");
+    }
+    // The shipped examples are accepted as written (server-side, strict field validation).
+    for example in ["examples/resourcebundle.yaml", "examples/vaultconfig.yaml"] {
+        let path = format!("{}/{example}", env!("CARGO_MANIFEST_DIR"));
+        k.kubectl()
+            .args([
+                "apply",
+                "--dry-run=server",
+                "--validate=strict",
+                "-f",
+                &path,
+            ])
+            .run()
+            .ok();
+    }
+    let name = unique("vc");
+    let vault_config = |auth: Value, extra: Value| {
+        let mut spec = json!({"resourceBundle": "b", "host": "http://127.0.0.1:1",
+                              "path": "/v1/secret/data/x", "auth": auth});
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+               "metadata": {"name": name, "namespace": NS}, "spec": spec})
+        .to_string()
+    };
+    let create = |body: String| {
+        k.kubectl()
+            .args(["create", "--validate=strict", "-f", "-"])
+            .stdin(body)
+            .run()
+    };
+    // Both auth methods: the CRD's CEL rule, evaluated by the API server.
+    let both = json!({"token": {"secretRef": {"name": "s", "key": "t"}},
+                      "appRole": {"roleId": "r", "secretIdRef": {"name": "s", "key": "id"}}});
+    let error = create(vault_config(both, json!({}))).err();
+    assert!(
+        error.contains("set exactly one of auth.appRole and auth.token"),
+        "{error}"
+    );
+    // An unknown field: strict validation rejects it.
+    let token = json!({"token": {"secretRef": {"name": "s", "key": "t"}}});
+    let error = create(vault_config(token.clone(), json!({"password": "x"}))).err();
+    assert!(error.contains("unknown field"), "{error}");
+    // A wrong type.
+    let error = create(vault_config(token.clone(), json!({"host": 5}))).err();
+    assert!(error.contains("spec.host"), "{error}");
+    // A ResourceBundle with a grant missing its subjects.
+    let bundle = json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+                        "metadata": {"name": unique("rb"), "namespace": NS},
+                        "spec": {"domains": ["x"], "grants": [{"permissions": ["use"]}]}});
+    let error = create(bundle.to_string()).err();
+    assert!(error.contains("subjects"), "{error}");
+    // Status is a subresource: a client's status in the main resource is dropped.
+    let mut with_status: Value = serde_json::from_str(&vault_config(token, json!({}))).unwrap();
+    with_status["status"] = json!({"conditions": [{"type": "Ready", "status": "True", "reason": "Forged",
+                               "message": "m", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+    let stored = k
+        .kubectl()
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(with_status.to_string())
+        .run()
+        .json();
+    let forged = stored["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["reason"] == "Forged");
+    assert!(
+        !forged,
+        "status written through the main resource: {stored}"
+    );
+    k.kubectl()
+        .ns(NS)
+        .args(["delete", "vaultconfig", &name, "--wait=false"])
+        .run()
+        .ok();
+}
+
+#[test]
+fn pods_that_cannot_matter_never_reach_the_webhook() {
+    let Some(k) = cluster("pods_that_cannot_matter_never_reach_the_webhook") else {
+        return;
+    };
+    // Exclusive: no other test's pods move the admission counters meanwhile.
+    let _exclusive = k.exclusive();
+    let ns = k.namespace("plain");
+    let before = admissions_total(k);
+    let mut names = Vec::new();
+    for namespace in [NS, ns.as_str()] {
+        for _ in 0..3 {
+            let pod = plain_pod(namespace);
+            names.push(name(&pod).to_owned());
+            create_as(k, &pod, "alice", &[]).unwrap();
+        }
+    }
+    // A pod that does match (an opted-in pod without references) is counted: the counters move.
+    let matching = opted_in_pod(&ns, &[]);
+    create_as(k, &matching, "alice", &[]).unwrap();
+    k.wait_until("the matching pod is counted", || {
+        admissions_total(k) >= before + 1.0
+    });
+    assert_eq!(
+        admissions_total(k),
+        before + 1.0,
+        "only the matching pod reached the webhook"
+    );
+    for name in &names {
+        assert!(
+            admissions_of(k, name).is_empty(),
+            "{name} reached the webhook"
+        );
+    }
+    assert_eq!(admissions_of(k, name(&matching)).len(), 1);
+}
+
+#[test]
+fn failure_policy_fail_rejects_matching_pods_while_the_webhook_is_down() {
+    let Some(k) = cluster("failure_policy_fail_rejects_matching_pods_while_the_webhook_is_down")
+    else {
+        return;
+    };
+    let _exclusive = k.exclusive();
+    let d = domain(k, &["db_password"], &["User:alice"]);
+    let pod = opted_in_pod(
+        NS,
+        &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))],
+    );
+    create_when_ready(k, &pod, "alice", &[]);
+
+    k.stop_webhook();
+    let mut again = pod.clone();
+    again["metadata"]["name"] = json!(unique("app"));
+    let error = create_as(k, &again, "alice", &[]).unwrap_err();
+    assert!(
+        error.contains("failed calling webhook \"pods.secrets.iomete.com\""),
+        "{error}"
+    );
+    assert!(k.get("pod", NS, name(&again)).is_none());
+    // Pods the pre-filter drops are still created.
+    create_as(k, &plain_pod(NS), "alice", &[]).unwrap();
+    // The guard's pods too are rejected, never admitted unchecked.
+    let mut direct = plain_pod(NS);
+    direct["spec"]["containers"][0]["env"] = json!([{"name": "X", "valueFrom":
+        {"secretKeyRef": {"name": format!("iomete-secret-store-{d}"), "key": "db_password"}}}]);
+    let error = create_as(k, &direct, "alice", &[]).unwrap_err();
+    assert!(error.contains("failed calling webhook"), "{error}");
+
+    k.start_webhook();
+    let stored = create_when_ready(k, &again, "alice", &[]);
+    assert_eq!(
+        secret_key_ref(&stored, "DB_PASSWORD"),
+        (format!("iomete-secret-store-{d}"), "db_password".into())
+    );
+}
+
+/// A real OpenBao for this test (stopped when dropped), or `None` after a SKIP line.
+fn openbao(test: &str) -> Option<(tokio::runtime::Runtime, support::openbao::OpenBao)> {
+    let bin = support::openbao::require_bao(test)?;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let bao = runtime.block_on(support::openbao::OpenBao::start(&bin));
+    Some((runtime, bao))
+}
+
+/// A VaultConfig (token auth, credentials in a Secret) over `path` of `bao`, governed by a new
+/// bundle granting Use to `subjects`; its name.
+fn vault_config(k: &Cluster, host: &str, path: &str, token: &str, subjects: &[&str]) -> String {
+    let name = unique("vc");
+    let subjects: Vec<Value> = subjects
+        .iter()
+        .map(|s| {
+            let (kind, n) = s.split_once(':').unwrap();
+            json!({"kind": kind, "name": n})
+        })
+        .collect();
+    let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": format!("{name}-credentials"), "namespace": NS},
+         "stringData": {"token": token}},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+         "metadata": {"name": format!("{name}-bundle"), "namespace": NS},
+         "spec": {"grants": [{"subjects": subjects, "permissions": ["use"]}]}},
+        {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+         "metadata": {"name": name, "namespace": NS},
+         "spec": {"resourceBundle": format!("{name}-bundle"), "host": host,
+                  "path": format!("/v1/secret/data/{path}"),
+                  "auth": {"token": {"secretRef": {"name": format!("{name}-credentials"), "key": "token"}}}}}
+    ]});
+    k.apply(&objects.to_string());
+    name
+}
+
+/// The VaultConfig's `Ready` condition, once the webhook wrote one.
+fn ready_condition(k: &Cluster, name: &str) -> Value {
+    k.eventually(&format!("VaultConfig {name} has a Ready condition"), || {
+        let config = k.get("vaultconfig", NS, name).ok_or("gone")?;
+        config["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Ready").cloned())
+            .ok_or_else(|| config.to_string())
+    })
+}
+
+fn secret_value(k: &Cluster, namespace: &str, name: &str, key: &str) -> Option<String> {
+    use base64::Engine as _;
+    let secret = k.get("secret", namespace, name)?;
+    let b64 = secret["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    Some(String::from_utf8(bytes).unwrap())
+}
+
+#[test]
+fn vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shipped_rbac() {
+    const TEST: &str =
+        "vault_references_dry_runs_executors_and_every_webhook_call_allowed_by_the_shipped_rbac";
+    let Some(k) = cluster(TEST) else { return };
+    let Some((rt, bao)) = openbao(TEST) else {
+        return;
+    };
+    let _shared = k.shared();
+    let path = unique("prod");
+    let s3 = format!("canary-vault-s3-{path}-Zq81");
+    let token_value = format!("canary-vault-tok-{path}-Zq81");
+    rt.block_on(async {
+        bao.put_kv2(
+            None,
+            "secret",
+            &path,
+            json!({"s3_secret": s3, "token": token_value}),
+        )
+        .await;
+        bao.policy(
+            "e2e-reader",
+            r#"path "secret/data/*" { capabilities = ["read"] }
+               path "secret/metadata/*" { capabilities = ["read", "list"] }"#,
+        )
+        .await;
+    });
+    let reader = rt.block_on(bao.token(&["e2e-reader"], None, false));
+    let vc = vault_config(k, &bao.addr, &path, &reader, &["User:alice"]);
+    let bad = vault_config(k, &bao.addr, &path, "not-a-token-Zq81", &["User:alice"]);
+
+    // The webhook tests each config and writes Ready through the status subresource.
+    let ready = ready_condition(k, &vc);
+    assert_eq!(ready["status"], "True", "{ready}");
+    let failed = ready_condition(k, &bad);
+    assert_eq!(failed["status"], "False", "{failed}");
+    assert_no_canary("the Ready condition", &failed.to_string());
+
+    // A Spark driver in a tenant namespace, run by the `spark` ServiceAccount.
+    let ns = k.namespace("vault");
+    k.kubectl()
+        .ns(&ns)
+        .args(["create", "serviceaccount", "spark"])
+        .run()
+        .ok();
+    let mut driver = spark_driver(json!({
+        "env.secrets.iomete.com/S3_SECRET": format!("vault:{vc}/s3_secret"),
+        "spark-conf.secrets.iomete.com/spark.sql.catalog.token": format!("vault:{vc}/token"),
+    }));
+    driver["metadata"]["namespace"] = json!(ns);
+    let managed = format!("iomete-vault-{vc}");
+
+    // --dry-run=server: admitted exactly as a real create would be, and nothing is written.
+    let dry = k.eventually("a dry run admits the driver", || {
+        let run = k
+            .kubectl()
+            .user("alice", &[])
+            .args(["create", "--dry-run=server", "-o", "json", "-f", "-"])
+            .stdin(driver.to_string())
+            .run();
+        if run.success {
+            Ok(serde_json::from_str::<Value>(&run.stdout).unwrap())
+        } else {
+            Err(run.stderr)
+        }
+    });
+    assert_eq!(
+        secret_key_ref(&dry, "S3_SECRET"),
+        (managed.clone(), "s3_secret".into())
+    );
+    assert!(
+        k.get("secret", &ns, &managed).is_none(),
+        "a dry run wrote {managed}"
+    );
+    assert!(k.get("pod", &ns, name(&driver)).is_none());
+    // bob: the dry run and the real create deny with the same text.
+    let as_bob = |dry_run: bool| {
+        let mut args = vec!["create", "-o", "name", "-f", "-"];
+        if dry_run {
+            args.push("--dry-run=server");
+        }
+        k.kubectl()
+            .user("bob", &[])
+            .args(args)
+            .stdin(driver.to_string())
+            .run()
+            .err()
+    };
+    let (dry_denial, denial) = (as_bob(true), as_bob(false));
+    assert!(denial.contains(DENIED), "{denial}");
+    assert!(
+        denial.contains(&format!("vault:{vc}/s3_secret")),
+        "{denial}"
+    );
+    assert_eq!(dry_denial, denial);
+    assert!(k.get("secret", &ns, &managed).is_none());
+
+    // The real create: the value is materialized in the pod's namespace and referenced.
+    let stored = create_as(k, &driver, "alice", &[]).unwrap();
+    assert_eq!(
+        secret_key_ref(&stored, "S3_SECRET"),
+        (managed.clone(), "s3_secret".into())
+    );
+    assert_no_canary("the stored driver", &stored.to_string());
+    assert!(secret_value(k, &ns, &managed, "s3_secret") == Some(s3.clone()));
+    let labels = k.get("secret", &ns, &managed).unwrap()["metadata"]["labels"].clone();
+    assert_eq!(
+        labels["app.kubernetes.io/managed-by"], "secrets-webhook",
+        "{labels}"
+    );
+
+    // An executor created by the driver's ServiceAccount inherits the driver's grants: the
+    // webhook looks the owner up through the API (get pods, with its own token).
+    let token = k.token(&ns, "spark", None);
+    let executor = |refs: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": unique("exec"), "namespace": ns,
+                            "labels": {"spark-role": "executor",
+                                       "spark-app-selector": driver["metadata"]["labels"]["spark-app-selector"]},
+                            "annotations": refs,
+                            "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "controller": true,
+                                                 "name": name(&driver), "uid": stored["metadata"]["uid"]}]},
+               "spec": {"serviceAccountName": "spark",
+                        "containers": [{"name": "spark-kubernetes-executor", "image": "spark", "args": ["executor"]}]}})
+    };
+    let within =
+        executor(json!({"env.secrets.iomete.com/S3_SECRET": format!("vault:{vc}/s3_secret")}));
+    let admitted = k
+        .kubectl_with_token(&token)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(within.to_string())
+        .run()
+        .json();
+    assert_eq!(
+        secret_key_ref(&admitted, "S3_SECRET"),
+        (managed.clone(), "s3_secret".into())
+    );
+    let beyond =
+        executor(json!({"env.secrets.iomete.com/OTHER": format!("vault:{bad}/s3_secret")}));
+    let error = k
+        .kubectl_with_token(&token)
+        .args(["create", "-o", "json", "-f", "-"])
+        .stdin(beyond.to_string())
+        .run()
+        .err();
+    assert!(error.contains(DENIED), "{error}");
+    assert!(error.contains(&format!("vault:{bad}/s3_secret")), "{error}");
+    assert_no_canary("the webhook log", &k.webhook_log());
+
+    // RBAC: everything the webhook asked the API server for, with its own token, was allowed.
+    let events = k.webhook_audit();
+    let forbidden: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            let code = e["responseStatus"]["code"].as_u64().unwrap_or(0);
+            code == 401 || code == 403
+        })
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "calls the shipped RBAC refused: {forbidden:?}"
+    );
+    let seen: std::collections::BTreeSet<(String, String)> = events
+        .iter()
+        .map(|e| {
+            let r = &e["objectRef"];
+            let mut resource = r["resource"].as_str().unwrap_or_default().to_owned();
+            if let Some(sub) = r["subresource"].as_str() {
+                resource = format!("{resource}/{sub}");
+            }
+            (e["verb"].as_str().unwrap_or_default().to_owned(), resource)
+        })
+        .collect();
+    for (verb, resource) in [
+        ("watch", "secrets"),
+        ("get", "secrets"),
+        ("create", "secrets"),
+        ("get", "pods"),
+        ("watch", "vaultconfigs"),
+        ("watch", "resourcebundles"),
+        ("patch", "vaultconfigs/status"),
+    ] {
+        assert!(
+            seen.contains(&(verb.to_owned(), resource.to_owned())),
+            "the webhook never made {verb} {resource} (seen: {seen:?})"
+        );
+    }
+    for config in [&vc, &bad] {
+        k.kubectl()
+            .ns(NS)
+            .args(["delete", "vaultconfig", config, "--wait=false"])
+            .run()
+            .ok();
+    }
+}
+
+#[test]
+fn the_webhook_service_account_holds_exactly_the_shipped_rbac() {
+    let Some(k) = cluster("the_webhook_service_account_holds_exactly_the_shipped_rbac") else {
+        return;
+    };
+    let _shared = k.shared();
+    let sa = format!("system:serviceaccount:{NS}:secrets-webhook");
+    let can = |ns: &str, verb: &str, resource: &str| {
+        let (resource, sub) = resource.split_once('/').unwrap_or((resource, ""));
+        let run = k
+            .kubectl()
+            .ns(ns)
+            .args(["auth", "can-i", verb, resource, "--as", &sa])
+            .args((!sub.is_empty()).then(|| format!("--subresource={sub}")))
+            .run();
+        run.stdout.trim() == "yes"
+    };
+    let tenant = k.namespace("rbac");
+    for (ns, verb, resource, want) in [
+        (NS, "watch", "secrets", true),
+        (NS, "list", "secrets", true),
+        (tenant.as_str(), "list", "secrets", false),
+        (tenant.as_str(), "watch", "secrets", false),
+        (tenant.as_str(), "create", "secrets", true),
+        (tenant.as_str(), "get", "secrets", true),
+        (tenant.as_str(), "delete", "secrets", false),
+        (tenant.as_str(), "get", "pods", true),
+        (tenant.as_str(), "list", "pods", false),
+        (tenant.as_str(), "create", "pods", false),
+        (NS, "list", "vaultconfigs.secrets.iomete.com", true),
+        (NS, "update", "vaultconfigs.secrets.iomete.com", false),
+        (NS, "patch", "vaultconfigs.secrets.iomete.com/status", true),
+        (NS, "create", "resourcebundles.secrets.iomete.com", false),
+        (
+            NS,
+            "create",
+            "subjectaccessreviews.authorization.k8s.io",
+            false,
+        ),
+    ] {
+        assert_eq!(can(ns, verb, resource), want, "{verb} {resource} in {ns}");
+    }
+    // The webhook process authenticates as that ServiceAccount (its kubeconfig holds the token).
+    let kubeconfig = k.dir.join("webhook.kubeconfig");
+    let whoami = k
+        .kubectl()
+        .args(["auth", "whoami", "-o", "json"])
+        .args(["--kubeconfig", &kubeconfig.to_string_lossy()])
+        .run()
+        .json();
+    assert_eq!(whoami["status"]["userInfo"]["username"], sa.as_str());
+}
+
+/// A second mutating webhook, as another platform component would register: it adds the env var
+/// `ADDED_BY_E2E` to the first container (once). HTTPS on 127.0.0.1 with its own CA.
+struct EnvAdder {
+    url: String,
+    ca_bundle: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn env_adder() -> EnvAdder {
+    use base64::Engine as _;
+    use http_body_util::BodyExt as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    support::tls::init();
+    let pki = support::tls::Pki::new("e2e env adder");
+    let pair = pki.serving_pair();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pair.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(pair.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("https://{}/mutate", listener.local_addr().unwrap());
+    let handle = |request: hyper::Request<hyper::body::Incoming>| async move {
+        let body = request.into_body().collect().await?.to_bytes();
+        let review: Value = serde_json::from_slice(&body).unwrap_or_default();
+        let request = &review["request"];
+        let container = &request["object"]["spec"]["containers"][0];
+        let has = container["env"]
+            .as_array()
+            .is_some_and(|env| env.iter().any(|e| e["name"] == "ADDED_BY_E2E"));
+        let var = json!({"name": "ADDED_BY_E2E", "value": "1"});
+        let patch = match (has, container["env"].is_array()) {
+            (true, _) => json!([]),
+            (false, true) => {
+                json!([{"op": "add", "path": "/spec/containers/0/env/-", "value": var}])
+            }
+            (false, false) => {
+                json!([{"op": "add", "path": "/spec/containers/0/env", "value": [var]}])
+            }
+        };
+        let response = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "response": {"uid": request["uid"], "allowed": true, "patchType": "JSONPatch",
+                         "patch": base64::engine::general_purpose::STANDARD.encode(patch.to_string())}});
+        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+            hyper::body::Bytes::from(response.to_string()),
+        )))
+    };
+    runtime.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(tls),
+                            hyper::service::service_fn(handle),
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    EnvAdder {
+        url,
+        ca_bundle: base64::engine::general_purpose::STANDARD.encode(pki.ca_pem()),
+        _runtime: runtime,
+    }
+}
+
+#[test]
+fn reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty() {
+    let Some(k) = cluster("reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty")
+    else {
+        return;
+    };
+    let _shared = k.shared();
+    let adder = env_adder();
+    let id = unique("reinvoke");
+    // Named after ours: the API server calls mutating webhooks in name order.
+    let config = format!("zz-{id}");
+    k.apply(
+        &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": config},
+            "webhooks": [{"name": "env-adder.e2e.test", "admissionReviewVersions": ["v1"],
+                "sideEffects": "None", "failurePolicy": "Fail", "reinvocationPolicy": "Never",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": adder.url, "caBundle": adder.ca_bundle},
+                "objectSelector": {"matchLabels": {"e2e-reinvoke": id}},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}]}]})
+        .to_string(),
+    );
+    let d = domain(k, &["db_password"], &["User:alice"]);
+    let pod = |name: String| {
+        let mut pod = opted_in_pod(
+            NS,
+            &[("DB_PASSWORD", &format!("kubernetes:{d}/db_password"))],
+        );
+        pod["metadata"]["name"] = json!(name);
+        pod["metadata"]["labels"]["e2e-reinvoke"] = json!(id);
+        pod
+    };
+    // Both webhooks are in effect once a dry run shows both changes.
+    k.eventually("both webhooks mutate", || {
+        let run = k
+            .kubectl()
+            .user("alice", &[])
+            .args(["create", "--dry-run=server", "-o", "json", "-f", "-"])
+            .stdin(pod(unique("probe")).to_string())
+            .run();
+        let text = if run.success { run.stdout } else { run.stderr };
+        if text.contains("ADDED_BY_E2E") && text.contains("secretKeyRef") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+    let wanted = pod(unique("app"));
+    let stored = create_as(k, &wanted, "alice", &[]).unwrap();
+    let env = stored["spec"]["containers"][0]["env"].as_array().unwrap();
+    let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.contains(&"ADDED_BY_E2E"));
+    assert_eq!(
+        secret_key_ref(&stored, "DB_PASSWORD"),
+        (format!("iomete-secret-store-{d}"), "db_password".into())
+    );
+    // Ours ran twice: the first pass patched, the reinvocation found nothing left to do.
+    let passes = admissions_of(k, name(&wanted));
+    assert_eq!(passes.len(), 2, "{passes:?}");
+    assert!(
+        passes[0]["fields"]["ops"].as_u64().unwrap() > 0,
+        "{passes:?}"
+    );
+    assert_eq!(passes[1]["fields"]["ops"], 0, "{passes:?}");
+    k.kubectl()
+        .args(["delete", "mutatingwebhookconfiguration", &config])
+        .run()
+        .ok();
+}
+
+/// Sets `features.secretsV2.enabled` with `helm upgrade` and restarts the webhook from the
+/// upgraded Deployment, as a rollout would.
+fn set_feature(k: &Cluster, enabled: bool) -> Value {
+    let chart = format!("{}/charts/secrets-webhook", env!("CARGO_MANIFEST_DIR"));
+    let set = format!("features.secretsV2.enabled={enabled}");
+    let run = k.helm([
+        "upgrade",
+        "secrets-webhook",
+        &chart,
+        "--namespace",
+        NS,
+        "--reuse-values",
+        "--set",
+        &set,
+    ]);
+    assert!(run.success, "helm upgrade: {}", run.stderr);
+    k.start_webhook();
+    k.get("deployment", NS, "secrets-webhook").unwrap()
+}
+
+/// Switches the feature back on when a test that turned it off ends, even by a panic.
+struct FeatureOn<'a>(&'a Cluster);
+
+impl Drop for FeatureOn<'_> {
+    fn drop(&mut self) {
+        set_feature(self.0, true);
+    }
+}
+
+#[test]
+fn helm_upgrade_switches_injection_off_and_on_with_nothing_lost() {
+    let Some(k) = cluster("helm_upgrade_switches_injection_off_and_on_with_nothing_lost") else {
+        return;
+    };
+    let _exclusive = k.exclusive();
+    let d = domain(k, &["db_password"], &["User:alice"]);
+    let reference = format!("kubernetes:{d}/db_password");
+    let before = create_when_ready(
+        k,
+        &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]),
+        "alice",
+        &[],
+    );
+    let revision = |k: &Cluster| {
+        let status: Value = serde_json::from_str(
+            &k.helm(["status", "secrets-webhook", "-n", NS, "-o", "json"])
+                .ok(),
+        )
+        .unwrap();
+        status["version"].as_u64().unwrap()
+    };
+    let first = revision(k);
+
+    let restore = FeatureOn(k);
+    let deployment = set_feature(k, false);
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("--enabled=false"), "{args}");
+    assert_eq!(revision(k), first + 1);
+    // Off: a pod with references passes untouched (no secretKeyRef, no stamps)...
+    let off = k.eventually("injection is off", || {
+        let pod = opted_in_pod(NS, &[("DB_PASSWORD", &reference)]);
+        let stored = create_as(k, &pod, "alice", &[])?;
+        if stored["spec"]["containers"][0]["env"].is_null() {
+            Ok(stored)
+        } else {
+            Err(stored.to_string())
+        }
+    });
+    assert!(off["metadata"]["annotations"]["secrets.iomete.com/identity"].is_null());
+    // ...while the guard still denies a direct reference to a managed store.
+    let mut direct = plain_pod(NS);
+    direct["spec"]["containers"][0]["env"] = json!([{"name": "X", "valueFrom":
+        {"secretKeyRef": {"name": format!("iomete-secret-store-{d}"), "key": "db_password"}}}]);
+    let error = create_as(k, &direct, "alice", &[]).unwrap_err();
+    assert!(error.contains(DENIED), "{error}");
+
+    drop(restore);
+    assert_eq!(revision(k), first + 2);
+    let deployment = k.get("deployment", NS, "secrets-webhook").unwrap();
+    assert!(
+        !deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string()
+            .contains("--enabled")
+    );
+    // On again: the same reference is wired, with nothing re-created: the bundle, the store, the
+    // registration (its local URL and caBundle kept by --reuse-values) and earlier pods are intact.
+    let after = create_when_ready(
+        k,
+        &opted_in_pod(NS, &[("DB_PASSWORD", &reference)]),
+        "alice",
+        &[],
+    );
+    assert_eq!(
+        secret_key_ref(&after, "DB_PASSWORD"),
+        (format!("iomete-secret-store-{d}"), "db_password".into())
+    );
+    let kept = k.get("pod", NS, name(&before)).unwrap();
+    assert_eq!(
+        secret_key_ref(&kept, "DB_PASSWORD"),
+        secret_key_ref(&before, "DB_PASSWORD")
+    );
+    assert!(
+        k.get("resourcebundle", NS, &format!("{d}-bundle"))
+            .is_some()
+    );
+    for crd in [
+        "resourcebundles.secrets.iomete.com",
+        "vaultconfigs.secrets.iomete.com",
+    ] {
+        assert!(k.get("crd", "", crd).is_some(), "{crd} lost");
+    }
+}
