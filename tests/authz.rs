@@ -140,6 +140,8 @@ async fn sar_only_allowed_true_allows_as_real_rbac_answers() {
         ),
     });
     let sar = SarAuthorizer::new(api.client(), "iomete-system");
+    // Nothing to list first: ready at once.
+    assert!(Authorizer::ready(&sar));
     let who = |name: &str| Identity::new(name, Vec::new());
     assert_eq!(
         sar.check_use(&who("alice"), &vault_prod(), soon()).await,
@@ -288,6 +290,21 @@ async fn resource_bundle_crds_are_watched() {
         Decision::Allow
     );
     assert!(ras.ready());
+    // Through both traits too, and wrapped as `serve` wraps it: /readyz turns true once listed.
+    assert!(Authorizer::ready(&ras));
+    assert!(secrets_webhook::authz::CheckUse::ready(&ras));
+    let wrapped = secrets_webhook::authz::in_cluster(
+        secrets_webhook::authz::AuthorizerKind::Ras,
+        api.client(),
+        "iomete-system",
+        CacheSettings::default(),
+        Arc::new(secrets_webhook::metrics::Metrics::new()),
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while !wrapped.ready() {
+        assert!(Instant::now() < until, "never ready after the listing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(matches!(
         ras.check_use(&bob, &vault_prod(), soon()).await,
         Decision::Deny(t) if t.contains("(resource bundle \"finance-bundle\")")
@@ -333,6 +350,7 @@ async fn unloaded_bundles_fail_closed() {
         )
     );
     assert!(!ras.ready());
+    assert!(!Authorizer::ready(&ras));
     let wrapped = secrets_webhook::authz::in_cluster(
         secrets_webhook::authz::AuthorizerKind::Ras,
         api.client(),
@@ -1175,6 +1193,8 @@ trustedControllers:
             CacheSettings::default(),
             webhook.metrics.clone(),
         );
+        // Nothing to list first: ready at once.
+        assert!(webhook.ready());
         let pod = driver(&[FINANCE]);
         let a = admit_as(&webhook, &pod, "alice", &[]).await;
         assert!(a.allowed() && a.patch.is_some(), "{}", a.message());

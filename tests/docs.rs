@@ -184,6 +184,7 @@ fn has_type(value: &Value, documented: &str) -> bool {
         "string" => value.is_string(),
         "number" => value.is_number(),
         "integer" => value.is_u64() || value.is_i64(),
+        "boolean" => value.is_boolean(),
         other => panic!("docs/logging.md names an unknown type {other:?}"),
     }
 }
@@ -248,6 +249,8 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
             "127.0.0.1:0",
             "--admin-listen",
             "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
         ])
         .arg("--dev-cert-dir")
         .arg(certs.path())
@@ -277,6 +280,18 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
             break line.trim().to_owned();
         }
         banner.push(line);
+    };
+    let api_port = loop {
+        let line = lines
+            .next()
+            .expect("serve --dev announces its API")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("management API: https://localhost:") {
+            break rest
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>();
+        }
     };
     // The printed command is README's, with the port that was bound.
     let readme = read("README.md");
@@ -335,6 +350,15 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
     assert_eq!(plain["response"]["allowed"], true, "{plain}");
     let invalid = post("{\"not\": \"a review\"}".into()).await;
     assert_eq!(invalid["response"]["allowed"], false, "{invalid}");
+    // The management API writes audit lines: one for a caller without a token.
+    let anonymous = client
+        .get(format!(
+            "https://localhost:{api_port}/api/v1/domains/finance/secrets"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
 
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -393,6 +417,12 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
     );
     assert_eq!(bob["denial"], denied["response"]["status"]["message"]);
     assert_eq!(by_uid("uid-plain")["decision"], "allowed");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "audit" && l["actor"] == "anonymous"),
+        "no audit line: {log}"
+    );
     for event in ["serving", "SIGTERM received", "drained; exiting"] {
         assert!(
             lines.iter().any(|l| l["message"] == event),

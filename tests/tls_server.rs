@@ -539,6 +539,7 @@ async fn serve_dev_process_admits_and_exits_0_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_secrets-webhook"))
         .args(["serve", "--dev", "--log-format", "text"])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--api-listen", "127.0.0.1:0"])
         .arg("--dev-cert-dir")
         .arg(&certs)
         .arg("--config")

@@ -333,7 +333,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         );
         if let Some(api) = bound.api_addr() {
             let port = api.port();
-            eprintln!(
+            println!(
                 "management API: https://localhost:{port}/api/v1 (OpenAPI: /api/v1/openapi.json), \
                  console: https://localhost:{port}/console/\n\
                  --dev: changes go to an in-memory store and are lost at exit; sign in with a \
