@@ -269,6 +269,41 @@ async fn recovers_when_the_server_closes_the_watch() {
     assert!(watches() > before, "the watcher watched again");
 }
 
+/// After a watch ends, the store watch resumes from the last event it saw (its object's
+/// resourceVersion), not from the older listing: nothing is replayed, and a short watch history
+/// on the server cannot force a relist.
+#[tokio::test]
+async fn resumes_from_the_last_event_it_saw() {
+    let (api, watch) = watched().await;
+    let seen = api.put(secret(
+        NS,
+        "iomete-secret-store",
+        &[("legacy_token", "v1"), ("latest", "v")],
+    ));
+    eventually("the event seen", || {
+        watch.check("iomete-secret-store", "latest") == StoreCheck::Present
+    })
+    .await;
+    api.clear_log();
+    api.close_watches();
+    eventually("watching again", || {
+        api.requests().iter().any(|r| r.query.contains("watch=true"))
+    })
+    .await;
+    let rewatch = api
+        .requests()
+        .into_iter()
+        .find(|r| r.query.contains("watch=true"))
+        .expect("a new watch");
+    let rv = seen["metadata"]["resourceVersion"].as_str().unwrap();
+    assert!(
+        rewatch.query.contains(&format!("resourceVersion={rv}&"))
+            || rewatch.query.ends_with(&format!("resourceVersion={rv}")),
+        "resumed from {} instead of the last event ({rv})",
+        rewatch.query
+    );
+}
+
 #[tokio::test]
 async fn relists_after_410_expired_and_drops_stores_deleted_meanwhile() {
     let (api, watch) = watched().await;
