@@ -7,8 +7,11 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
 use secrets_webhook::admission::workload::classify;
+use secrets_webhook::authz::Identity;
 use secrets_webhook::backends::KeyRef;
 use secrets_webhook::config::Selectors;
+use secrets_webhook::identity::KeyRing;
+use secrets_webhook::identity::stamps::{Subject, stamp_annotations, verify};
 use secrets_webhook::plan::{Inputs, Resolved, legacy_keys, plan};
 use secrets_webhook::refs::{TargetKind, parse_annotations};
 
@@ -114,6 +117,33 @@ fn bench(c: &mut Criterion) {
     let env = resolve(TargetKind::Env);
     let confs = resolve(TargetKind::SparkConf);
     let stamps = BTreeMap::from([("secrets.iomete.com/identity".to_owned(), "alice".to_owned())]);
+    // The stamps of a driver with ten references: signed at its admission, verified at each of its
+    // executors' admissions.
+    let Ok(keys) = KeyRing::new(b"bench-signing-key-0123456789abcdef0123456789", None) else {
+        return;
+    };
+    let alice = Identity::new("alice", vec!["data-eng".to_owned()]);
+    let secrets: Vec<_> = refs.iter().map(|r| r.secret.clone()).collect();
+    c.bench_function("sign the stamps of 10 references", |b| {
+        b.iter(|| {
+            let subject = Subject::of_new_pod(black_box(&driver), "iomete-system");
+            stamp_annotations(&alice, &secrets, &subject, &keys)
+        })
+    });
+    let mut stamped = driver.clone();
+    stamped
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .extend(stamp_annotations(
+            &alice,
+            &secrets,
+            &Subject::of_new_pod(&driver, "iomete-system"),
+            &keys,
+        ));
+    c.bench_function("verify the stamps of 10 references", |b| {
+        b.iter(|| verify(black_box(&stamped), "iomete-system", &keys))
+    });
     c.bench_function("legacy placeholder scan, driver", |b| {
         b.iter(|| legacy_keys(black_box(&driver), &workload))
     });

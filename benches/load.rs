@@ -396,6 +396,9 @@ struct Burst {
     /// KV v2 reads per secret path during the burst.
     vault_reads: BTreeMap<String, usize>,
     driver_lookups: usize,
+    /// Reads and writes of the managed Secret the executors' Vault values go into (each admission
+    /// verifies it: one read shared by the admissions waiting when it starts).
+    managed_secret: (usize, usize),
     /// SubjectAccessReviews per (user, resource, name).
     authorizations: BTreeMap<String, usize>,
     memory: Memory,
@@ -406,7 +409,7 @@ impl std::fmt::Display for Burst {
         write!(
             f,
             "{}/{BURST} answered, {} allowed, p50 {}, p99 {}, max {}; Vault reads {:?}; driver lookups {}; \
-             authorizations {:?}; server {}",
+             managed Secret reads/writes {:?}; authorizations {:?}; server {}",
             self.answered,
             self.allowed,
             ms(self.p50),
@@ -414,6 +417,7 @@ impl std::fmt::Display for Burst {
             ms(self.max),
             self.vault_reads,
             self.driver_lookups,
+            self.managed_secret,
             self.authorizations,
             self.memory
         )
@@ -518,7 +522,9 @@ async fn cold_burst(dir: &Path, pki: &Pki, bao: &OpenBao) -> anyhow::Result<Burs
             executor["metadata"]["labels"]["spark-exec-id"] = json!(i.to_string());
             executor["metadata"]["annotations"] = json!(executor_references());
             executor["metadata"]["ownerReferences"][0]["uid"] = stored["metadata"]["uid"].clone();
-            let extra = json!({"authentication.kubernetes.io/pod-name": [DRIVER_NAME]});
+            // The driver's own token: bound to the driver pod.
+            let extra = json!({"authentication.kubernetes.io/pod-name": [DRIVER_NAME],
+                               "authentication.kubernetes.io/pod-uid": [stored["metadata"]["uid"].clone()]});
             review_as(
                 &executor,
                 &format!("bench-exec-{i}"),
@@ -558,6 +564,12 @@ async fn cold_burst(dir: &Path, pki: &Pki, bao: &OpenBao) -> anyhow::Result<Burs
         "GET",
         &format!("/api/v1/namespaces/{NAMESPACE}/pods/{DRIVER_NAME}"),
     );
+    let managed = format!("/api/v1/namespaces/{NAMESPACE}/secrets/iomete-vault-vault-bench");
+    let managed_secret = (
+        api.count("GET", &managed),
+        api.count("PUT", &managed)
+            + api.count("POST", &format!("/api/v1/namespaces/{NAMESPACE}/secrets")),
+    );
     let mut authorizations = BTreeMap::new();
     for sar in api.sar_requests() {
         let spec = &sar["spec"];
@@ -578,6 +590,7 @@ async fn cold_burst(dir: &Path, pki: &Pki, bao: &OpenBao) -> anyhow::Result<Burs
         max: latencies.last().copied().unwrap_or(Duration::MAX),
         vault_reads,
         driver_lookups,
+        managed_secret,
         authorizations,
         memory,
     })
@@ -626,6 +639,12 @@ fn burst_rows(runs: &[Burst]) -> Vec<Row> {
             Some(lookups_ok),
         ),
         Row::new(
+            "3. cold burst: managed Secret reads / writes",
+            worst(&|b| format!("{} / {}", b.managed_secret.0, b.managed_secret.1)),
+            "(each admission verifies it)".into(),
+            None,
+        ),
+        Row::new(
             "3. cold burst: authorizations (SubjectAccessReviews)",
             worst(&|b| format!("{:?}", b.authorizations)),
             "1 per (identity, resource)".into(),
@@ -661,6 +680,19 @@ impl std::fmt::Display for Memory {
     }
 }
 
+/// `dir/signing-key/current`, as the webhook's Secret is mounted.
+fn signing_key_dir(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let keys = dir.join("signing-key");
+    if !keys.join("current").exists() {
+        std::fs::create_dir_all(&keys)?;
+        std::fs::write(
+            keys.join("current"),
+            "bench-signing-key-0123456789abcdef0123456789",
+        )?;
+    }
+    Ok(keys)
+}
+
 impl Server {
     /// `serve --dev` with the bench's certificate and local config; waits for `/readyz`.
     async fn dev(dir: &Path, pki: &Pki, config: &Path) -> anyhow::Result<Self> {
@@ -689,6 +721,9 @@ impl Server {
             // No trusted controllers.
             "--config".into(),
             dir.join("no-such-config.yaml").into(),
+            // One signing key for both processes, as the mounted Secret gives every replica.
+            "--signing-key-dir".into(),
+            signing_key_dir(dir)?.into(),
         ];
         Self::start(dir, name, args, Some(kubeconfig)).await
     }

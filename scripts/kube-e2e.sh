@@ -73,6 +73,11 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 PY
 }
 
+# An HTTP GET that succeeds on a 2xx (python3 rather than curl: one tool less to need).
+http_ok() {
+  python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$1"
+}
+
 wait_for() { # what seconds command...  (what = a process name from start_proc: fail early if it died)
   local what=$1 secs=$2; shift 2
   local until=$(( $(date +%s) + secs ))
@@ -185,7 +190,7 @@ cmd_webhook_start() {
     RUST_LOG="${WEBHOOK_RUST_LOG:-info}" "${argv[@]}" \
     --listen "127.0.0.1:$WEBHOOK_PORT" --admin-listen "127.0.0.1:$WEBHOOK_ADMIN_PORT"
   echo "$webhook" > "$state/pids/webhook.exe"
-  wait_for webhook 60 curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz" || true
+  wait_for webhook 60 http_ok "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz" || true
 }
 
 registered() { # the API server calls the webhook: a direct reference to a managed store is denied
@@ -219,7 +224,6 @@ cmd_up() {
   webhook=$(webhook_bin)
   [ -x "$webhook" ] || die "no webhook binary at $webhook"
   command -v openssl > /dev/null || die "openssl is needed to generate the certificates"
-  command -v curl > /dev/null || die "curl is needed"
 
   read -r ETCD_PORT ETCD_PEER_PORT API_PORT WEBHOOK_PORT WEBHOOK_ADMIN_PORT <<< "$(free_ports 5)"
   cat > "$state/vars" <<VARS
@@ -251,7 +255,7 @@ VARS
     --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-cluster="default=http://127.0.0.1:$ETCD_PEER_PORT" \
     --unsafe-no-fsync --log-level=warn
-  wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health" || { tail -20 "$state/logs/etcd.log" >&2; exit 1; }
+  wait_for etcd 30 http_ok "http://127.0.0.1:$ETCD_PORT/health" || { tail -20 "$state/logs/etcd.log" >&2; exit 1; }
 
   # Audit: every request of the webhook's ServiceAccount (metadata only: never a body), so tests
   # can check that each call it makes is allowed by the shipped RBAC.
@@ -308,7 +312,7 @@ YAML
   chmod 600 "$state/webhook.kubeconfig"
 
   cmd_webhook_start
-  curl -sf "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz" > /dev/null \
+  http_ok "http://127.0.0.1:$WEBHOOK_ADMIN_PORT/readyz" > /dev/null \
     || { tail -30 "$state/logs/webhook.log" >&2; die "the webhook did not become ready"; }
   wait_for "webhook registration" 60 registered \
     || { cat "$state/probe.err" >&2; die "the API server does not call the webhook"; }
@@ -331,6 +335,9 @@ install_manifests() {
   local admin=("$bin/kubectl" --kubeconfig "$state/admin.kubeconfig")
   "${admin[@]}" -n "$NS" create secret tls secrets-webhook-tls \
     --cert="$state/pki/webhook.crt" --key="$state/pki/webhook.key" > /dev/null
+  # The stamp signing key, created as docs/install.md says.
+  "${admin[@]}" -n "$NS" create secret generic secrets-webhook-signing-key \
+    --from-literal=current="$(head -c 32 /dev/urandom | base64)" > /dev/null
   helm upgrade --install secrets-webhook "$repo/charts/secrets-webhook" --namespace "$NS" \
     --set certificate.mode=self-managed \
     --set webhook.url="https://127.0.0.1:$WEBHOOK_PORT/mutate" \

@@ -28,8 +28,13 @@ def main():
     )
     kubectl = [os.path.join(vars_["bin"], "kubectl"), "--kubeconfig", os.path.join(state, "admin.kubeconfig")]
 
-    def get(kind, obj):
-        out = subprocess.run(kubectl + ["-n", ns, "get", kind, obj, "-o", "json"], check=True, capture_output=True)
+    def get(kind, obj, optional=False):
+        out = subprocess.run(kubectl + ["-n", ns, "get", kind, obj, "-o", "json"], capture_output=True)
+        if out.returncode != 0:
+            # An optional volume whose object does not exist is an empty directory, as the kubelet mounts it.
+            if optional and b"NotFound" in out.stderr:
+                return {}
+            sys.exit(f"kube_e2e_pod: kubectl get {kind} {obj}: {out.stderr.decode().strip()}")
         return json.loads(out.stdout)
 
     deployment = get("deployment", name)
@@ -47,9 +52,11 @@ def main():
         local = os.path.join(mounts_root, mount["name"])
         os.makedirs(local, exist_ok=True)
         if "secret" in volume:
-            data = {k: base64.b64decode(v) for k, v in get("secret", volume["secret"]["secretName"]).get("data", {}).items()}
+            secret = get("secret", volume["secret"]["secretName"], volume["secret"].get("optional", False))
+            data = {k: base64.b64decode(v) for k, v in secret.get("data", {}).items()}
         elif "configMap" in volume:
-            data = {k: v.encode() for k, v in get("configmap", volume["configMap"]["name"]).get("data", {}).items()}
+            config = get("configmap", volume["configMap"]["name"], volume["configMap"].get("optional", False))
+            data = {k: v.encode() for k, v in config.get("data", {}).items()}
         elif "emptyDir" in volume:
             data = {}
         else:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Renders every kustomization under manifests/ (base, overlays, each component on top of an
-# overlay) and validates the output and the example manifests:
+# overlay) and the Helm chart charts/secrets-webhook (in each mode), and validates the output and
+# the example manifests:
 #   - Kubernetes kinds against the API's OpenAPI schemas (kubernetes-validate --strict, which also
 #     rejects unknown fields);
 #   - secrets.iomete.com objects (VaultConfig, ResourceBundle) against the CRDs in manifests/base/crds;
@@ -8,7 +9,7 @@
 # Exits non-zero on the first invalid manifest or rendering error.
 #
 # Needs: kubectl with built-in kustomize (v5; Debian's kubernetes-client 1.20 is too old for
-# components), python3, and `pip install kubernetes-validate==1.37.0` (brings PyYAML and jsonschema).
+# components) and helm (both built by scripts/build-k8s-bins.sh), python3, and `pip install kubernetes-validate==1.37.0` (brings PyYAML and jsonschema).
 # K8S_VERSIONS selects the schemas (default: 1.30.0, the oldest supported — matchConditions GA and the
 # preStop sleep action — and 1.33.0, the API level the code is built against).
 set -euo pipefail
@@ -49,6 +50,20 @@ components: [../../components/$name]
 YAML
   render "component-$name" "$dir"
 done
+
+# The Helm chart (generated from these manifests, tests/chart.rs), rendered with each mode's values.
+command -v helm >/dev/null || die "helm not found (scripts/build-k8s-bins.sh builds it)"
+chart_render() { # NAME helm-args...
+  local name=$1; shift
+  echo "render chart $name"
+  HELM_CACHE_HOME="$work/helm" HELM_CONFIG_HOME="$work/helm" HELM_DATA_HOME="$work/helm" \
+    helm template secrets-webhook "$root/charts/secrets-webhook" --namespace iomete-system --include-crds "$@" \
+    > "$out/chart-$name.yaml" || die "helm template ($name) failed"
+}
+chart_render cert-manager
+chart_render self-managed --set certificate.mode=self-managed --set webhook.caBundle=UkVQTEFDRS1NRQ==
+chart_render feature-disabled-sar --set features.secretsV2.enabled=false --set authorizer=subject-access-review \
+  --set webhook.url=https://webhook.example.com:8443/mutate
 
 examples=()
 for f in "$root"/examples/*.yaml; do

@@ -303,9 +303,17 @@ pub fn secret_yaml(args: &CertsArgs, issued: &Issued) -> Result<String, CertErro
 }
 
 fn patch_hint(ca_bundle: &str) -> String {
+    let op = |i: usize| {
+        format!(
+            r#"{{"op":"add","path":"/webhooks/{i}/clientConfig/caBundle","value":"{ca_bundle}"}}"#
+        )
+    };
     format!(
-        "patch it into the webhook configuration with:\n  kubectl patch mutatingwebhookconfiguration secrets-webhook --type=json \
-         -p '[{{\"op\":\"add\",\"path\":\"/webhooks/0/clientConfig/caBundle\",\"value\":\"{ca_bundle}\"}}]'"
+        "patch it into the webhook configurations with:\n  kubectl patch mutatingwebhookconfiguration secrets-webhook --type=json \
+         -p '[{}]'\n  kubectl patch validatingwebhookconfiguration secrets-webhook --type=json -p '[{},{}]'",
+        op(0),
+        op(0),
+        op(1)
     )
 }
 

@@ -110,6 +110,18 @@ pub struct ServeArgs {
     /// Who decides Use: `ras` (ResourceBundle objects) or `subject-access-review` (Kubernetes RBAC).
     #[arg(long, env = "SECRETS_WEBHOOK_AUTHORIZER", value_enum, default_value_t = crate::authz::AuthorizerKind::Ras)]
     pub authorizer: crate::authz::AuthorizerKind,
+    /// Directory holding the stamp signing keys (files `current` and, while rotating, `previous`):
+    /// the mounted Secret. Not used with `--dev`.
+    #[arg(
+        long,
+        env = "SECRETS_WEBHOOK_SIGNING_KEY_DIR",
+        default_value = "/etc/secrets-webhook/signing-key"
+    )]
+    pub signing_key_dir: PathBuf,
+    /// Admit executors created with service-account tokens that are not bound to their driver pod
+    /// (clusters without bound tokens). Weaker: logged as a warning at start.
+    #[arg(long, env = "SECRETS_WEBHOOK_ALLOW_UNBOUND_EXECUTOR_TOKENS")]
+    pub allow_unbound_executor_tokens: bool,
     /// HTTPS address of the management API and console (`off` to disable). Default: off in a
     /// cluster, 127.0.0.1:8444 with `--dev`. Same certificate as admission.
     #[arg(long, env = "SECRETS_WEBHOOK_API_LISTEN")]
@@ -143,6 +155,10 @@ pub struct ReviewArgs {
     /// Submitting user's groups when FILE is a bare Pod.
     #[arg(long = "group")]
     pub groups: Vec<String>,
+    /// Submitting user's `userInfo.extra` when FILE is a bare Pod, as KEY=VALUE (repeatable), e.g.
+    /// `authentication.kubernetes.io/pod-name=DRIVER` for an executor created with a bound token.
+    #[arg(long = "extra", value_parser = parse_extra)]
+    pub extra: Vec<(String, String)>,
     /// The owner driver pod (as the webhook admitted it), standing in for the API lookup of executors.
     #[arg(long)]
     pub owner: Option<PathBuf>,
@@ -157,6 +173,12 @@ pub struct ReviewArgs {
     pub pod: bool,
 }
 
+fn parse_extra(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "expected KEY=VALUE".to_string())
+}
+
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
@@ -164,7 +186,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Review(args) => crate::review::run(args),
         Command::Certs(args) => crate::certs::run(args),
         Command::Vault(VaultCommand::Check { name, config }) => {
-            crate::backends::vault::run_check(&name, &config)
+            let local = crate::config::LocalConfig::load(&config)?;
+            crate::backends::vault::run_check(&name, &local.vault_configs, &config)
         }
     }
 }

@@ -1,101 +1,28 @@
-//! Plain configuration types. The CLI (`cli.rs`) fills them from flags and environment; tests build
-//! them directly. `LocalConfig` is the YAML file that stands in for the cluster objects when the
-//! webhook runs without a cluster (`serve --dev`, `review`).
+//! The configuration, gathered. Each setting type lives with the module that owns it (re-exported
+//! here); this module holds only the local config file (`LocalConfig`, YAML), which stands in for
+//! the cluster objects when the webhook runs without a cluster (`serve --dev`, `review`), and the
+//! engine built from it. The engine's modules do not depend on this one (the management API,
+//! which assembles itself from the config file, does).
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// Names and selectors that decide which stores, pods and annotations the webhook deals with.
-/// Defaults are the product's (see `docs/decisions.md`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Naming {
-    /// Data-plane namespace that holds the Kubernetes secret stores.
-    pub namespace: String,
-    /// Global store name (`iomete-secret-store`); domain stores are `{global}-{domain}`.
-    pub global_store: String,
-    /// The reserved `source.id` that names the global store.
-    pub global_id: String,
-    /// Prefix of the webhook-managed Secrets holding materialized Vault values.
-    pub vault_secret_prefix: String,
-}
+use crate::admission::{BuildError, Webhook};
+use crate::authz::cache::CacheSettings;
+use crate::backends::VaultSource;
+use crate::backends::local::LocalStores;
+use crate::backends::vault::{VaultBackend, VaultOptions};
+use crate::identity::{Keys, StaticOwner, TrustedControllers};
+use crate::metrics::Metrics;
 
-impl Default for Naming {
-    fn default() -> Self {
-        Self {
-            namespace: "iomete-system".into(),
-            global_store: "iomete-secret-store".into(),
-            global_id: "global".into(),
-            vault_secret_prefix: "iomete-vault-".into(),
-        }
-    }
-}
-
-impl Naming {
-    /// The Kubernetes Secret that holds a domain's (or, for the global id, the global) secrets.
-    pub fn store_for(&self, id: &str) -> String {
-        if id == self.global_id {
-            self.global_store.clone()
-        } else {
-            format!("{}-{id}", self.global_store)
-        }
-    }
-
-    /// The webhook-managed Secret that receives materialized values of one Vault config.
-    pub fn vault_secret_for(&self, config: &str) -> String {
-        format!("{}{config}", self.vault_secret_prefix)
-    }
-
-    /// True for any Secret name the webhook manages or guards (stores and Vault materializations).
-    pub fn is_managed_secret(&self, name: &str) -> bool {
-        name.starts_with(&self.global_store) || name.starts_with(&self.vault_secret_prefix)
-    }
-}
-
-/// Label selectors that classify Jupyter pods (DESIGN §4); each entry is `key=value`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Selectors {
-    pub jupyter: Vec<(String, String)>,
-}
-
-impl Default for Selectors {
-    fn default() -> Self {
-        Self {
-            jupyter: vec![
-                ("component".into(), "singleuser-server".into()),
-                ("component".into(), "kernel".into()),
-                ("secrets.iomete.com/workload".into(), "jupyter".into()),
-            ],
-        }
-    }
-}
-
-/// Everything the admission engine needs to decide, independent of where it runs.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub naming: Naming,
-    pub selectors: Selectors,
-    /// Time the engine gives itself when the API server sends no `?timeout=`.
-    pub default_budget: Duration,
-    /// Master switch (the product's `features.secretsV2.enabled`): off = admit untouched, guard only.
-    pub enabled: bool,
-    /// Who decides `Use` in a cluster: ResourceBundles (RAS) or Kubernetes RBAC.
-    pub authorizer: crate::authz::AuthorizerKind,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            naming: Naming::default(),
-            selectors: Selectors::default(),
-            default_budget: Duration::from_secs(4),
-            enabled: true,
-            authorizer: crate::authz::AuthorizerKind::Ras,
-        }
-    }
-}
+pub use crate::admission::Settings;
+pub use crate::admission::workload::Selectors;
+pub use crate::backends::Naming;
+pub use crate::backends::local::StoresConfig;
+pub use crate::identity::ExecutorPolicy;
+pub use crate::identity::keys::SigningKeysConfig;
 
 /// The local config file (YAML). Key names only, never values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -104,13 +31,17 @@ pub struct LocalConfig {
     #[serde(default)]
     pub namespace: Option<String>,
     #[serde(default)]
-    pub stores: LocalStores,
+    pub stores: StoresConfig,
     #[serde(default)]
     pub vault_configs: Vec<crate::backends::vault::VaultConfigSpec>,
     #[serde(default)]
     pub resource_bundles: Vec<crate::authz::ras::LocalResourceBundle>,
     #[serde(default)]
-    pub trusted_controllers: Vec<crate::admission::identity::TrustedController>,
+    pub trusted_controllers: Vec<crate::identity::TrustedController>,
+    /// Stamp signing keys for `serve --dev` and `review` (a cluster reads them from a Secret);
+    /// without them a key is generated for the process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_keys: Option<SigningKeysConfig>,
     /// Management API, `--dev` only: static bearer tokens (refused in a cluster).
     #[serde(default)]
     pub api_tokens: Vec<crate::api::ApiToken>,
@@ -120,16 +51,6 @@ pub struct LocalConfig {
     /// Management API: backends trusted to name the user they act for (`X-Remote-User`).
     #[serde(default)]
     pub console_backends: Vec<crate::api::ConsoleBackend>,
-}
-
-/// Key names of the Kubernetes stores, standing in for the Secrets themselves.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LocalStores {
-    #[serde(default)]
-    pub global: Vec<String>,
-    #[serde(default)]
-    pub domains: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,4 +82,77 @@ impl LocalConfig {
     pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
         serde_yaml::from_str(text)
     }
+
+    /// The config file's namespace, when it names one, is the data-plane namespace.
+    fn settings(&self, mut settings: Settings) -> Settings {
+        if let Some(ns) = &self.namespace {
+            settings.naming.namespace = ns.clone();
+        }
+        settings
+    }
+}
+
+impl Webhook {
+    /// The embedded default: stores, Vault configs, bundles, trusted controllers and signing keys
+    /// from the local config file, no cluster.
+    pub fn from_local(
+        settings: Settings,
+        config: &LocalConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BuildError> {
+        let vault = local_vault(&settings, config, Arc::clone(&metrics))?;
+        Self::from_local_parts(settings, config, metrics, vault)
+    }
+
+    /// [`Webhook::from_local`] with the Vault backend built by the caller (`review` keeps it to
+    /// print the Secret writes a cluster would see).
+    pub fn from_local_parts(
+        settings: Settings,
+        config: &LocalConfig,
+        metrics: Arc<Metrics>,
+        vault: Option<Arc<VaultBackend>>,
+    ) -> Result<Self, BuildError> {
+        let settings = config.settings(settings);
+        let stores = Arc::new(LocalStores::new(&config.stores, &settings.naming));
+        let trusted = TrustedControllers::new(config.trusted_controllers.clone())
+            .map_err(|e| BuildError::Config(e.to_string()))?;
+        let keys = Keys::local(config.signing_keys.as_ref())
+            .map_err(|e| BuildError::Config(format!("signingKeys: {e}")))?;
+        Ok(Self {
+            settings,
+            stores,
+            vault: vault.map(|v| v as Arc<dyn VaultSource>),
+            authz: crate::authz::local(
+                &config.resource_bundles,
+                CacheSettings::default(),
+                Arc::clone(&metrics),
+            ),
+            trusted,
+            // No cluster: executors need `review --owner DRIVER.json` (see review.rs).
+            owners: Arc::new(StaticOwner::default()),
+            keys,
+            metrics,
+        })
+    }
+}
+
+/// The config file's Vault configs, if any; their cache lookups and Vault calls count in `metrics`.
+pub fn local_vault(
+    settings: &Settings,
+    config: &LocalConfig,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Arc<VaultBackend>>, BuildError> {
+    if config.vault_configs.is_empty() {
+        return Ok(None);
+    }
+    VaultBackend::from_local(
+        &config.vault_configs,
+        config.settings(settings.clone()).naming,
+        VaultOptions {
+            metrics: Some(metrics),
+            ..VaultOptions::default()
+        },
+    )
+    .map(Some)
+    .map_err(|e| BuildError::Config(e.to_string()))
 }

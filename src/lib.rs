@@ -9,6 +9,7 @@ pub mod backends;
 pub mod certs;
 pub mod cli;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod plan;
 pub mod refs;

@@ -9,9 +9,9 @@ use anyhow::{Context, bail};
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::admission::{Webhook, local_vault};
+use crate::admission::Webhook;
 use crate::cli::ReviewArgs;
-use crate::config::{LocalConfig, Settings};
+use crate::config::{LocalConfig, Settings, local_vault};
 use crate::metrics::Metrics;
 
 /// `secrets-webhook review`. Exit status: 0 when allowed, an error (non-zero) when denied.
@@ -26,14 +26,24 @@ pub fn run(args: ReviewArgs) -> anyhow::Result<()> {
         // The driver pod as the webhook admitted it stands in for the executor's owner lookup.
         let driver: k8s_openapi::api::core::v1::Pod = serde_json::from_value(read_document(path)?)
             .with_context(|| format!("{} is not a Pod", path.display()))?;
-        webhook.owners = Arc::new(crate::admission::identity::StaticOwner::new(Some(driver)));
+        webhook.owners = Arc::new(crate::identity::StaticOwner::new(Some(driver)));
     }
     let review = as_review(input, &args, &webhook.settings.naming.namespace)?;
     let body = serde_json::to_vec(&review)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let answer = runtime.block_on(webhook.review_bytes(&body, None));
+    // Updates and other kinds (SparkApplications) go where the API server sends them: the
+    // validating webhooks.
+    let validating = review["request"]["operation"] != "CREATE"
+        || review["request"]["kind"]["kind"]
+            .as_str()
+            .is_some_and(|k| k != "Pod");
+    let answer = if validating {
+        runtime.block_on(webhook.validate_bytes(&body, None))
+    } else {
+        runtime.block_on(webhook.review_bytes(&body, None))
+    };
     let answer: Value = serde_json::from_slice(&answer)?;
     let response = &answer["response"];
     let patch = decode_patch(response)?;
@@ -92,6 +102,13 @@ fn as_review(input: Value, args: &ReviewArgs, default_namespace: &str) -> anyhow
                 .as_str()
                 .unwrap_or_default()
                 .to_owned();
+            let mut extra = serde_json::Map::new();
+            for (key, value) in &args.extra {
+                let values = extra.entry(key.clone()).or_insert_with(|| json!([]));
+                if let Some(list) = values.as_array_mut() {
+                    list.push(json!(value));
+                }
+            }
             let pod_kind = json!({"group": "", "version": "v1", "kind": "Pod"});
             let pods = json!({"group": "", "version": "v1", "resource": "pods"});
             Ok(json!({
@@ -102,7 +119,8 @@ fn as_review(input: Value, args: &ReviewArgs, default_namespace: &str) -> anyhow
                     "kind": pod_kind, "resource": pods,
                     "requestKind": pod_kind, "requestResource": pods,
                     "name": name, "namespace": namespace, "operation": "CREATE",
-                    "userInfo": {"username": args.user.clone().unwrap_or_else(|| "review".into()), "groups": args.groups},
+                    "userInfo": {"username": args.user.clone().unwrap_or_else(|| "review".into()), "groups": args.groups,
+                                 "extra": extra},
                     "object": input, "oldObject": null, "dryRun": args.dry_run,
                 }
             }))

@@ -15,6 +15,10 @@ namespace: iomete-system
 stores:
   global: [warehouse_path, api_token]
   domains: {finance: [db_password, s3_secret_key], marketing: [ga_token]}
+resourceBundles:
+  - {name: alice-bundle, domains: [finance, hr, marketing],
+     grants: [{subjects: [{kind: User, name: alice}], permissions: [use]}]}
+signingKeys: {current: admission-tests-signing-key-0123456789abcdef}
 "#;
 
 fn webhook() -> Webhook {
@@ -204,8 +208,9 @@ async fn denials_name_the_reference_and_the_fix() {
         (
             "env.secrets.iomete.com/X",
             "vault:vault-prod-finance/db",
-            "annotation env.secrets.iomete.com/X: env var \"X\": vault:vault-prod-finance/db: Vault source not \
-             configured in this webhook; use a Kubernetes source, or ask a platform admin to configure Vault",
+            "annotation env.secrets.iomete.com/X: vault:vault-prod-finance/db: user \"alice\" lacks Use on vault \
+             config \"vault-prod-finance\"; a platform admin can grant Use to the user or one of its groups in the \
+             resource bundle of that Vault config",
         ),
         (
             "secrets.iomete.com/env-secrets",
@@ -310,8 +315,30 @@ async fn dry_run_and_non_create_operations() {
         "dry run still answers with the patch"
     );
     r["request"]["operation"] = json!("UPDATE");
+    r["request"]["oldObject"] = r["request"]["object"].clone();
     let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
-    assert!(answer.allowed() && answer.patch.is_none());
+    assert!(
+        answer.allowed() && answer.patch.is_none(),
+        "{}",
+        answer.message()
+    );
+    r["request"]["operation"] = json!("DELETE");
+    let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
+    assert!(
+        answer.allowed() && answer.patch.is_none(),
+        "{}",
+        answer.message()
+    );
+    // An update without the old object cannot be checked: denied, not waved through.
+    r["request"]["operation"] = json!("UPDATE");
+    r["request"]["oldObject"] = Value::Null;
+    let answer = admit_bytes(&serde_json::to_vec(&r).unwrap()).await;
+    assert!(!answer.allowed());
+    assert!(
+        answer.message().contains("no object or no oldObject"),
+        "{}",
+        answer.message()
+    );
 }
 
 #[tokio::test]
@@ -365,6 +392,10 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
     let huge_json_refs: Vec<Value> = (0..50_000)
         .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": "no-such"}}}))
         .collect();
+    // Distinct domains, each a Use check (a SubjectAccessReview in RBAC mode): capped.
+    let many_domains: Vec<Value> = (0..50_000)
+        .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": format!("d{i}")}}}))
+        .collect();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("wrong kind", with(&|r| r["kind"] = json!("Pod")), "expected apiVersion admission.k8s.io/v1, kind AdmissionReview"),
         ("v1beta1", with(&|r| r["apiVersion"] = json!("admission.k8s.io/v1beta1")), "expected apiVersion"),
@@ -384,10 +415,11 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
             "duplicate field `uid`",
         ),
         ("enormous annotation", annotated("secrets.iomete.com/env-secrets", &"x".repeat(3 << 20)), "not a JSON array of references"),
-        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "… and 49990 more"),
+        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "user \"alice\" lacks Use on domain \"no-such\""),
+        ("fifty thousand domains", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&many_domains).unwrap()), "the pod references 50000 different domains and Vault configs; at most 64 per pod"),
         ("invalid env name", annotated("env.secrets.iomete.com/A=B", "kubernetes:global/warehouse_path"), "is not a valid environment variable name"),
-        ("path traversal", annotated("env.secrets.iomete.com/X", "vault:cfg/../../sys/raw#x"), "key is not a valid Vault key"),
-        ("control characters", annotated("env.secrets.iomete.com/X", "kubernetes:global/a\u{7}b"), "key is not a valid Kubernetes secret key"),
+        ("path traversal", annotated("env.secrets.iomete.com/X", "vault:cfg/../../sys/raw#x"), "is not a valid Vault key"),
+        ("control characters", annotated("env.secrets.iomete.com/X", "kubernetes:global/a\u{7}b"), "is not a valid Kubernetes secret key"),
         ("bad source id", annotated("env.secrets.iomete.com/X", "kubernetes:../kube-system/k"), "is not a valid name"),
         (
             "ten thousand env vars and a missing placeholder key",
@@ -440,4 +472,130 @@ async fn ten_thousand_env_vars_with_placeholders_are_planned_quickly() {
             .unwrap()
             .starts_with("IOMETE_SECRET_")
     );
+}
+
+/// The validating endpoint (`/validate`) the API server calls for pod updates and
+/// SparkApplications, through the engine: never a patch, and the decisions of
+/// docs/authorization.md §6 and §10.
+#[tokio::test]
+async fn the_validating_endpoint_checks_updates_and_spark_applications() {
+    let webhook = webhook();
+    let validate = |body: Value| {
+        let webhook = &webhook;
+        async move {
+            let out = webhook
+                .validate_bytes(&serde_json::to_vec(&body).unwrap(), None)
+                .await;
+            let answer: Value = serde_json::from_slice(&out).unwrap();
+            assert!(answer["response"]["patch"].is_null(), "{answer}");
+            answer["response"].clone()
+        }
+    };
+    let allowed = |r: &Value| r["allowed"] == json!(true);
+    let message = |r: &Value| {
+        r["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    // The driver as alice's CREATE left it: mutated, stamped, signed.
+    let mut driver = fixture("spark35-driver-submit.json");
+    annotate(
+        &mut driver,
+        "env.secrets.iomete.com/DB",
+        "kubernetes:finance/db_password",
+    );
+    let (stored, _) = admit_and_apply(&driver).await;
+    let update = |old: &Value, new: &Value, sub: Option<&str>| {
+        let mut r = review(new, "bob");
+        r["request"]["operation"] = json!("UPDATE");
+        r["request"]["oldObject"] = old.clone();
+        if let Some(sub) = sub {
+            r["request"]["subResource"] = json!(sub);
+        }
+        r
+    };
+
+    let mut forged = stored.clone();
+    forged["metadata"]["annotations"]["secrets.iomete.com/granted"] =
+        json!(r#"["kubernetes:finance/db_password","kubernetes:hr/salaries"]"#);
+    let r = validate(update(&stored, &forged, None)).await;
+    assert!(!allowed(&r));
+    assert_eq!(
+        message(&r),
+        "annotation secrets.iomete.com/granted is set by secrets-webhook when the pod is created and \
+         cannot be added, changed or removed afterwards, by anyone"
+    );
+    let r = validate(update(&stored, &forged, Some("status"))).await;
+    assert!(!allowed(&r));
+
+    let mut swapped = stored.clone();
+    swapped["spec"]["containers"][0]["image"] = json!("evil:1");
+    let r = validate(update(&stored, &swapped, None)).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("containers[\"spark-kubernetes-driver\"].image cannot change"),
+        "{}",
+        message(&r)
+    );
+
+    let mut debugged = stored.clone();
+    debugged["spec"]["ephemeralContainers"] = json!([{"name": "d", "image": "busybox"}]);
+    let r = validate(update(&stored, &debugged, Some("ephemeralcontainers"))).await;
+    assert!(
+        message(&r).contains("ephemeral containers cannot be added"),
+        "{}",
+        message(&r)
+    );
+
+    // A pod without grants: ephemeral containers fine, unless they name a store.
+    let plain = fixture("spark35-driver-submit.json");
+    let mut with_debug = plain.clone();
+    with_debug["spec"]["ephemeralContainers"] = json!([{"name": "d", "image": "busybox"}]);
+    assert!(allowed(
+        &validate(update(&plain, &with_debug, Some("ephemeralcontainers"))).await
+    ));
+    with_debug["spec"]["ephemeralContainers"][0]["envFrom"] =
+        json!([{"secretRef": {"name": "iomete-secret-store-finance"}}]);
+    let r = validate(update(&plain, &with_debug, Some("ephemeralcontainers"))).await;
+    assert!(
+        message(&r).contains("ephemeralContainers[0].envFrom[0] names Secret"),
+        "{}",
+        message(&r)
+    );
+    // Labels: fine.
+    let mut labelled = stored.clone();
+    labelled["metadata"]["labels"]["team"] = json!("x");
+    assert!(allowed(&validate(update(&stored, &labelled, None)).await));
+
+    // A CREATE sent here is the mutating webhook's: allowed untouched, no side effects.
+    let r = validate(review(&driver, "alice")).await;
+    assert!(allowed(&r));
+
+    // SparkApplications.
+    let app = |run_as: &str| {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "a1", "operation": "CREATE", "name": "pi", "namespace": "iomete-system",
+                "kind": {"group": "sparkoperator.k8s.io", "version": "v1beta2", "kind": "SparkApplication"},
+                "resource": {"group": "sparkoperator.k8s.io", "version": "v1beta2", "resource": "sparkapplications"},
+                "userInfo": {"username": "bob", "groups": ["system:authenticated"]},
+                "object": {"apiVersion": "sparkoperator.k8s.io/v1beta2", "kind": "SparkApplication",
+                    "metadata": {"name": "pi", "namespace": "iomete-system"},
+                    "spec": {"driver": {"annotations": {"secrets.iomete.com/run-as": run_as}}}},
+                "oldObject": null, "dryRun": false}})
+    };
+    let r = validate(app("alice")).await;
+    assert!(!allowed(&r));
+    assert_eq!(r["uid"], "a1");
+    assert!(
+        message(&r).contains("to a user other than its requester \"bob\""),
+        "{}",
+        message(&r)
+    );
+    assert!(allowed(&validate(app("bob")).await));
+    // Any other kind: nothing to say.
+    let mut other = app("alice");
+    other["request"]["kind"]["kind"] = json!("ConfigMap");
+    assert!(allowed(&validate(other).await));
 }

@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use secrets_webhook::admission::Webhook;
-use secrets_webhook::admission::identity::TrustedControllers;
+use secrets_webhook::authz::Identity;
 use secrets_webhook::backends::vault::{VaultBackend, VaultOptions};
 use secrets_webhook::config::{LocalConfig, Naming, Settings};
+use secrets_webhook::identity::stamps::{Subject, stamp_annotations};
+use secrets_webhook::identity::{KeyRing, Keys, TrustedControllers};
 use secrets_webhook::metrics::Metrics;
+use secrets_webhook::refs::{SecretObject, Source, SourceType};
 use serde_json::{Value, json};
 use support::api::ApiServer;
 use support::fake_apiserver::{Collection, FakeApiServer, Fault, pod, secret};
@@ -64,6 +67,7 @@ async fn cluster_api(fake: &FakeApiServer) -> ApiServer {
     let vault = VaultBackend::in_cluster(
         client.clone(),
         settings.naming.clone(),
+        keys(),
         VaultOptions::default(),
     );
     let webhook = Webhook::from_cluster_parts(
@@ -71,6 +75,7 @@ async fn cluster_api(fake: &FakeApiServer) -> ApiServer {
         client.clone(),
         metrics,
         TrustedControllers::default(),
+        keys(),
         Arc::clone(&vault),
     )
     .unwrap();
@@ -265,12 +270,45 @@ async fn writes_go_to_the_store_secret_with_its_resource_version_as_etag() {
     );
 }
 
+/// The webhook's signing keys (every replica and the API read the same Secret).
+fn keys() -> Arc<Keys> {
+    static KEYS: std::sync::OnceLock<Arc<Keys>> = std::sync::OnceLock::new();
+    KEYS.get_or_init(|| {
+        Keys::fixed(KeyRing::new(b"api-cluster-tests-signing-key-0123456789ab", None).unwrap())
+    })
+    .clone()
+}
+
+/// A pod as the webhook admitted it: stamps signed with the webhook's key.
 fn stamped(name: &str, granted: &[&str], phase: &str) -> Value {
     let mut p = pod(NS, name);
-    p["metadata"]["annotations"] = json!({
-        "secrets.iomete.com/identity": "{\"user\":\"alice\",\"groups\":[]}",
-        "secrets.iomete.com/granted": serde_json::to_string(granted).unwrap(),
-    });
+    let secrets: Vec<SecretObject> = granted
+        .iter()
+        .map(|r| {
+            let (kind, rest) = r.split_once(':').unwrap();
+            let (id, key) = rest.split_once('/').unwrap();
+            SecretObject {
+                key: key.into(),
+                source: Source {
+                    kind: if kind == "vault" {
+                        SourceType::Vault
+                    } else {
+                        SourceType::Kubernetes
+                    },
+                    id: id.into(),
+                },
+            }
+        })
+        .collect();
+    let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(p.clone()).unwrap();
+    let ring = keys().get().unwrap();
+    let stamps = stamp_annotations(
+        &Identity::new("alice", Vec::new()),
+        &secrets,
+        &Subject::of_new_pod(&typed, NS),
+        &ring,
+    );
+    p["metadata"]["annotations"] = json!(stamps);
     p["status"] = json!({"phase": phase});
     p
 }
@@ -299,6 +337,12 @@ async fn deleting_a_key_in_use_answers_409_with_the_pod_count_unless_forced() {
         &["kubernetes:finance/other_key"],
         "Running",
     ));
+    // Stamps added by hand (an UPDATE the webhook did not see, a forged signature) count for
+    // nothing: they can neither block a deletion nor hide a use.
+    let mut forged = stamped("forged", &["kubernetes:finance/other_key"], "Running");
+    forged["metadata"]["annotations"]["secrets.iomete.com/granted"] =
+        json!(r#"["kubernetes:finance/db_password"]"#);
+    fake.put(forged);
     let key = format!("{FINANCE}/db_password");
     let refused = api.delete(&key, "sa-alice", &[]).await;
     assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.text);
@@ -480,6 +524,7 @@ async fn with_subject_access_review_view_is_verb_get_and_update_is_verb_update()
     let vault = VaultBackend::in_cluster(
         client.clone(),
         settings.naming.clone(),
+        keys(),
         VaultOptions::default(),
     );
     let webhook = Webhook::from_cluster_parts(
@@ -487,6 +532,7 @@ async fn with_subject_access_review_view_is_verb_get_and_update_is_verb_update()
         client.clone(),
         Arc::new(Metrics::new()),
         TrustedControllers::default(),
+        keys(),
         Arc::clone(&vault),
     )
     .unwrap();

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use secrets_webhook::admission::Webhook;
-use secrets_webhook::admission::identity::TrustedControllers;
 use secrets_webhook::backends::vault::{VaultBackend, VaultOptions};
 use secrets_webhook::config::{LocalConfig, Naming, Settings};
+use secrets_webhook::identity::{KeyRing, Keys, TrustedControllers};
 use secrets_webhook::metrics::Metrics;
 use serde_json::{Value, json};
 use support::api::ApiServer;
@@ -62,9 +62,21 @@ async fn api_as_webhook(k: &Cluster) -> ApiServer {
         },
         ..Settings::default()
     };
+    // The installed webhook's signing key, as its Secret gives it to every replica: the API
+    // counts only pods whose stamps it signed.
+    let key = k
+        .get("secret", NS, "secrets-webhook-signing-key")
+        .expect("the install created the signing key");
+    let current = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        key["data"]["current"].as_str().unwrap(),
+    )
+    .unwrap();
+    let keys = Keys::fixed(KeyRing::new(&current, None).unwrap());
     let vault = VaultBackend::in_cluster(
         client.clone(),
         settings.naming.clone(),
+        Arc::clone(&keys),
         VaultOptions::default(),
     );
     let webhook = Webhook::from_cluster_parts(
@@ -72,6 +84,7 @@ async fn api_as_webhook(k: &Cluster) -> ApiServer {
         client.clone(),
         Arc::new(Metrics::new()),
         TrustedControllers::default(),
+        keys,
         Arc::clone(&vault),
     )
     .unwrap();

@@ -202,6 +202,69 @@ fn indent(text: &str, by: usize) -> String {
         .collect()
 }
 
+/// The ConfigMap of the data-plane policies' lists.
+const DATA_PLANE: &str = "secrets-webhook-data-plane";
+
+/// A webhook configuration: each webhook's clientConfig becomes the Service or `webhook.url`
+/// (with the webhook's own path) and, self-managed, `webhook.caBundle`; cert-manager's annotation
+/// comes with its overlay.
+fn webhook_configuration(
+    object: &mut Value,
+    kind: &str,
+    cert_manager: &[Value],
+    blocks: &mut Blocks,
+) {
+    let count = object["webhooks"].as_sequence().unwrap().len();
+    for index in 0..count {
+        let hook = &mut object["webhooks"][index];
+        let mut service = hook["clientConfig"]["service"].clone();
+        let path = service["path"].as_str().unwrap().to_owned();
+        template_namespace(&mut service);
+        let client = hook.as_mapping_mut().unwrap();
+        let at = client.keys().position(|k| k == "clientConfig").unwrap();
+        let name = format!("clientConfig-{}-{index}", kind.to_lowercase());
+        let mut rebuilt = Mapping::new();
+        for (i, (k, v)) in std::mem::take(client).into_iter().enumerate() {
+            if i == at {
+                rebuilt.insert(blocks.key(&name, String::new()), Value::Null);
+            } else {
+                rebuilt.insert(k, v);
+            }
+        }
+        *client = rebuilt;
+        blocks.0.insert(
+            name,
+            format!(
+                "clientConfig:\n\
+                 {{{{- if .Values.webhook.url }}}}\n  url: {{{{ printf \"%s{path}\" (trimSuffix \"/mutate\" .Values.webhook.url) | quote }}}}\n\
+                 {{{{- else }}}}\n  service:\n{}{END}\n\
+                 {{{{- if eq .Values.certificate.mode \"self-managed\" }}}}\n  caBundle: {{{{ required \"certificate.mode=self-managed needs webhook.caBundle (base64 of ca.pem from `secrets-webhook certs`)\" .Values.webhook.caBundle }}}}\n\
+                 {{{{- else if ne .Values.certificate.mode \"cert-manager\" }}}}\n  {{{{- fail \"certificate.mode must be cert-manager or self-managed\" }}}}\n{END}\n",
+                indent(&yaml(&service), 4)
+            ),
+        );
+    }
+    let cm_hook = find(cert_manager, kind, "secrets-webhook");
+    let mut annotations = cm_hook["metadata"]["annotations"].clone();
+    assert!(
+        object["metadata"].get("annotations").is_none(),
+        "base annotations: extend the generator"
+    );
+    template_namespace(&mut annotations);
+    let block = format!("cert-manager-annotations-{}", kind.to_lowercase());
+    let meta = map(object, &["metadata"]);
+    meta.insert(blocks.key(&block, String::new()), Value::Null);
+    let mut wrapped = Mapping::new();
+    wrapped.insert("annotations".into(), annotations);
+    blocks.0.insert(
+        block,
+        format!(
+            "{IF_CERT_MANAGER}\n{}{END}\n",
+            yaml(&Value::Mapping(wrapped))
+        ),
+    );
+}
+
 /// The chart's generated files: path (relative to the chart) → content.
 fn generate(kubectl: &Path) -> BTreeMap<String, String> {
     let base = kustomize(kubectl, &["base"], &[]);
@@ -303,6 +366,21 @@ fn generate(kubectl: &Path) -> BTreeMap<String, String> {
                     );
                 }
             }
+            "MutatingWebhookConfiguration" | "ValidatingWebhookConfiguration" => {
+                webhook_configuration(&mut object, &kind, &cert_manager, &mut blocks);
+            }
+            "ConfigMap" if name == DATA_PLANE => {
+                // The data-plane lists are values; unset, the manifests' own.
+                let data = map(&mut object, &["data"]);
+                for (key, value) in data.iter_mut() {
+                    let key = key.as_str().unwrap();
+                    let default = value.as_str().unwrap_or_default().replace('"', "\\\"");
+                    *value = format!(
+                        "{{{{ index .Values.dataPlane \"{key}\" | default \"{default}\" }}}}"
+                    )
+                    .into();
+                }
+            }
             // The management API's port on the Service, and its ingress.
             "Service" | "NetworkPolicy" => {
                 let field = if kind == "Service" {
@@ -325,58 +403,6 @@ fn generate(kubectl: &Path) -> BTreeMap<String, String> {
                         format!("{IF_API}\n{}{END}\n", yaml(&Value::Sequence(added))),
                     );
                 }
-            }
-            "MutatingWebhookConfiguration" => {
-                let hook = &mut object["webhooks"][0];
-                let mut service = hook["clientConfig"]["service"].clone();
-                template_namespace(&mut service);
-                let client = hook.as_mapping_mut().unwrap();
-                let at = client.keys().position(|k| k == "clientConfig").unwrap();
-                let mut rebuilt = Mapping::new();
-                for (i, (k, v)) in std::mem::take(client).into_iter().enumerate() {
-                    if i == at {
-                        rebuilt.insert(blocks.key("clientConfig", String::new()), Value::Null);
-                    } else {
-                        rebuilt.insert(k, v);
-                    }
-                }
-                *client = rebuilt;
-                blocks.0.insert(
-                    "clientConfig".into(),
-                    format!(
-                        "clientConfig:\n\
-                         {{{{- if .Values.webhook.url }}}}\n  url: {{{{ .Values.webhook.url | quote }}}}\n\
-                         {{{{- else }}}}\n  service:\n{}{END}\n\
-                         {{{{- if eq .Values.certificate.mode \"self-managed\" }}}}\n  caBundle: {{{{ required \"certificate.mode=self-managed needs webhook.caBundle (base64 of ca.pem from `secrets-webhook certs`)\" .Values.webhook.caBundle }}}}\n\
-                         {{{{- else if ne .Values.certificate.mode \"cert-manager\" }}}}\n  {{{{- fail \"certificate.mode must be cert-manager or self-managed\" }}}}\n{END}\n",
-                        indent(&yaml(&service), 4)
-                    ),
-                );
-                let cm_hook = find(
-                    &cert_manager,
-                    "MutatingWebhookConfiguration",
-                    "secrets-webhook",
-                );
-                let mut annotations = cm_hook["metadata"]["annotations"].clone();
-                assert!(
-                    object["metadata"].get("annotations").is_none(),
-                    "base annotations: extend the generator"
-                );
-                template_namespace(&mut annotations);
-                let meta = map(&mut object, &["metadata"]);
-                meta.insert(
-                    blocks.key("cert-manager-annotations", String::new()),
-                    Value::Null,
-                );
-                let mut wrapped = Mapping::new();
-                wrapped.insert("annotations".into(), annotations);
-                blocks.0.insert(
-                    "cert-manager-annotations".into(),
-                    format!(
-                        "{IF_CERT_MANAGER}\n{}{END}\n",
-                        yaml(&Value::Mapping(wrapped))
-                    ),
-                );
             }
             _ => {}
         }
@@ -474,7 +500,11 @@ fn normalized(objects: Vec<Value>) -> BTreeMap<(String, String), Value> {
     objects
         .into_iter()
         .map(|mut o| {
-            if o["kind"] == "ConfigMap" {
+            if o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("secrets-webhook-config"))
+            {
                 o["metadata"]["name"] = "secrets-webhook-config".into();
             }
             if o["kind"] == "Deployment" {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use secrets_webhook::admission::Webhook;
-use secrets_webhook::admission::identity::TrustedControllers;
 use secrets_webhook::config::{Naming, Settings};
+use secrets_webhook::identity::{KeyRing, Keys, TrustedControllers};
 use secrets_webhook::metrics::Metrics;
 use serde_json::{Value, json};
 use support::fake_apiserver::{Collection, FakeApiServer, Fault, secret};
@@ -78,6 +78,7 @@ async fn cluster_webhook(api: &FakeApiServer) -> Webhook {
         api.client(),
         Arc::new(Metrics::new()),
         TrustedControllers::default(),
+        Keys::fixed(KeyRing::new(b"cluster-tests-signing-key-0123456789abcd", None).unwrap()),
     )
     .await
     .unwrap()
@@ -178,8 +179,8 @@ async fn from_cluster_admits_with_watched_stores_bundles_and_owner_lookups() {
     };
     let executor = executor_of(&[("DB_PASSWORD", "kubernetes:finance/db_password")]);
     let driver_sa = "system:serviceaccount:iomete-system:spark";
-    let extra =
-        json!({"authentication.kubernetes.io/pod-name": ["spark-pi-143984a22158e5b5-driver"]});
+    let extra = json!({"authentication.kubernetes.io/pod-name": ["spark-pi-143984a22158e5b5-driver"],
+                       "authentication.kubernetes.io/pod-uid": [stored["metadata"]["uid"].clone()]});
     let driver_path = format!("/api/v1/namespaces/{NS}/pods/spark-pi-143984a22158e5b5-driver");
     let before = api.count("GET", &driver_path);
     let body = review(&executor, driver_sa, extra.clone());
@@ -220,14 +221,15 @@ async fn from_cluster_admits_with_watched_stores_bundles_and_owner_lookups() {
         "{message}"
     );
 
-    // No VaultConfig objects: a Vault reference names the missing config.
+    // No VaultConfig objects: nobody holds Use on a config that does not exist, and the denial
+    // does not say whether it exists.
     let vault = with_refs(
         fixture("spark35-driver-submit.json"),
         &[("V", "vault:vault-prod/k")],
     );
     let (allowed, message, _) = admit(&webhook, &review(&vault, "alice", json!({}))).await;
     assert!(
-        !allowed && message.contains("there is no Vault config \"vault-prod\""),
+        !allowed && message.contains("user \"alice\" lacks Use on vault config \"vault-prod\";"),
         "{message}"
     );
 }
@@ -263,8 +265,8 @@ async fn api_server_faults_deny_within_the_budget_and_recover() {
     let stored = api.put(admitted);
     let mut executor = with_refs(fixture("spark35-executor-submit.json"), &refs);
     executor["metadata"]["ownerReferences"][0]["uid"] = stored["metadata"]["uid"].clone();
-    let extra =
-        json!({"authentication.kubernetes.io/pod-name": ["spark-pi-143984a22158e5b5-driver"]});
+    let extra = json!({"authentication.kubernetes.io/pod-name": ["spark-pi-143984a22158e5b5-driver"],
+                       "authentication.kubernetes.io/pod-uid": [stored["metadata"]["uid"].clone()]});
     let body = review(
         &executor,
         "system:serviceaccount:iomete-system:spark",

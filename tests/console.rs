@@ -154,10 +154,13 @@ async fn console_warns_before_deleting_a_key_in_use() {
     use std::sync::Arc;
 
     use secrets_webhook::admission::Webhook;
-    use secrets_webhook::admission::identity::TrustedControllers;
+    use secrets_webhook::authz::Identity;
     use secrets_webhook::backends::vault::{VaultBackend, VaultOptions};
     use secrets_webhook::config::{LocalConfig, Naming, Settings};
+    use secrets_webhook::identity::stamps::{Subject, stamp_annotations};
+    use secrets_webhook::identity::{KeyRing, Keys, TrustedControllers};
     use secrets_webhook::metrics::Metrics;
+    use secrets_webhook::refs::{SecretObject, Source, SourceType};
     use support::fake_apiserver::{FakeApiServer, pod, secret};
 
     let Some(browser) = browser() else { return };
@@ -172,10 +175,26 @@ async fn console_warns_before_deleting_a_key_in_use() {
         "iomete-secret-store-finance",
         &[("db_password", "v"), ("other", "v")],
     ));
+    // Pods as the webhook admitted them: stamps signed with its key.
+    let keys =
+        Keys::fixed(KeyRing::new(b"console-tests-signing-key-0123456789abcd", None).unwrap());
+    let db_password = SecretObject {
+        key: "db_password".into(),
+        source: Source {
+            kind: SourceType::Kubernetes,
+            id: "finance".into(),
+        },
+    };
     for name in ["driver", "exec-1"] {
         let mut p = pod(NS, name);
-        p["metadata"]["annotations"] =
-            json!({"secrets.iomete.com/granted": "[\"kubernetes:finance/db_password\"]"});
+        let typed: k8s_openapi::api::core::v1::Pod = serde_json::from_value(p.clone()).unwrap();
+        let stamps = stamp_annotations(
+            &Identity::new("alice", Vec::new()),
+            [&db_password],
+            &Subject::of_new_pod(&typed, NS),
+            &keys.get().unwrap(),
+        );
+        p["metadata"]["annotations"] = json!(stamps);
         p["status"] = json!({"phase": "Running"});
         fake.put(p);
     }
@@ -190,6 +209,7 @@ async fn console_warns_before_deleting_a_key_in_use() {
     let vault = VaultBackend::in_cluster(
         client.clone(),
         settings.naming.clone(),
+        Arc::clone(&keys),
         VaultOptions::default(),
     );
     let webhook = Webhook::from_cluster_parts(
@@ -197,6 +217,7 @@ async fn console_warns_before_deleting_a_key_in_use() {
         client.clone(),
         Arc::new(Metrics::new()),
         TrustedControllers::default(),
+        keys,
         Arc::clone(&vault),
     )
     .unwrap();

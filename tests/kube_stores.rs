@@ -1,5 +1,7 @@
-//! The Kubernetes store watch cache (`StoreWatch`) and the fake API server it is tested against,
-//! all through the real `kube::Client` over HTTP on 127.0.0.1.
+//! The Kubernetes store watch cache (`StoreWatch`) under API server faults (failed lists, closed
+//! watches, `410 Expired`), and the fake API server's own contract, all through the real
+//! `kube::Client` over HTTP on 127.0.0.1. The watch's ordinary behaviour against real Secrets is in
+//! tests/e2e.rs (`store_watch_follows_real_secrets_and_ignores_what_is_not_a_store`).
 
 mod support;
 
@@ -84,169 +86,6 @@ async fn not_ready_until_first_listing() {
 }
 
 #[tokio::test]
-async fn answers_present_missing_key_and_missing_store() {
-    let (_api, watch) = watched().await;
-    assert_eq!(
-        watch.check("iomete-secret-store", "legacy_token"),
-        StoreCheck::Present
-    );
-    assert_eq!(
-        watch.check("iomete-secret-store-finance", "db_password"),
-        StoreCheck::Present
-    );
-    assert_eq!(
-        watch.check("iomete-secret-store-finance", "db_pasword"),
-        StoreCheck::MissingKey
-    );
-    assert_eq!(
-        watch.check("iomete-secret-store-hr", "db_password"),
-        StoreCheck::MissingStore
-    );
-    assert_eq!(
-        watch.keys("iomete-secret-store-finance"),
-        Some(vec!["api_key".to_owned(), "db_password".to_owned()])
-    );
-    assert_eq!(watch.keys("iomete-secret-store-hr"), None);
-}
-
-#[tokio::test]
-async fn sees_added_keys_new_stores_and_deleted_stores() {
-    let (api, watch) = watched().await;
-    api.put(secret(
-        NS,
-        "iomete-secret-store-finance",
-        &[("db_password", "v2"), ("api_key", "v3"), ("new_key", "v4")],
-    ));
-    eventually("new key seen", || {
-        watch.check("iomete-secret-store-finance", "new_key") == StoreCheck::Present
-    })
-    .await;
-
-    api.put(secret(NS, "iomete-secret-store-hr", &[("payroll", "v5")]));
-    eventually("new store seen", || {
-        watch.check("iomete-secret-store-hr", "payroll") == StoreCheck::Present
-    })
-    .await;
-
-    api.remove(
-        &Collection::secrets(),
-        Some(NS),
-        "iomete-secret-store-finance",
-    );
-    eventually("store gone", || {
-        watch.check("iomete-secret-store-finance", "db_password") == StoreCheck::MissingStore
-    })
-    .await;
-    assert_eq!(
-        watch.stores(),
-        ["iomete-secret-store", "iomete-secret-store-hr"]
-    );
-}
-
-#[tokio::test]
-async fn sees_removed_keys_and_a_store_emptied_of_keys() {
-    let (api, watch) = watched().await;
-    // An update that drops a key: the key is gone, the others stay.
-    api.put(secret(
-        NS,
-        "iomete-secret-store-finance",
-        &[("db_password", "v2")],
-    ));
-    eventually("removed key gone", || {
-        watch.check("iomete-secret-store-finance", "api_key") == StoreCheck::MissingKey
-    })
-    .await;
-    assert_eq!(
-        watch.check("iomete-secret-store-finance", "db_password"),
-        StoreCheck::Present
-    );
-    assert_eq!(
-        watch.keys("iomete-secret-store-finance"),
-        Some(vec!["db_password".to_owned()])
-    );
-    // A key removed and another added in one update.
-    api.put(secret(
-        NS,
-        "iomete-secret-store-finance",
-        &[("rotated", "v9")],
-    ));
-    eventually("swap seen", || {
-        watch.check("iomete-secret-store-finance", "rotated") == StoreCheck::Present
-    })
-    .await;
-    assert_eq!(
-        watch.check("iomete-secret-store-finance", "db_password"),
-        StoreCheck::MissingKey
-    );
-    // No data at all: the store exists and holds nothing.
-    api.put(secret(NS, "iomete-secret-store-finance", &[]));
-    eventually("emptied", || {
-        watch.keys("iomete-secret-store-finance") == Some(Vec::new())
-    })
-    .await;
-    assert_eq!(
-        watch.check("iomete-secret-store-finance", "rotated"),
-        StoreCheck::MissingKey
-    );
-}
-
-#[tokio::test]
-async fn ignores_secrets_that_are_not_stores() {
-    let api = FakeApiServer::start().await;
-    api.put(secret(NS, "iomete-secret-store", &[("k", "v")]));
-    api.put(secret(NS, "unrelated", &[("k", "v")]));
-    api.put(secret(NS, "iomete-secret-store-", &[("k", "v")]));
-    api.put(secret(NS, "iomete-secret-storefinance", &[("k", "v")]));
-    api.put(secret(NS, "iomete-vault-prod", &[("k", "v")]));
-    api.put(secret(
-        "other-namespace",
-        "iomete-secret-store-finance",
-        &[("k", "v")],
-    ));
-    let watch = StoreWatch::spawn(api.client(), &Naming::default());
-    tokio::time::timeout(WAIT, watch.wait_ready())
-        .await
-        .unwrap();
-    assert_eq!(watch.stores(), ["iomete-secret-store"]);
-    assert_eq!(
-        watch.check("iomete-secret-store-finance", "k"),
-        StoreCheck::MissingStore
-    );
-
-    // A later non-store event changes nothing either; the store event after it proves it was seen.
-    api.put(secret(NS, "unrelated-2", &[("k", "v")]));
-    api.put(secret(
-        NS,
-        "iomete-secret-store",
-        &[("k", "v"), ("k2", "v")],
-    ));
-    eventually("store update seen", || {
-        watch.check("iomete-secret-store", "k2") == StoreCheck::Present
-    })
-    .await;
-    assert_eq!(watch.stores(), ["iomete-secret-store"]);
-}
-
-#[tokio::test]
-async fn store_names_and_namespace_come_from_naming() {
-    let api = FakeApiServer::start().await;
-    api.put(secret("data-plane", "keys", &[("a", "1")]));
-    api.put(secret("data-plane", "keys-sales", &[("b", "2")]));
-    api.put(secret(NS, "iomete-secret-store", &[("c", "3")]));
-    let naming = Naming {
-        namespace: "data-plane".into(),
-        global_store: "keys".into(),
-        ..Naming::default()
-    };
-    let watch = StoreWatch::spawn(api.client(), &naming);
-    tokio::time::timeout(WAIT, watch.wait_ready())
-        .await
-        .unwrap();
-    assert_eq!(watch.stores(), ["keys", "keys-sales"]);
-    assert_eq!(watch.check("keys-sales", "b"), StoreCheck::Present);
-}
-
-#[tokio::test]
 async fn recovers_when_the_server_closes_the_watch() {
     let (api, watch) = watched().await;
     let watches = || {
@@ -287,7 +126,9 @@ async fn resumes_from_the_last_event_it_saw() {
     api.clear_log();
     api.close_watches();
     eventually("watching again", || {
-        api.requests().iter().any(|r| r.query.contains("watch=true"))
+        api.requests()
+            .iter()
+            .any(|r| r.query.contains("watch=true"))
     })
     .await;
     let rewatch = api
@@ -409,9 +250,7 @@ async fn fake_subject_access_review_records_and_answers() {
         Some("bob") => SarAnswer::Deny("no grant".into()),
         Some("carol") => SarAnswer::Deny(String::new()),
         Some("dave") => SarAnswer::ExplicitDeny("denied by policy".into()),
-        Some("erin") => {
-            SarAnswer::EvaluationError("role.rbac.authorization.k8s.io \"gone\" not found".into())
-        }
+        Some("erin") => SarAnswer::EvaluationError("authorizer webhook unreachable".into()),
         _ => SarAnswer::Error(500),
     });
     let sars: Api<SubjectAccessReview> = Api::all(api.client());
@@ -451,7 +290,7 @@ async fn fake_subject_access_review_records_and_answers() {
     );
     assert_eq!(
         status("erin").await,
-        json!({"allowed": false, "evaluationError": "role.rbac.authorization.k8s.io \"gone\" not found"})
+        json!({"allowed": false, "evaluationError": "authorizer webhook unreachable"})
     );
     assert_eq!(
         api_error(sars.create(&pp, &review("eve")).await.unwrap_err()).code,

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use secrets_webhook::admission::Webhook;
-use secrets_webhook::admission::identity::TrustedControllers;
 use secrets_webhook::config::{Naming, Settings};
+use secrets_webhook::identity::{KeyRing, Keys, TrustedControllers};
 use secrets_webhook::metrics::Metrics;
 use serde_json::{Value, json};
 use support::fake_apiserver::{Collection, FakeApiServer, Logged, secret};
@@ -205,6 +205,7 @@ async fn secret_values_reach_no_log_response_metric_or_api_object_in_any_encodin
         api.client(),
         Arc::new(Metrics::new()),
         TrustedControllers::default(),
+        Keys::fixed(KeyRing::new(b"leaks-tests-signing-key-0123456789abcdef", None).unwrap()),
     )
     .await
     .unwrap();

@@ -2,12 +2,15 @@
 //! Deployment's hardening, RBAC, and the CEL pre-filter evaluated against real pod fixtures.
 //! Rendering and schema validation of the kustomizations is `scripts/validate-manifests.sh`.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use clap::Parser as _;
 use serde::Deserialize as _;
 use serde_json::{Value, json};
+use support::cel_policy::{self, Verdict};
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -827,9 +830,517 @@ fn shipped_config_file_loads_with_valid_trusted_controllers() {
     let config =
         secrets_webhook::config::LocalConfig::load(&repo("manifests/base/config.yaml")).unwrap();
     assert!(!config.trusted_controllers.is_empty());
-    secrets_webhook::admission::identity::TrustedControllers::new(config.trusted_controllers)
-        .unwrap();
+    secrets_webhook::identity::TrustedControllers::new(config.trusted_controllers).unwrap();
     let dev =
         secrets_webhook::config::LocalConfig::load(&repo("examples/dev-config.yaml")).unwrap();
-    secrets_webhook::admission::identity::TrustedControllers::new(dev.trusted_controllers).unwrap();
+    secrets_webhook::identity::TrustedControllers::new(dev.trusted_controllers).unwrap();
+}
+
+// --- the validating webhooks: updates that could undo an admission, SparkApplications ---------
+
+fn validating(name: &str) -> Value {
+    let config = object(
+        "manifests/base/validatingwebhookconfiguration.yaml",
+        "ValidatingWebhookConfiguration",
+        "secrets-webhook",
+    );
+    config["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap_or_else(|| panic!("no webhook {name}"))
+        .clone()
+}
+
+#[test]
+fn updates_and_spark_applications_are_registered_fail_closed() {
+    let pods = validating("pod-updates.secrets.iomete.com");
+    let apps = validating("sparkapplications.secrets.iomete.com");
+    for hook in [&pods, &apps] {
+        assert_eq!(hook["failurePolicy"], "Fail");
+        assert_eq!(hook["sideEffects"], "None");
+        assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"]);
+        assert_eq!(hook["clientConfig"]["service"]["path"], "/validate");
+        assert_eq!(hook["clientConfig"]["service"]["name"], "secrets-webhook");
+        assert!(hook["timeoutSeconds"].as_u64().unwrap() <= 5);
+        assert_eq!(hook["matchConditions"].as_array().unwrap().len(), 1);
+    }
+    let rule = &pods["rules"][0];
+    assert_eq!(strings(&rule["operations"]), ["UPDATE"]);
+    assert_eq!(
+        strings(&rule["resources"]),
+        ["pods", "pods/status", "pods/ephemeralcontainers"]
+    );
+    let rule = &apps["rules"][0];
+    assert_eq!(strings(&rule["operations"]), ["CREATE", "UPDATE"]);
+    assert_eq!(strings(&rule["apiGroups"]), ["sparkoperator.k8s.io"]);
+    assert_eq!(
+        strings(&rule["resources"]),
+        ["sparkapplications", "scheduledsparkapplications"]
+    );
+    // The same namespaces as the mutating webhook: an update in a namespace where pods were
+    // admitted is checked there too.
+    assert_eq!(pods["namespaceSelector"], webhook()["namespaceSelector"]);
+}
+
+fn stamped_driver() -> Value {
+    let mut pod = fixture("spark35-driver-submit");
+    pod["metadata"]["annotations"] = json!({
+        "secrets.iomete.com/identity": r#"{"user":"alice","groups":[]}"#,
+        "secrets.iomete.com/granted": r#"["kubernetes:finance/db_password"]"#,
+        "secrets.iomete.com/signature": "v1.n.0123456789abcdef.mac",
+    });
+    pod
+}
+
+fn update_reaches_webhook(old: &Value, new: &Value, sub_resource: &str) -> bool {
+    let hook = validating("pod-updates.secrets.iomete.com");
+    let condition = hook["matchConditions"][0]["expression"].as_str().unwrap();
+    // As the API server sends it: no subResource for the main resource.
+    let request = if sub_resource.is_empty() {
+        json!({"operation": "UPDATE"})
+    } else {
+        json!({"operation": "UPDATE", "subResource": sub_resource})
+    };
+    cel_policy::holds(
+        condition,
+        &[("object", new), ("oldObject", old), ("request", &request)],
+    )
+}
+
+#[test]
+fn updates_that_could_undo_an_admission_reach_the_webhook_and_no_others() {
+    let old = stamped_driver();
+    // Attack: `kubectl annotate` (or a pods/status patch) of the stamps: added, changed, removed.
+    for key in [
+        "secrets.iomete.com/identity",
+        "secrets.iomete.com/granted",
+        "secrets.iomete.com/signature",
+    ] {
+        let mut changed = old.clone();
+        changed["metadata"]["annotations"][key] = json!("forged");
+        assert!(update_reaches_webhook(&old, &changed, ""), "{key} changed");
+        assert!(
+            update_reaches_webhook(&old, &changed, "status"),
+            "{key} via status"
+        );
+        let mut removed = old.clone();
+        removed["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove(key);
+        assert!(update_reaches_webhook(&old, &removed, ""), "{key} removed");
+        let plain = fixture("spark35-driver-submit");
+        let mut added = plain.clone();
+        added["metadata"]["annotations"] = json!({key: "forged"});
+        assert!(update_reaches_webhook(&plain, &added, ""), "{key} added");
+    }
+    // Attack: a new image for a pod that holds granted secrets.
+    let mut swapped = old.clone();
+    swapped["spec"]["containers"][0]["image"] = json!("evil:latest");
+    assert!(update_reaches_webhook(&old, &swapped, ""));
+    // Ephemeral containers, always.
+    assert!(update_reaches_webhook(&old, &old, "ephemeralcontainers"));
+    let plain = fixture("spark35-driver-submit");
+    assert!(update_reaches_webhook(
+        &plain,
+        &plain,
+        "ephemeralcontainers"
+    ));
+
+    // Everything else never depends on the webhook: the kubelet's status, labels, other
+    // annotations, an image change of a pod without grants.
+    let mut status = old.clone();
+    status["status"] = json!({"phase": "Running"});
+    assert!(!update_reaches_webhook(&old, &status, "status"));
+    let mut labelled = old.clone();
+    labelled["metadata"]["labels"]["x"] = json!("y");
+    labelled["metadata"]["annotations"]["other"] = json!("z");
+    assert!(!update_reaches_webhook(&old, &labelled, ""));
+    let mut ungranted = old.clone();
+    ungranted["metadata"]["annotations"]["secrets.iomete.com/granted"] = json!("[]");
+    let mut ungranted_swapped = ungranted.clone();
+    ungranted_swapped["spec"]["containers"][0]["image"] = json!("other:1");
+    assert!(!update_reaches_webhook(&ungranted, &ungranted_swapped, ""));
+    assert!(!update_reaches_webhook(&plain, &plain, ""));
+}
+
+#[test]
+fn spark_application_spec_changes_reach_the_webhook_metadata_changes_do_not() {
+    let hook = validating("sparkapplications.secrets.iomete.com");
+    let condition = hook["matchConditions"][0]["expression"].as_str().unwrap();
+    let app = json!({"metadata": {"name": "a"}, "spec": {"driver": {"annotations": {"x": "y"}}}});
+    let reaches = |old: &Value, new: &Value, op: &str| {
+        cel_policy::holds(
+            condition,
+            &[
+                ("object", new),
+                ("oldObject", old),
+                ("request", &json!({"operation": op})),
+            ],
+        )
+    };
+    assert!(reaches(&Value::Null, &app, "CREATE"));
+    let mut changed = app.clone();
+    changed["spec"]["driver"]["annotations"]["secrets.iomete.com/run-as"] = json!("bob");
+    assert!(reaches(&app, &changed, "UPDATE"));
+    let mut finalized = app.clone();
+    finalized["metadata"]["finalizers"] = json!(["sparkoperator.k8s.io/finalizer"]);
+    assert!(!reaches(&app, &finalized, "UPDATE"));
+}
+
+// --- the data-plane ValidatingAdmissionPolicies ---------------------------------------------------
+
+fn data_plane(kind: &str, name: &str) -> Value {
+    object("manifests/base/data-plane-policy.yaml", kind, name)
+}
+
+fn data_plane_params() -> Value {
+    data_plane("ConfigMap", "secrets-webhook-data-plane")
+}
+
+fn request(resource: &str, operation: &str, user: &str, groups: &[&str]) -> Value {
+    // No subResource: the API server leaves it out for the main resource.
+    json!({"operation": operation, "resource": {"resource": resource},
+           "userInfo": {"username": user, "groups": groups}})
+}
+
+const TENANT: &str = "system:serviceaccount:iomete-system:spark";
+
+#[test]
+fn data_plane_pods_run_only_as_listed_service_accounts() {
+    let policy = data_plane(
+        "ValidatingAdmissionPolicy",
+        "secrets-webhook-data-plane-pods",
+    );
+    let params = data_plane_params();
+    let decide = |pod: &Value, user: &str, groups: &[&str]| {
+        cel_policy::evaluate(
+            &policy,
+            pod,
+            &Value::Null,
+            &request("pods", "CREATE", user, groups),
+            &params,
+        )
+    };
+    let with_sa = |sa: Option<&str>| {
+        let mut pod = fixture("spark35-driver-submit");
+        let spec = pod["spec"].as_object_mut().unwrap();
+        spec.remove("serviceAccount");
+        spec.remove("serviceAccountName");
+        if let Some(sa) = sa {
+            spec.insert("serviceAccountName".into(), json!(sa));
+        }
+        pod
+    };
+    // The real Spark driver runs as spark: fine. No service account means default: fine.
+    assert_eq!(
+        decide(&with_sa(Some("spark")), TENANT, &[]),
+        Verdict::Allowed
+    );
+    assert_eq!(decide(&with_sa(None), TENANT, &[]), Verdict::Allowed);
+    // Attack: a pod running as the webhook's or the control plane's service account.
+    for sa in [
+        "secrets-webhook",
+        "iomete-control-plane",
+        "cluster-admin-sa",
+    ] {
+        match decide(&with_sa(Some(sa)), TENANT, &["system:serviceaccounts"]) {
+            Verdict::Denied(m) => {
+                assert!(m.contains(&format!("service account {sa} is not")), "{m}")
+            }
+            other => panic!("{sa}: {other:?}"),
+        }
+        // Admins (and the controllers that copy admin-written templates) may.
+        assert_eq!(
+            decide(&with_sa(Some(sa)), "ops", &["system:masters"]),
+            Verdict::Allowed
+        );
+        assert_eq!(
+            decide(
+                &with_sa(Some(sa)),
+                "system:serviceaccount:kube-system:replicaset-controller",
+                &[]
+            ),
+            Verdict::Allowed
+        );
+    }
+    // "Never" means never: listing a forbidden account does not allow it.
+    let mut listed = params.clone();
+    listed["data"]["serviceAccounts"] = json!("spark,secrets-webhook");
+    assert!(matches!(
+        cel_policy::evaluate(
+            &policy,
+            &with_sa(Some("secrets-webhook")),
+            &Value::Null,
+            &request("pods", "CREATE", TENANT, &[]),
+            &listed
+        ),
+        Verdict::Denied(_)
+    ));
+}
+
+#[test]
+fn data_plane_workload_templates_are_checked_and_their_metadata_updates_are_not() {
+    let policy = data_plane(
+        "ValidatingAdmissionPolicy",
+        "secrets-webhook-data-plane-pods",
+    );
+    let params = data_plane_params();
+    let template = json!({"metadata": {"labels": {"a": "b"}},
+        "spec": {"serviceAccountName": "secrets-webhook", "containers": [{"name": "c", "image": "x"}]}});
+    let workloads = [
+        (
+            "deployments",
+            json!({"spec": {"template": template.clone()}}),
+        ),
+        (
+            "replicasets",
+            json!({"spec": {"template": template.clone()}}),
+        ),
+        (
+            "statefulsets",
+            json!({"spec": {"template": template.clone()}}),
+        ),
+        (
+            "daemonsets",
+            json!({"spec": {"template": template.clone()}}),
+        ),
+        ("jobs", json!({"spec": {"template": template.clone()}})),
+        (
+            "replicationcontrollers",
+            json!({"spec": {"template": template.clone()}}),
+        ),
+        (
+            "cronjobs",
+            json!({"spec": {"jobTemplate": {"spec": {"template": template.clone()}}}}),
+        ),
+        ("podtemplates", json!({"template": template.clone()})),
+    ];
+    for (resource, object) in workloads {
+        let tenant = request(resource, "CREATE", "alice", &["system:authenticated"]);
+        assert!(
+            matches!(
+                cel_policy::evaluate(&policy, &object, &Value::Null, &tenant, &params),
+                Verdict::Denied(_)
+            ),
+            "{resource}"
+        );
+        let admin = request(resource, "CREATE", "ops", &["system:masters"]);
+        assert_eq!(
+            cel_policy::evaluate(&policy, &object, &Value::Null, &admin, &params),
+            Verdict::Allowed,
+            "{resource}"
+        );
+        // An update that leaves the template alone (the garbage collector, a label) is not
+        // checked again; one that changes it is.
+        let mut labelled = object.clone();
+        labelled["metadata"] = json!({"labels": {"x": "y"}});
+        let update = request(
+            resource,
+            "UPDATE",
+            "system:serviceaccount:kube-system:generic-garbage-collector",
+            &[],
+        );
+        assert_eq!(
+            cel_policy::evaluate(&policy, &labelled, &object, &update, &params),
+            Verdict::NotMatched,
+            "{resource}"
+        );
+    }
+    // Pods: only CREATE and ephemeral containers; their other updates are never re-checked.
+    let pod = json!({"spec": {"serviceAccountName": "secrets-webhook", "containers": []}});
+    let relabel = request("pods", "UPDATE", TENANT, &[]);
+    assert_eq!(
+        cel_policy::evaluate(&policy, &pod, &pod, &relabel, &params),
+        Verdict::NotMatched
+    );
+    let mut debug = relabel.clone();
+    debug["subResource"] = json!("ephemeralcontainers");
+    let mut with_ephemeral = json!({"spec": {"serviceAccountName": "spark", "containers": [],
+        "ephemeralContainers": [{"name": "d", "envFrom": [{"secretRef": {"name": "vault-prod-finance-credentials"}}]}]}});
+    assert!(matches!(
+        cel_policy::evaluate(&policy, &with_ephemeral, &pod, &debug, &params),
+        Verdict::Denied(m) if m.contains("vault-prod-finance-credentials")
+    ));
+    with_ephemeral["spec"]["ephemeralContainers"][0]["envFrom"] = json!([]);
+    assert_eq!(
+        cel_policy::evaluate(&policy, &with_ephemeral, &pod, &debug, &params),
+        Verdict::Allowed
+    );
+}
+
+#[test]
+fn vault_credentials_may_not_be_secrets_pods_may_name() {
+    let policy = data_plane(
+        "ValidatingAdmissionPolicy",
+        "secrets-webhook-vault-credentials",
+    );
+    let mut params = data_plane_params();
+    params["data"]["secrets"] = json!("regcred, shared-creds");
+    let config = |name: &str, approle: bool| {
+        if approle {
+            json!({"spec": {"auth": {"appRole": {"roleId": "r", "secretIdRef": {"name": name, "key": "k"}}}}})
+        } else {
+            json!({"spec": {"auth": {"token": {"secretRef": {"name": name, "key": "k"}}}}})
+        }
+    };
+    let req = request("vaultconfigs", "CREATE", "ops", &["system:masters"]);
+    for approle in [true, false] {
+        assert_eq!(
+            cel_policy::evaluate(
+                &policy,
+                &config("vault-creds", approle),
+                &Value::Null,
+                &req,
+                &params
+            ),
+            Verdict::Allowed
+        );
+        assert!(matches!(
+            cel_policy::evaluate(
+                &policy,
+                &config("shared-creds", approle),
+                &Value::Null,
+                &req,
+                &params
+            ),
+            Verdict::Denied(_)
+        ));
+    }
+}
+
+#[test]
+fn data_plane_policies_are_bound_to_the_data_plane_namespace_with_their_params() {
+    let namespace = documents("manifests/base/kustomization.yaml")[0]["namespace"].clone();
+    for name in [
+        "secrets-webhook-data-plane-pods",
+        "secrets-webhook-vault-credentials",
+    ] {
+        let policy = data_plane("ValidatingAdmissionPolicy", name);
+        assert_eq!(policy["spec"]["failurePolicy"], "Fail", "{name}");
+        assert_eq!(policy["spec"]["paramKind"]["kind"], "ConfigMap", "{name}");
+        let binding = data_plane("ValidatingAdmissionPolicyBinding", name);
+        assert_eq!(binding["spec"]["policyName"], name);
+        assert_eq!(strings(&binding["spec"]["validationActions"]), ["Deny"]);
+        let param = &binding["spec"]["paramRef"];
+        assert_eq!(param["name"], "secrets-webhook-data-plane");
+        assert_eq!(
+            param["namespace"], namespace,
+            "kustomize does not rewrite paramRef"
+        );
+        assert_eq!(param["parameterNotFoundAction"], "Deny");
+        assert_eq!(
+            binding["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            namespace
+        );
+    }
+    // The webhook's own Secrets are never allowed, whatever is listed.
+    let params = data_plane_params();
+    let forbidden = params["data"]["forbiddenSecrets"].as_str().unwrap();
+    let deploy = deployment();
+    for volume in deploy["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+    {
+        if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            assert!(forbidden.contains(secret), "{secret}");
+        }
+    }
+    let sa = deploy["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .unwrap();
+    assert!(
+        params["data"]["forbiddenServiceAccounts"]
+            .as_str()
+            .unwrap()
+            .contains(sa)
+    );
+}
+
+#[test]
+fn the_signing_key_is_mounted_where_serve_reads_it_and_never_defaulted() {
+    let deploy = deployment();
+    let pod = &deploy["spec"]["template"]["spec"];
+    let parsed = serve_args(&[]);
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "signing-key")
+        .unwrap();
+    assert_eq!(
+        Path::new(mount["mountPath"].as_str().unwrap()),
+        parsed.signing_key_dir
+    );
+    assert!(mount.get("subPath").is_none());
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "signing-key")
+        .unwrap();
+    assert_eq!(
+        volume["secret"]["secretName"],
+        "secrets-webhook-signing-key"
+    );
+    // Optional: without it the webhook starts but is not ready (tested in tls_server.rs).
+    assert_eq!(volume["secret"]["optional"], true);
+    assert!(!parsed.allow_unbound_executor_tokens);
+    // The cluster config file carries no key.
+    let config =
+        secrets_webhook::config::LocalConfig::load(&repo("manifests/base/config.yaml")).unwrap();
+    assert!(config.signing_keys.is_none());
+}
+
+#[test]
+fn the_webhooks_own_objects_are_written_by_admins_only() {
+    let policy = data_plane("ValidatingAdmissionPolicy", "secrets-webhook-own-objects");
+    let params = data_plane_params();
+    let req = |resource: &str, name: &str, operation: &str, user: &str, groups: &[&str]| {
+        json!({"operation": operation, "name": name, "resource": {"resource": resource},
+               "userInfo": {"username": user, "groups": groups}})
+    };
+    let decide =
+        |request: &Value| cel_policy::evaluate(&policy, &json!({}), &json!({}), request, &params);
+    // Attack: code in a driver (whose account must write ConfigMaps) widens the lists, or makes
+    // itself a trusted controller, or replaces the signing key.
+    for (resource, name) in [
+        ("configmaps", "secrets-webhook-data-plane"),
+        ("configmaps", "secrets-webhook-config-5hm2t9bk"),
+        ("configmaps", "secrets-webhook-config"),
+        ("secrets", "secrets-webhook-signing-key"),
+        ("services", "secrets-webhook"),
+    ] {
+        for operation in ["CREATE", "UPDATE", "DELETE"] {
+            let tenant = req(
+                resource,
+                name,
+                operation,
+                TENANT,
+                &["system:serviceaccounts"],
+            );
+            assert!(
+                matches!(decide(&tenant), Verdict::Denied(m) if m.contains(name)),
+                "{operation} {resource}/{name}"
+            );
+            let admin = req(resource, name, operation, "ops", &["system:masters"]);
+            assert_eq!(
+                decide(&admin),
+                Verdict::Allowed,
+                "{operation} {resource}/{name}"
+            );
+        }
+    }
+    // Everything else is left to RBAC: Spark's own ConfigMaps, other Secrets (the TLS Secret is
+    // written by cert-manager).
+    for (resource, name) in [
+        ("configmaps", "spark-drv-7f3c-conf-map"),
+        ("secrets", "secrets-webhook-tls"),
+        ("secrets", "iomete-secret-store-finance"),
+    ] {
+        let tenant = req(resource, name, "UPDATE", TENANT, &[]);
+        assert_eq!(decide(&tenant), Verdict::NotMatched, "{resource}/{name}");
+    }
 }

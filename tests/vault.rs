@@ -16,6 +16,7 @@ use secrets_webhook::backends::vault::{
 };
 use secrets_webhook::backends::{KeyRef, VaultSource, VaultWant};
 use secrets_webhook::config::{LocalConfig, Naming};
+use secrets_webhook::identity::{KeyRing, Keys};
 use secrets_webhook::metrics::Metrics;
 use secrets_webhook::refs::{SecretObject, Source, SourceType};
 use serde_json::json;
@@ -25,6 +26,10 @@ use support::metrics::{self, backend as backend_count, cache as cache_count};
 use support::openbao::{OpenBao, ROOT_TOKEN, require_bao};
 
 const CANARY: &str = "canary-9f3b7d-db-password";
+
+fn keys() -> Arc<Keys> {
+    Keys::fixed(KeyRing::new(b"vault-tests-signing-key-0123456789abcdef", None).unwrap())
+}
 const CANARY_NESTED: &str = "canary-41c2aa-nested";
 
 fn vault_ref(config: &str, key: &str) -> SecretObject {
@@ -741,7 +746,7 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         recheck_interval: Duration::from_millis(300),
         ..VaultOptions::default()
     };
-    let backend = VaultBackend::in_cluster(api.client(), Naming::default(), options);
+    let backend = VaultBackend::in_cluster(api.client(), Naming::default(), keys(), options);
     eventually("the VaultConfig listing", || backend.ready()).await;
     assert_eq!(
         backend.bundle_of("vault-prod-finance").as_deref(),
@@ -926,6 +931,148 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
         !logs.contains(CANARY) && !logs.contains("rotated-value"),
         "a secret value reached the logs"
     );
+}
+
+/// Attack: someone with `patch secrets` in a namespace swaps the value the webhook materialized
+/// there, within the 30 s the webhook used to trust its own memo of what it wrote, so the next
+/// pods of other users receive it. And: a Secret created beforehand with the "managed" label.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_managed_secrets_are_detected_and_rewritten() {
+    let logs = captured_logs();
+    let Some(bin) = require_bao("tampered_managed_secrets_are_detected_and_rewritten") else {
+        return;
+    };
+    let bao = OpenBao::start(&bin).await;
+    bao.put_kv2(
+        None,
+        "secret",
+        "production",
+        json!({"db_password": CANARY, "user": "app"}),
+    )
+    .await;
+    let api = FakeApiServer::start().await;
+    api.put(k8s_secret(
+        "iomete-system",
+        "root-token",
+        &[("token", ROOT_TOKEN)],
+    ));
+    let root = ClusterAuth {
+        app_role: None,
+        token: Some(ClusterToken {
+            secret_ref: SecretKeyRef {
+                name: "root-token".into(),
+                key: "token".into(),
+            },
+        }),
+    };
+    api.put_typed(&vault_config(
+        "vault-prod-finance",
+        &bao.addr,
+        "/v1/secret/data/production",
+        root,
+    ));
+    // The defaults: values cached for 30 s, as in production.
+    let backend = VaultBackend::in_cluster(
+        api.client(),
+        Naming::default(),
+        keys(),
+        VaultOptions::default(),
+    );
+    eventually("the VaultConfig listing", || backend.ready()).await;
+    let managed = "iomete-vault-vault-prod-finance";
+    let secret = |api: &FakeApiServer| secret_data(api, "spark-apps", managed).unwrap();
+
+    assert!(
+        one(&backend, "vault-prod-finance", "db_password")
+            .await
+            .is_ok()
+    );
+    assert!(one(&backend, "vault-prod-finance", "user").await.is_ok());
+    let written = secret(&api);
+    assert!(
+        written["metadata"]["annotations"]["secrets.iomete.com/content-signature"].is_string(),
+        "{written}"
+    );
+    // Unchanged: read again (one GET per admission), nothing written.
+    let gets = api.count(
+        "GET",
+        &format!("/api/v1/namespaces/spark-apps/secrets/{managed}"),
+    );
+    assert!(
+        one(&backend, "vault-prod-finance", "db_password")
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        api.count(
+            "GET",
+            &format!("/api/v1/namespaces/spark-apps/secrets/{managed}")
+        ),
+        gets + 1
+    );
+    assert_eq!(
+        secret(&api)["metadata"]["resourceVersion"],
+        written["metadata"]["resourceVersion"]
+    );
+
+    // The swap: the next admission, a second later, finds it and writes the real value back.
+    use base64::Engine;
+    let b64 = |v: &str| base64::engine::general_purpose::STANDARD.encode(v);
+    let mut swapped = secret(&api);
+    swapped["data"]["db_password"] = json!(b64("attacker-controlled"));
+    swapped["data"]["extra"] = json!(b64("planted"));
+    api.put(swapped);
+    assert!(
+        one(&backend, "vault-prod-finance", "db_password")
+            .await
+            .is_ok()
+    );
+    let restored = secret(&api);
+    assert_eq!(decoded(&restored, "db_password").as_deref(), Some(CANARY));
+    // Nothing the webhook cannot vouch for survives: the planted key and the key written for
+    // another admission (it comes back with the next admission that needs it).
+    assert_eq!(restored["data"].as_object().unwrap().len(), 1, "{restored}");
+    assert!(one(&backend, "vault-prod-finance", "user").await.is_ok());
+    assert_eq!(decoded(&secret(&api), "user").as_deref(), Some("app"));
+
+    // A forged signature (copied from another version of the content) does not help.
+    let mut forged = secret(&api);
+    forged["data"]["user"] = json!(b64("attacker"));
+    api.put(forged);
+    assert!(one(&backend, "vault-prod-finance", "user").await.is_ok());
+    assert_eq!(decoded(&secret(&api), "user").as_deref(), Some("app"));
+
+    // Squatting: a Secret created beforehand with the "managed" label and an owner that would
+    // have it collected is taken over with real values and cleaned.
+    let mut squat = k8s_secret(
+        "squat-ns",
+        managed,
+        &[("db_password", "attacker-controlled")],
+    );
+    squat["metadata"]["labels"] = json!({"app.kubernetes.io/managed-by": "secrets-webhook"});
+    squat["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap",
+        "name": "mine", "uid": "1", "controller": false}]);
+    api.put(squat);
+    let objects = [vault_ref("vault-prod-finance", "db_password")];
+    let wants = [VaultWant {
+        secret: &objects[0],
+    }];
+    let out = backend
+        .deliver(
+            "squat-ns",
+            &wants,
+            false,
+            Instant::now() + Duration::from_secs(4),
+        )
+        .await;
+    assert!(out[0].is_ok(), "{out:?}");
+    let taken = secret_data(&api, "squat-ns", managed).unwrap();
+    assert_eq!(decoded(&taken, "db_password").as_deref(), Some(CANARY));
+    assert!(taken["metadata"]["ownerReferences"].is_null(), "{taken}");
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
+    assert!(logs.contains("changed outside secrets-webhook"), "{logs}");
+    assert!(!logs.contains(CANARY) && !logs.contains("attacker-controlled"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

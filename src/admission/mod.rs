@@ -3,7 +3,7 @@
 //! the pure planner, and turns the plan or the denial into a response.
 
 pub mod guard;
-pub mod identity;
+mod update;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -11,20 +11,48 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::core::Status;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::core::{DynamicObject, Status};
 
 use crate::authz::cache::CacheSettings;
 use crate::authz::{Authorizer, Decision, Identity, Resource};
 use crate::backends::kubernetes::StoreWatch;
-use crate::backends::local::LocalStores;
 use crate::backends::vault::{VaultBackend, VaultOptions};
-use crate::backends::{KeyRef, StoreCheck, StoreIndex, VaultSource, VaultWant};
-use crate::config::{LocalConfig, Settings};
+use crate::backends::{KeyRef, Naming, StoreCheck, StoreIndex, VaultSource, VaultWant};
+use crate::identity::stamps::{self, Subject};
+use crate::identity::{self, ExecutorPolicy, Keys};
 use crate::metrics::Metrics;
 use crate::plan::{self, Inputs, JsonPatch, Resolved};
 use crate::refs::{self, Reference, SourceType, TargetKind};
-use workload::WorkloadKind;
+use workload::{Selectors, WorkloadKind};
+
+/// Everything the admission engine needs to decide, independent of where it runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub naming: Naming,
+    pub selectors: Selectors,
+    /// Time the engine gives itself when the API server sends no `?timeout=`.
+    pub default_budget: Duration,
+    /// Master switch (the product's `features.secretsV2.enabled`): off = admit untouched, guard only.
+    pub enabled: bool,
+    /// Who decides `Use` in a cluster: ResourceBundles (RAS) or Kubernetes RBAC.
+    pub authorizer: crate::authz::AuthorizerKind,
+    /// How executors prove they were created by their driver.
+    pub executors: ExecutorPolicy,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            naming: Naming::default(),
+            selectors: Selectors::default(),
+            default_budget: Duration::from_secs(4),
+            enabled: true,
+            authorizer: crate::authz::AuthorizerKind::Ras,
+            executors: ExecutorPolicy::default(),
+        }
+    }
+}
 
 /// Everything the engine consults, shared by all requests.
 pub struct Webhook {
@@ -36,6 +64,8 @@ pub struct Webhook {
     pub trusted: identity::TrustedControllers,
     /// Where executors' owner driver pods are looked up.
     pub owners: Arc<dyn identity::OwnerLookup>,
+    /// Keys that sign the stamps (and verify a driver's stamps for its executors).
+    pub keys: Arc<Keys>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -86,66 +116,33 @@ pub struct Outcome {
     pub audit: HashMap<String, String>,
 }
 
+/// Most distinct domains and Vault configs one pod may reference (each needs its own Use check).
+const MAX_RESOURCES: usize = 64;
+
 /// The API server's `AdmissionReview` version; the only one served.
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
 impl Webhook {
-    /// The embedded default: stores, Vault configs, bundles and trusted controllers from the local
-    /// config file, no cluster.
-    pub fn from_local(
-        settings: Settings,
-        config: &LocalConfig,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, BuildError> {
-        let vault = local_vault(&settings, config, Arc::clone(&metrics))?;
-        Self::from_local_parts(settings, config, metrics, vault)
-    }
-
-    /// [`Webhook::from_local`] with the Vault backend built by the caller (`review` keeps it to
-    /// print the Secret writes a cluster would see).
-    pub fn from_local_parts(
-        settings: Settings,
-        config: &LocalConfig,
-        metrics: Arc<Metrics>,
-        vault: Option<Arc<VaultBackend>>,
-    ) -> Result<Self, BuildError> {
-        let settings = local_settings(settings, config);
-        let stores = Arc::new(LocalStores::new(config, &settings.naming));
-        let trusted = identity::TrustedControllers::new(config.trusted_controllers.clone())
-            .map_err(|e| BuildError::Config(e.to_string()))?;
-        Ok(Self {
-            settings,
-            stores,
-            vault: vault.map(|v| v as Arc<dyn VaultSource>),
-            authz: crate::authz::local(
-                &config.resource_bundles,
-                CacheSettings::default(),
-                Arc::clone(&metrics),
-            ),
-            trusted,
-            // No cluster: executors need `review --owner DRIVER.json` (see review.rs).
-            owners: Arc::new(identity::StaticOwner::default()),
-            metrics,
-        })
-    }
-
     /// In a cluster: watch caches through `client` (spawned on the current runtime). Trusted
-    /// controllers come from the admin's config file (`--config`), everything else from the API.
+    /// controllers come from the admin's config file (`--config`), the signing keys from their
+    /// Secret (see `identity::keys::watch_dir`), everything else from the API.
     pub async fn from_cluster(
         settings: Settings,
         client: kube::Client,
         metrics: Arc<Metrics>,
         trusted: identity::TrustedControllers,
+        keys: Arc<Keys>,
     ) -> Result<Self, BuildError> {
         let vault = VaultBackend::in_cluster(
             client.clone(),
             settings.naming.clone(),
+            keys.clone(),
             VaultOptions {
                 metrics: Some(Arc::clone(&metrics)),
                 ..VaultOptions::default()
             },
         );
-        Self::from_cluster_parts(settings, client, metrics, trusted, vault)
+        Self::from_cluster_parts(settings, client, metrics, trusted, keys, vault)
     }
 
     /// [`Webhook::from_cluster`] with the Vault backend built by the caller (the management API
@@ -155,6 +152,7 @@ impl Webhook {
         client: kube::Client,
         metrics: Arc<Metrics>,
         trusted: identity::TrustedControllers,
+        keys: Arc<Keys>,
         vault: Arc<VaultBackend>,
     ) -> Result<Self, BuildError> {
         let naming = &settings.naming;
@@ -178,13 +176,18 @@ impl Webhook {
             authz,
             trusted,
             owners,
+            keys,
             metrics,
         })
     }
 
-    /// Ready to admit: every cache has its first listing and the authorizer can decide.
+    /// Ready to admit: every cache has its first listing, the authorizer can decide, and a signing
+    /// key is loaded.
     pub fn ready(&self) -> bool {
-        self.stores.ready() && self.authz.ready() && self.vault.as_ref().is_none_or(|v| v.ready())
+        self.stores.ready()
+            && self.authz.ready()
+            && self.vault.as_ref().is_none_or(|v| v.ready())
+            && self.keys.ready()
     }
 
     /// Time the engine gives itself: 4/5 of the API server's `?timeout=`, else the default budget.
@@ -218,6 +221,92 @@ impl Webhook {
         encode_review(&response)
     }
 
+    /// Answers one request body of the validating webhooks: pod UPDATEs (owned annotations,
+    /// images, ephemeral containers) and SparkApplication / ScheduledSparkApplication CREATE and
+    /// UPDATE (`run-as`). Always an AdmissionReview; never a patch.
+    pub async fn validate_bytes(&self, body: &[u8], timeout: Option<Duration>) -> Vec<u8> {
+        let started = Instant::now();
+        let deadline = started + self.budget(timeout);
+        let (mut response, outcome) = match review_kind(body).as_deref() {
+            Some("Pod") | None => match parse_review(body).map(Box::new) {
+                // Only updates are validated here; a CREATE is the mutating webhook's, and
+                // answering it here must not have its side effects (Vault writes).
+                Ok(req) if req.operation != Operation::Update => {
+                    (AdmissionResponse::from(req.as_ref()), "allowed")
+                }
+                Ok(req) => {
+                    let (response, _) = self.respond(&req, deadline).await;
+                    let outcome = outcome_label(&response);
+                    (response, outcome)
+                }
+                Err(message) => {
+                    let mut response = AdmissionResponse::invalid(message);
+                    response.uid = uid_of(body);
+                    (response, "invalid")
+                }
+            },
+            Some(kind) => match parse_dynamic(body) {
+                Ok(req) if matches!(kind, "SparkApplication" | "ScheduledSparkApplication") => {
+                    self.validate_spark_application(&req, kind)
+                }
+                // Nothing else is registered; nothing to say about it.
+                Ok(req) => (AdmissionResponse::from(&req), "allowed"),
+                Err(response) => (*response, "invalid"),
+            },
+        };
+        // A validating webhook's answer carries no patch.
+        response.patch = None;
+        self.metrics
+            .admission("none", outcome, started.elapsed().as_secs_f64());
+        encode_review(&response)
+    }
+
+    /// `run-as` on SparkApplications: see `identity::run_as`.
+    fn validate_spark_application(
+        &self,
+        req: &AdmissionRequest<DynamicObject>,
+        kind: &str,
+    ) -> (AdmissionResponse, &'static str) {
+        let value =
+            |o: &Option<DynamicObject>| o.as_ref().and_then(|o| serde_json::to_value(o).ok());
+        let (object, old) = (value(&req.object), value(&req.old_object));
+        let old = match req.operation {
+            Operation::Update => old,
+            _ => None,
+        };
+        let checked = match req.operation {
+            Operation::Create | Operation::Update => identity::run_as::check(
+                kind,
+                object.as_ref(),
+                old.as_ref(),
+                &req.user_info,
+                &self.trusted,
+            ),
+            _ => Ok(()),
+        };
+        let mut response = AdmissionResponse::from(req);
+        let name = req.name.as_str();
+        match checked {
+            Ok(()) => {
+                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""),
+                    kind, name, decision = "allowed", "admission");
+                (response, "allowed")
+            }
+            Err(errors) => {
+                let message = lines(errors.iter().map(ToString::to_string));
+                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""),
+                    kind, name, decision = "denied", reason = "run-as", %message, "admission");
+                self.metrics.denial("run-as");
+                response.allowed = false;
+                response.result = Status::failure(&message, "Forbidden").with_code(403);
+                response
+                    .audit_annotations
+                    .insert("decision".into(), "denied: run-as".into());
+                (response, "denied")
+            }
+        }
+    }
+
     /// Decides one request and logs the decision (never a value).
     pub async fn respond(
         &self,
@@ -239,15 +328,17 @@ impl Webhook {
                 ),
             )),
         };
+        // Not validated by the API server yet: logged only when it has the form of a name.
         let pod_name = req
             .object
             .as_ref()
             .and_then(|p| {
                 p.metadata
                     .name
-                    .clone()
-                    .or_else(|| p.metadata.generate_name.clone())
+                    .as_deref()
+                    .or(p.metadata.generate_name.as_deref())
             })
+            .map(|n| refs::plain_name(n).map_or_else(|| refs::shape(n), str::to_owned))
             .unwrap_or_default();
         let namespace = req.namespace.as_deref().unwrap_or_default();
         let workload = match decided {
@@ -318,8 +409,13 @@ impl Webhook {
         req: &AdmissionRequest<Pod>,
         deadline: Instant,
     ) -> Result<Outcome, Denial> {
-        if req.operation != Operation::Create {
-            return Ok(Outcome::default());
+        match req.operation {
+            Operation::Create => {}
+            Operation::Update => {
+                update::check(req, &self.settings.naming)?;
+                return Ok(Outcome::default());
+            }
+            _ => return Ok(Outcome::default()),
         }
         let Some(pod) = req.object.as_ref() else {
             return Err(Denial::new(
@@ -393,10 +489,12 @@ impl Webhook {
         if !not_inherited.is_empty() {
             return Err(Denial::new("forbidden", lines(not_inherited)).for_identity(&who));
         }
-        self.check_stores(&refs, &legacy, namespace)
-            .map_err(|d| d.for_identity(&who))?;
+        // Use first: whether a store, a key or a Vault config exists is told only to someone who
+        // may use it.
         self.authorize(identity, &refs, deadline)
             .await
+            .map_err(|d| d.for_identity(&who))?;
+        self.check_stores(&refs, &legacy, namespace)
             .map_err(|d| d.for_identity(&who))?;
         // Read and check first, write nothing: the plan or the guard may still deny the pod.
         let resolved = self.resolve(&refs, namespace, true, deadline).await?;
@@ -418,7 +516,7 @@ impl Webhook {
                 }
                 (env, confs)
             });
-        let stamps = identity::stamp_annotations(identity, refs.iter().map(|r| &r.secret));
+        let stamps = self.stamps(identity, refs.iter().map(|r| &r.secret), pod, namespace)?;
         let plan = plan::plan(
             Inputs {
                 pod,
@@ -468,14 +566,40 @@ impl Webhook {
             workload,
             ..Outcome::default()
         };
-        if identity::client_stamps(pod).is_empty() {
+        if stamps::client_stamps(pod).is_empty() {
             return Ok(outcome);
         }
         let who = self.identify(req, pod, namespace, false, deadline).await?;
-        let stamps = identity::stamp_annotations(&who.identity, std::iter::empty());
-        outcome.patch = identity::stamp_ops(pod, &stamps);
+        let stamps = self.stamps(&who.identity, std::iter::empty(), pod, namespace)?;
+        outcome.patch = stamps::stamp_ops(pod, &stamps);
         outcome.audit = identity::audit_annotations(Some(&who), "");
         Ok(outcome)
+    }
+
+    /// The signed stamps for `pod`, admitted for `identity` with `granted`. No key, no stamps:
+    /// the pod is denied rather than stamped with something executors could not verify.
+    fn stamps<'a>(
+        &self,
+        identity: &Identity,
+        granted: impl IntoIterator<Item = &'a refs::SecretObject>,
+        pod: &Pod,
+        namespace: &str,
+    ) -> Result<BTreeMap<String, String>, Denial> {
+        let keys = self.keys.get().ok_or_else(|| {
+            Denial::new(
+                "not-ready",
+                identity::IdentityError::NoSigningKey {
+                    action: "stamp the pod",
+                }
+                .to_string(),
+            )
+        })?;
+        Ok(stamps::stamp_annotations(
+            identity,
+            granted,
+            &Subject::of_new_pod(pod, namespace),
+            &keys,
+        ))
     }
 
     /// Whom the pod is admitted for (an executor: its driver's identity and grants).
@@ -487,17 +611,16 @@ impl Webhook {
         is_executor: bool,
         deadline: Instant,
     ) -> Result<identity::Resolved, Denial> {
-        identity::resolve(
-            &req.user_info,
-            pod,
-            namespace,
-            is_executor,
-            &self.trusted,
-            self.owners.as_ref(),
-            deadline,
-        )
-        .await
-        .map_err(|e| Denial::new("identity", e.to_string()))
+        let resolver = identity::Resolver {
+            trusted: &self.trusted,
+            owners: self.owners.as_ref(),
+            keys: &self.keys,
+            executors: self.settings.executors,
+        };
+        resolver
+            .resolve(&req.user_info, pod, namespace, is_executor, deadline)
+            .await
+            .map_err(|e| Denial::new("identity", e.to_string()))
     }
 
     /// Kubernetes references: the store is in this namespace and holds the key.
@@ -588,27 +711,25 @@ impl Webhook {
             let resource = match r.secret.source.kind {
                 SourceType::Kubernetes if *id == self.settings.naming.global_id => continue,
                 SourceType::Kubernetes => Resource::Domain(id.clone()),
-                SourceType::Vault => {
-                    let Some(vault) = &self.vault else {
-                        return Err(vault_not_configured(r));
-                    };
-                    let Some(bundle) = vault.bundle_of(id) else {
-                        return Err(Denial::new(
-                            "unknown-vault-config",
-                            format!(
-                                "annotation {}: {} {:?}: {}: there is no Vault config {id:?}; ask a platform admin \
-                                 to create it, or fix source.id",
-                                r.origin, r.kind, r.name, r.secret
-                            ),
-                        ));
-                    };
-                    Resource::VaultConfig {
-                        name: id.clone(),
-                        bundle,
-                    }
-                }
+                // A config that does not exist has no bundle: nobody holds Use on it, and the
+                // denial reads as for one that exists.
+                SourceType::Vault => Resource::VaultConfig {
+                    name: id.clone(),
+                    bundle: self.vault.as_ref().and_then(|v| v.bundle_of(id)),
+                },
             };
             needed.entry(resource).or_insert(r);
+        }
+        // Each distinct resource may cost a SubjectAccessReview: a pod cannot make thousands.
+        if needed.len() > MAX_RESOURCES {
+            return Err(Denial::new(
+                "malformed",
+                format!(
+                    "the pod references {} different domains and Vault configs; at most {MAX_RESOURCES} \
+                     per pod",
+                    needed.len()
+                ),
+            ));
         }
         let checks = needed.iter().map(|(resource, r)| async move {
             match self.authz.check_use(identity, resource, deadline).await {
@@ -692,36 +813,6 @@ impl Webhook {
         guard::check(pod, &self.settings.naming, wanted)
             .map_err(|e| Denial::new("direct-store-reference", e.to_string()))
     }
-}
-
-/// The config file's namespace, when it names one, is the data-plane namespace.
-fn local_settings(mut settings: Settings, config: &LocalConfig) -> Settings {
-    if let Some(ns) = &config.namespace {
-        settings.naming.namespace = ns.clone();
-    }
-    settings
-}
-
-/// The config file's Vault configs, if any; their cache lookups and Vault calls count in `metrics`.
-pub fn local_vault(
-    settings: &Settings,
-    config: &LocalConfig,
-    metrics: Arc<Metrics>,
-) -> Result<Option<Arc<VaultBackend>>, BuildError> {
-    if config.vault_configs.is_empty() {
-        return Ok(None);
-    }
-    let settings = local_settings(settings.clone(), config);
-    VaultBackend::from_local(
-        &config.vault_configs,
-        settings.naming,
-        VaultOptions {
-            metrics: Some(metrics),
-            ..VaultOptions::default()
-        },
-    )
-    .map(Some)
-    .map_err(|e| BuildError::Config(e.to_string()))
 }
 
 fn vault_not_configured(r: &Reference) -> Denial {
@@ -832,9 +923,9 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<Pod>, String> {
     let review: AdmissionReview<Pod> = serde_json::from_str(text).map_err(|e| not_a_review(&e))?;
     if review.types.api_version != REVIEW_API_VERSION || review.types.kind != "AdmissionReview" {
         return Err(format!(
-            "expected apiVersion {REVIEW_API_VERSION}, kind AdmissionReview; got {:?}, {:?}",
-            clip(&review.types.api_version),
-            clip(&review.types.kind)
+            "expected apiVersion {REVIEW_API_VERSION}, kind AdmissionReview; got {}, {}",
+            shown(&review.types.api_version),
+            shown(&review.types.kind)
         ));
     }
     let req: AdmissionRequest<Pod> = review
@@ -844,6 +935,48 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<Pod>, String> {
         return Err("the AdmissionReview request has no uid".into());
     }
     Ok(req)
+}
+
+/// An AdmissionReview of any kind; the `invalid` answer when it cannot be read.
+fn parse_dynamic(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
+    std::str::from_utf8(body)
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            serde_json::from_str::<AdmissionReview<DynamicObject>>(text).map_err(|e| e.to_string())
+        })
+        .and_then(|review| {
+            review
+                .try_into()
+                .map_err(|_| "the AdmissionReview has no request".to_string())
+        })
+        .map_err(|e| {
+            let mut response = AdmissionResponse::invalid(format!(
+                "the body is not an admission.k8s.io/v1 AdmissionReview ({e})"
+            ));
+            response.uid = uid_of(body);
+            Box::new(response)
+        })
+}
+
+/// The `request.kind.kind` of a review, read without building the object.
+fn review_kind(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Review {
+        request: Option<Request>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Request {
+        kind: Option<Kind>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Kind {
+        kind: String,
+    }
+    serde_json::from_slice::<Review>(body)
+        .ok()?
+        .request?
+        .kind
+        .map(|k| k.kind)
 }
 
 /// Best effort: the uid of a review that did not parse, so the API server can match the answer.
@@ -861,6 +994,19 @@ fn uid_of(body: &[u8]) -> String {
         .and_then(|r| r.request?.uid)
         .map(|uid| clip(&uid).to_owned())
         .unwrap_or_default()
+}
+
+/// An apiVersion or kind that is not the expected one: quoted only when it has the form of one.
+fn shown(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '-'));
+    if plain {
+        format!("{s:?}")
+    } else {
+        refs::shape(s)
+    }
 }
 
 fn clip(s: &str) -> &str {

@@ -5,14 +5,30 @@ use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 
-use crate::config::Selectors;
-
 /// Label Spark puts on its pods: `driver` or `executor`.
 pub const SPARK_ROLE: &str = "spark-role";
 /// Opt-in label for any other pod that carries references.
 pub const INJECT_LABEL: &str = "secrets.iomete.com/inject";
 /// Names (comma-separated) of exactly the containers, init containers included, that get env secrets.
 pub const CONTAINERS_ANNOTATION: &str = "secrets.iomete.com/containers";
+
+/// Label selectors that classify Jupyter pods (DESIGN §4); each entry is `key=value`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selectors {
+    pub jupyter: Vec<(String, String)>,
+}
+
+impl Default for Selectors {
+    fn default() -> Self {
+        Self {
+            jupyter: vec![
+                ("component".into(), "singleuser-server".into()),
+                ("component".into(), "kernel".into()),
+                ("secrets.iomete.com/workload".into(), "jupyter".into()),
+            ],
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkloadKind {
@@ -80,7 +96,7 @@ pub enum WorkloadError {
     #[error("the pod has no containers")]
     NoContainers,
     #[error(
-        "annotation {CONTAINERS_ANNOTATION} names container {0:?}, which the pod does not have; \
+        "annotation {CONTAINERS_ANNOTATION} names container {0}, which the pod does not have; \
          list existing container names, comma-separated"
     )]
     UnknownContainer(String),
@@ -158,7 +174,7 @@ fn named_slots(spec: &PodSpec, names: &str) -> Result<Vec<Slot>, WorkloadError> 
         };
         let slot = find(&spec.containers, false)
             .or_else(|| find(spec.init_containers.as_deref().unwrap_or_default(), true))
-            .ok_or_else(|| WorkloadError::UnknownContainer(name.to_owned()))?;
+            .ok_or_else(|| WorkloadError::UnknownContainer(crate::refs::shown_name(name)))?;
         if !slots.contains(&slot) {
             slots.push(slot);
         }
@@ -250,7 +266,16 @@ mod tests {
             Some([(CONTAINERS_ANNOTATION.to_owned(), "nope".to_owned())].into());
         assert_eq!(
             classify(&p, &Selectors::default()),
-            Err(WorkloadError::UnknownContainer("nope".into()))
+            Err(WorkloadError::UnknownContainer("\"nope\"".into()))
+        );
+        // A name that is not a name is described, not quoted.
+        p.metadata.annotations =
+            Some([(CONTAINERS_ANNOTATION.to_owned(), "my password".to_owned())].into());
+        let e = classify(&p, &Selectors::default()).unwrap_err().to_string();
+        assert!(!e.contains("password"), "{e}");
+        assert!(
+            e.contains("a value of 11 characters: letters, whitespace"),
+            "{e}"
         );
     }
 

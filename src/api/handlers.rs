@@ -809,7 +809,7 @@ pub(super) async fn secret_keys(
                 };
                 let resource = Resource::VaultConfig {
                     name: name.clone(),
-                    bundle,
+                    bundle: Some(bundle),
                 };
                 if api
                     .allowed(&caller, Permission::Use, &resource)
@@ -926,7 +926,7 @@ impl Api {
 fn config_resource(c: &StoredConfig) -> Resource {
     Resource::VaultConfig {
         name: c.name.clone(),
-        bundle: c.spec.resource_bundle.clone(),
+        bundle: Some(c.spec.resource_bundle.clone()),
     }
 }
 

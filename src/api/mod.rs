@@ -287,7 +287,7 @@ pub fn dev(
         settings.naming.namespace = ns.clone();
     }
     let naming = settings.naming.clone();
-    let vault = match crate::admission::local_vault(&settings, config, Arc::clone(&metrics))? {
+    let vault = match crate::config::local_vault(&settings, config, Arc::clone(&metrics))? {
         Some(v) => v,
         None => VaultBackend::from_local(
             &[],
@@ -341,7 +341,11 @@ pub fn cluster(
         stores: Arc::new(KubeStores::new(client.clone(), &naming.namespace)),
         vault_configs: Arc::new(KubeVaultConfigs::new(client.clone(), naming.clone())),
         vault: Some(vault),
-        usage: Arc::new(usage::LivePods::new(client, &naming.namespace)),
+        usage: Arc::new(usage::LivePods::with_grants(
+            client,
+            &naming.namespace,
+            usage::verified_grants(Arc::clone(&webhook.keys), naming.namespace.clone()),
+        )),
         vault_options: test_options(),
     }))
 }

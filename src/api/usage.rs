@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
-use crate::admission::identity::{STAMP_GRANTED, parse_granted_stamp};
+use crate::identity::{Keys, stamps};
 use crate::refs::SecretObject;
 
 #[async_trait]
@@ -31,14 +31,16 @@ impl Usage for NoPods {
 /// The references a pod's stamps grant it, or `None` when it has none that can be trusted.
 pub type GrantsOf = Arc<dyn Fn(&Pod) -> Option<BTreeSet<String>> + Send + Sync>;
 
-/// SIGNATURE HOOK: the stamps as written, unverified. Stamps are written by the webhook at
-/// admission and signed by the tenant-isolation work (HMAC); until that lands this reads them as
-/// they are. A forged stamp can only make a key look used by one more pod (a 409 that
-/// `?force=true` overrides), never hide a real use. With signatures, build [`LivePods`] with
-/// [`LivePods::with_grants`] and a function that verifies them and returns `None` otherwise.
-pub fn unverified_grants(pod: &Pod) -> Option<BTreeSet<String>> {
-    let stamp = pod.metadata.annotations.as_ref()?.get(STAMP_GRANTED)?;
-    parse_granted_stamp(stamp).ok()
+/// The grants of a pod whose stamps verify with the webhook's keys (`namespace`: where the pods
+/// are listed); `None` for stamps added or edited by hand, or while no key is loaded. A forged
+/// stamp then neither makes a key look used nor hides a use.
+pub fn verified_grants(keys: Arc<Keys>, namespace: String) -> GrantsOf {
+    Arc::new(move |pod: &Pod| {
+        let keys = keys.get()?;
+        stamps::verify(pod, &namespace, &keys)
+            .ok()
+            .map(|stamped| stamped.granted)
+    })
 }
 
 /// Counts live pods (not Succeeded or Failed, not being deleted) in the data-plane namespace.
@@ -48,11 +50,7 @@ pub struct LivePods {
 }
 
 impl LivePods {
-    pub fn new(client: kube::Client, namespace: &str) -> Self {
-        Self::with_grants(client, namespace, Arc::new(unverified_grants))
-    }
-
-    /// `grants` reads (and verifies) a pod's stamps.
+    /// `grants` reads a pod's stamps and verifies them ([`verified_grants`]).
     pub fn with_grants(client: kube::Client, namespace: &str, grants: GrantsOf) -> Self {
         Self {
             pods: Api::namespaced(client, namespace),

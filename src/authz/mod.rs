@@ -55,7 +55,12 @@ impl fmt::Display for Identity {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
     Domain(String),
-    VaultConfig { name: String, bundle: String },
+    /// A Vault config and the bundle that governs it (`None`: the config does not exist, so
+    /// nobody holds Use on it; the denial does not say so).
+    VaultConfig {
+        name: String,
+        bundle: Option<String>,
+    },
 }
 
 impl fmt::Display for Resource {

@@ -224,62 +224,32 @@ impl RasAuthorizer {
     }
 }
 
-/// The RAS rule over a set of named bundles.
+/// The RAS rule over a set of named bundles. A denial is the same whether or not the Vault config,
+/// its bundle or a bundle listing the domain exists, and names no bundle: someone without the
+/// permission learns nothing about what exists (docs/authorization.md).
 fn decide<'a>(
     who: &Identity,
     permission: Permission,
     what: &Resource,
-    bundles: impl Iterator<Item = (&'a str, &'a ResourceBundleSpec)>,
+    mut bundles: impl Iterator<Item = (&'a str, &'a ResourceBundleSpec)>,
 ) -> Decision {
-    match what {
-        Resource::VaultConfig { name, bundle } => {
-            let mut found = false;
-            for (bundle_name, spec) in bundles {
-                if bundle_name == bundle {
-                    found = true;
-                    if spec.grants_to(who, permission) {
-                        return Decision::Allow;
-                    }
-                }
-            }
-            if found {
-                Decision::Deny(format!(
-                    "{who} lacks {permission} on {what} (resource bundle {bundle:?}); a platform admin can grant \
-                     {permission} to the user or one of its groups in that bundle"
-                ))
-            } else {
-                Decision::Deny(format!(
-                    "{who} lacks {permission} on vault config {name:?}: its resource bundle {bundle:?} does not \
-                     exist; a platform admin must create it and grant {permission}"
-                ))
-            }
-        }
-        Resource::Domain(domain) => {
-            let mut governing = Vec::new();
-            for (bundle_name, spec) in bundles {
-                if spec.domains.iter().any(|d| d == domain) {
-                    if spec.grants_to(who, permission) {
-                        return Decision::Allow;
-                    }
-                    governing.push(format!("{bundle_name:?}"));
-                }
-            }
-            if governing.is_empty() {
-                Decision::Deny(format!(
-                    "{who} lacks {permission} on {what} (no resource bundle lists domain {domain:?}); a platform \
-                     admin must add the domain to a bundle and grant {permission}"
-                ))
-            } else {
-                governing.sort();
-                let plural = if governing.len() == 1 { "" } else { "s" };
-                Decision::Deny(format!(
-                    "{who} lacks {permission} on {what} (resource bundle{plural} {}); a platform admin can grant \
-                     {permission} to the user or one of its groups there",
-                    governing.join(", ")
-                ))
-            }
-        }
+    let allowed = match what {
+        Resource::VaultConfig { bundle, .. } => bundles
+            .any(|(name, spec)| Some(name) == bundle.as_deref() && spec.grants_to(who, permission)),
+        Resource::Domain(domain) => bundles.any(|(_, spec)| {
+            spec.domains.iter().any(|d| d == domain) && spec.grants_to(who, permission)
+        }),
+    };
+    if allowed {
+        return Decision::Allow;
     }
+    let fix = match what {
+        Resource::VaultConfig { .. } => "the resource bundle of that Vault config",
+        Resource::Domain(_) => "a resource bundle that lists the domain",
+    };
+    Decision::Deny(format!(
+        "{who} lacks {permission} on {what}; a platform admin can grant {permission} to the user or one of its groups in {fix}"
+    ))
 }
 
 #[async_trait]
@@ -350,7 +320,7 @@ mod tests {
     fn vault(name: &str, bundle: &str) -> Resource {
         Resource::VaultConfig {
             name: name.into(),
-            bundle: bundle.into(),
+            bundle: Some(bundle.into()),
         }
     }
 
@@ -391,26 +361,12 @@ mod tests {
         assert_eq!(
             d,
             Decision::Deny(
-                "user \"bob\" lacks Use on vault config \"vault-prod-finance\" (resource bundle \
-                 \"viewers\"); a platform admin can grant Use to the user or one of its groups in \
-                 that bundle"
+                "user \"bob\" lacks Use on vault config \"vault-prod-finance\"; a platform admin \
+                 can grant Use to the user or one of its groups in the resource bundle of that Vault \
+                 config"
                     .into()
             )
         );
-    }
-
-    #[test]
-    fn denial_names_user_permission_resource_and_bundle() {
-        let ras = RasAuthorizer::from_local(&bundles());
-        let Ok(Decision::Deny(text)) = ras.evaluate(
-            &user("bob", &[]),
-            &vault("vault-prod-finance", "finance-bundle"),
-        ) else {
-            panic!("bob must be denied")
-        };
-        assert!(text.starts_with(
-            "user \"bob\" lacks Use on vault config \"vault-prod-finance\" (resource bundle \"finance-bundle\")"
-        ));
     }
 
     #[test]
@@ -429,38 +385,54 @@ mod tests {
         };
         assert_eq!(
             text,
-            "user \"bob\" lacks Use on domain \"finance\" (resource bundles \"finance-bundle\", \
-             \"viewers\"); a platform admin can grant Use to the user or one of its groups there"
+            "user \"bob\" lacks Use on domain \"finance\"; a platform admin can grant Use to the \
+             user or one of its groups in a resource bundle that lists the domain"
         );
     }
 
+    /// Attack: probing which domains, Vault configs and bundles exist through denial texts.
     #[test]
-    fn domain_in_no_bundle_is_denied_with_the_fix() {
+    fn denials_do_not_tell_what_exists() {
         let ras = RasAuthorizer::from_local(&bundles());
-        let Ok(Decision::Deny(text)) =
-            ras.evaluate(&user("alice", &[]), &Resource::Domain("hr".into()))
-        else {
-            panic!("must deny")
+        let bob = user("bob", &[]);
+        let deny = |what: Resource| match ras.evaluate(&bob, &what) {
+            Ok(Decision::Deny(text)) => text
+                .replace("\"finance\"", "\"X\"")
+                .replace("\"hr\"", "\"X\"")
+                .replace("\"vault-x\"", "\"X\"")
+                .replace("\"vault-prod-finance\"", "\"X\""),
+            other => panic!("{other:?}"),
         };
-        assert!(
-            text.contains("no resource bundle lists domain \"hr\""),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn missing_bundle_is_named() {
-        let ras = RasAuthorizer::from_local(&bundles());
-        let Ok(Decision::Deny(text)) =
-            ras.evaluate(&user("alice", &[]), &vault("vault-x", "gone-bundle"))
-        else {
-            panic!("must deny")
-        };
+        // A domain some bundles list, and one no bundle lists.
         assert_eq!(
-            text,
-            "user \"alice\" lacks Use on vault config \"vault-x\": its resource bundle \
-             \"gone-bundle\" does not exist; a platform admin must create it and grant Use"
+            deny(Resource::Domain("finance".into())),
+            deny(Resource::Domain("hr".into()))
         );
+        // A config whose bundle exists, one whose bundle does not, one that does not exist.
+        let existing = deny(vault("vault-prod-finance", "finance-bundle"));
+        assert_eq!(existing, deny(vault("vault-x", "gone-bundle")));
+        assert_eq!(
+            existing,
+            deny(Resource::VaultConfig {
+                name: "vault-x".into(),
+                bundle: None
+            })
+        );
+        assert!(
+            !existing.contains("bundle \""),
+            "no bundle is named: {existing}"
+        );
+        // Nobody holds Use on a config that does not exist.
+        assert!(matches!(
+            ras.evaluate(
+                &user("alice", &[]),
+                &Resource::VaultConfig {
+                    name: "vault-x".into(),
+                    bundle: None
+                }
+            ),
+            Ok(Decision::Deny(_))
+        ));
     }
 
     #[test]

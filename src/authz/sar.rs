@@ -115,19 +115,18 @@ impl CheckUse for SarAuthorizer {
             Resource::Domain(d) => ("domains", d),
             Resource::VaultConfig { name, .. } => ("vaultconfigs", name),
         };
-        let mut text = format!(
+        // RBAC's reason and evaluation error name roles and bindings: logged for admins, never
+        // part of the denial, which reads the same whatever exists.
+        let reason = status.reason.as_deref().unwrap_or_default();
+        let evaluation_error = status.evaluation_error.as_deref().unwrap_or_default();
+        if !reason.is_empty() || !evaluation_error.is_empty() {
+            tracing::info!(user = %who.username, %what, reason, evaluation_error, "SubjectAccessReview denied");
+        }
+        Ok(Decision::Deny(format!(
             "{who} lacks {permission} on {what} (Kubernetes RBAC: verb \"{verb}\" on {resource}.{GROUP} \
-             {name:?} in namespace {:?}",
+             {name:?} in namespace {:?}); a platform admin can grant it with a Role and RoleBinding",
             self.namespace
-        );
-        if let Some(reason) = status.reason.as_deref().filter(|r| !r.is_empty()) {
-            text.push_str(&format!("; reason: {reason}"));
-        }
-        if let Some(err) = status.evaluation_error.as_deref().filter(|r| !r.is_empty()) {
-            text.push_str(&format!("; evaluation error: {err}"));
-        }
-        text.push_str("); a platform admin can grant it with a Role and RoleBinding");
-        Ok(Decision::Deny(text))
+        )))
     }
 }
 

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::{StoreCheck, StoreIndex};
-use crate::config::Naming;
+use crate::backends::Naming;
 
 /// Secret types that are never stores; excluded server-side to keep large values off the wire.
 const NOT_STORES: &str = "type!=helm.sh/release.v1,type!=kubernetes.io/service-account-token";

@@ -3,7 +3,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{StoreCheck, StoreIndex};
-use crate::config::{LocalConfig, Naming};
+use serde::{Deserialize, Serialize};
+
+use super::Naming;
+
+/// Key names of the Kubernetes stores as the config file writes them (`stores:`), standing in
+/// for the Secrets themselves.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoresConfig {
+    #[serde(default)]
+    pub global: Vec<String>,
+    #[serde(default)]
+    pub domains: BTreeMap<String, Vec<String>>,
+}
 
 /// Store name -> key names, fixed at start.
 #[derive(Debug, Clone, Default)]
@@ -12,13 +25,13 @@ pub struct LocalStores {
 }
 
 impl LocalStores {
-    pub fn new(config: &LocalConfig, naming: &Naming) -> Self {
+    pub fn new(config: &StoresConfig, naming: &Naming) -> Self {
         let mut stores = BTreeMap::new();
         stores.insert(
             naming.global_store.clone(),
-            config.stores.global.iter().cloned().collect(),
+            config.global.iter().cloned().collect(),
         );
-        for (domain, keys) in &config.stores.domains {
+        for (domain, keys) in &config.domains {
             stores.insert(naming.store_for(domain), keys.iter().cloned().collect());
         }
         Self { stores }

@@ -7,7 +7,10 @@
 
 pub mod kubernetes;
 pub mod local;
+mod naming;
 pub mod vault;
+
+pub use naming::Naming;
 
 use std::time::Instant;
 

@@ -64,7 +64,7 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error(
-        "Spark conf secrets need the driver container's args to start with \"driver\" (container {0:?} does not); \
+        "Spark conf secrets need the driver container's args to start with \"driver\" (container {0} does not); \
          the Spark entrypoint passes them to spark-submit"
     )]
     NoDriverArgs(String),
@@ -73,14 +73,14 @@ pub enum PlanError {
     )]
     SparkConfNotSupported(WorkloadKind),
     #[error(
-        "container {0:?}: {PYSPARK_SUBMIT_ARGS} is not a plain value, so Spark conf secrets cannot be added to it; \
+        "container {0}: {PYSPARK_SUBMIT_ARGS} is not a plain value, so Spark conf secrets cannot be added to it; \
          set it as a plain value or remove it"
     )]
     PysparkArgsNotPlain(String),
-    #[error("container {0:?}: {PYSPARK_SUBMIT_ARGS} has unbalanced quotes; fix its quoting")]
+    #[error("container {0}: {PYSPARK_SUBMIT_ARGS} has unbalanced quotes; fix its quoting")]
     PysparkArgsUnparsable(String),
     #[error(
-        "container {container:?}, {place}: {error}; write ${{secrets.<key>}} with a key of the global store"
+        "container {container}, {place}: {error}; write ${{secrets.<key>}} with a key of the global store"
     )]
     Placeholder {
         container: String,
@@ -119,7 +119,7 @@ fn target_containers<'a>(
 fn placeholder_sites(container: &Container) -> impl Iterator<Item = (String, &str)> {
     let env = container.env.iter().flatten().filter_map(|e| {
         let value = e.value.as_deref()?;
-        refs::has_placeholder(value).then(|| (format!("env {:?}", e.name), value))
+        refs::has_placeholder(value).then(|| (format!("env {}", refs::shown_name(&e.name)), value))
     });
     let args = container.args.iter().flatten().enumerate();
     let args = args
@@ -134,7 +134,7 @@ fn split<'a>(
     text: &'a str,
 ) -> Result<Vec<Piece<'a>>, PlanError> {
     refs::split_placeholders(text).map_err(|error| PlanError::Placeholder {
-        container: container.name.clone(),
+        container: refs::shown_name(&container.name),
         place: place.to_owned(),
         error,
     })
@@ -509,7 +509,7 @@ fn add_driver_confs(
         .as_mut()
         .filter(|a| a.first().map(String::as_str) == Some("driver"))
     else {
-        return Err(PlanError::NoDriverArgs(container.name.clone()));
+        return Err(PlanError::NoDriverArgs(refs::shown_name(&container.name)));
     };
     debug_assert_eq!(first_arg(container), Some("driver"));
     let ours = conf_args(env, confs, plan);
@@ -587,13 +587,17 @@ fn add_pyspark_confs(
     let existing = env.position(PYSPARK_SUBMIT_ARGS);
     let current = match existing {
         Some(i) => match (&env.env[i].value, &env.env[i].value_from) {
-            (_, Some(_)) => return Err(PlanError::PysparkArgsNotPlain(container.name.clone())),
+            (_, Some(_)) => {
+                return Err(PlanError::PysparkArgsNotPlain(refs::shown_name(
+                    &container.name,
+                )));
+            }
             (value, None) => value.clone().unwrap_or_default(),
         },
         None => String::new(),
     };
     let tokens = shlex::split(&current)
-        .ok_or_else(|| PlanError::PysparkArgsUnparsable(container.name.clone()))?;
+        .ok_or_else(|| PlanError::PysparkArgsUnparsable(refs::shown_name(&container.name)))?;
     let mut at = existing.unwrap_or(env.env.len());
     let mut sorted: Vec<&Resolved> = confs.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
@@ -616,7 +620,7 @@ fn add_pyspark_confs(
         .map(String::as_str)
         .chain(["pyspark-shell"]);
     let value = shlex::try_join(words)
-        .map_err(|_| PlanError::PysparkArgsUnparsable(container.name.clone()))?;
+        .map_err(|_| PlanError::PysparkArgsUnparsable(refs::shown_name(&container.name)))?;
     match existing {
         Some(_) if env.env[at].value.as_deref() == Some(value.as_str()) => return Ok(()),
         Some(_) => env.set_value(at, value),

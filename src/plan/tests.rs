@@ -4,8 +4,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::admission::workload::Selectors;
 use crate::admission::workload::classify;
-use crate::config::Selectors;
 use crate::refs::Source;
 
 const DRIVER: &str = include_str!("../../tests/fixtures/pods/spark35-driver-submit.json");
@@ -285,7 +285,7 @@ fn pyspark_submit_args_from_a_secret_cannot_be_extended() {
     case.confs = vec![k8s("spark.a.token", "finance", "t")];
     assert_eq!(
         case.run().unwrap_err(),
-        PlanError::PysparkArgsNotPlain("notebook".into())
+        PlanError::PysparkArgsNotPlain("\"notebook\"".into())
     );
 }
 

@@ -32,19 +32,6 @@ pub struct SecretObject {
     pub source: Source,
 }
 
-impl SecretObject {
-    /// For messages about a reference that may be invalid: id and key clipped like any input.
-    fn clipped(&self) -> Self {
-        Self {
-            key: clip(&self.key).to_owned(),
-            source: Source {
-                kind: self.source.kind,
-                id: clip(&self.source.id).to_owned(),
-            },
-        }
-    }
-}
-
 impl fmt::Display for SecretObject {
     /// The short form, `kubernetes:finance/db_password`: never a value, safe in any message.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -110,11 +97,34 @@ impl RefError {
         fix: impl Into<String>,
     ) -> Self {
         Self {
-            origin: clip(origin).to_owned(),
+            origin: shown_origin(origin),
             subject,
             problem: problem.into(),
             fix: fix.into(),
         }
+    }
+}
+
+/// An annotation name for a message: a short form's target is part of the name, and is shown only
+/// when it is valid.
+fn shown_origin(origin: &str) -> String {
+    let short = [
+        (ENV_SHORT_PREFIX, is_env_name as fn(&str) -> bool),
+        (SPARK_CONF_SHORT_PREFIX, is_spark_conf_key),
+    ];
+    for (prefix, valid) in short {
+        if let Some(target) = origin.strip_prefix(prefix) {
+            return if valid(target) {
+                origin.to_owned()
+            } else {
+                format!("{prefix}… (the name after '/' is {})", shape(target))
+            };
+        }
+    }
+    if origin == ENV_SECRETS || origin == SPARK_CONF_SECRETS {
+        origin.to_owned()
+    } else {
+        shape(origin)
     }
 }
 
@@ -291,7 +301,16 @@ fn push_checked(
         Err((problem, fix)) => {
             // Formatted only for a bad reference: this runs for every reference of every pod.
             let item = item.map(|i| format!("item {i}: ")).unwrap_or_default();
-            let subject = format!("{item}{} {:?}: ", reference.kind, clip(&reference.name));
+            let valid_name = match reference.kind {
+                TargetKind::Env => is_env_name(&reference.name),
+                TargetKind::SparkConf => is_spark_conf_key(&reference.name),
+            };
+            let name = if valid_name {
+                format!("{:?}", reference.name)
+            } else {
+                format!("name ({})", shape(&reference.name))
+            };
+            let subject = format!("{item}{} {name}: ", reference.kind);
             errors.push(RefError::new(&reference.origin, subject, problem, fix))
         }
     }
@@ -299,6 +318,8 @@ fn push_checked(
 
 type Problem = (String, &'static str);
 
+/// The first problem of a reference. Nothing that fails a check is quoted: it is described by its
+/// shape (`shape`), since someone may have pasted a secret where a name belongs.
 fn validate(r: &Reference, global_id: &str) -> Result<(), Problem> {
     match r.kind {
         TargetKind::Env if !is_env_name(&r.name) => {
@@ -325,34 +346,87 @@ fn validate(r: &Reference, global_id: &str) -> Result<(), Problem> {
     }
     if !is_dns_label(id) {
         return Err((
-            format!("source.id {:?} is not a valid name", clip(id)),
+            format!("source.id ({}) is not a valid name", shape(id)),
             "domains and Vault configs are lowercase letters, digits and '-' (at most 63)",
         ));
     }
-    // Not yet valid, so the key may be anything (even a pasted value): clip it like any input.
-    // Built only for a message: this runs for every reference of every pod.
-    let shown = || s.clipped();
+    let kind = match s.source.kind {
+        SourceType::Kubernetes => "kubernetes",
+        SourceType::Vault => "vault",
+    };
     if s.key.is_empty() {
         return Err((
-            format!("{}: the key is empty", shown()),
+            format!("{kind}:{id}/: the key is empty"),
             "name the secret's key",
         ));
     }
+    let bad_key = |what: &str| {
+        format!(
+            "{kind}:{id}/…: the key ({}) is not a valid {what}",
+            shape(&s.key)
+        )
+    };
     match s.source.kind {
         SourceType::Kubernetes if !is_secret_data_key(&s.key) => Err((
-            format!("{}: key is not a valid Kubernetes secret key", shown()),
+            bad_key("Kubernetes secret key"),
             "Kubernetes store keys use letters, digits, '.', '_' or '-'",
         )),
-        SourceType::Vault if id == global_id => Err((
-            format!("{}: the global store is a Kubernetes source", shown()),
-            "use kubernetes:global/<key>, or name a Vault config",
-        )),
         SourceType::Vault if !is_vault_key(&s.key) => Err((
-            format!("{}: key is not a valid Vault key", shown()),
+            bad_key("Vault key"),
             "write <field> or <sub/path>#<field>, without '.' or '..' path segments",
+        )),
+        SourceType::Vault if id == global_id => Err((
+            format!("{s}: the global store is a Kubernetes source"),
+            "use kubernetes:global/<key>, or name a Vault config",
         )),
         _ => Ok(()),
     }
+}
+
+/// A name from a pod spec, when it has the form of a Kubernetes name or env var (letters, digits,
+/// '.', '_', '-'; at most 253). At mutating admission the API server has not validated the pod
+/// yet, so a name may hold anything, a pasted secret included.
+pub fn plain_name(name: &str) -> Option<&str> {
+    let plain = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    plain.then_some(name)
+}
+
+/// A name from a pod spec for a message: quoted when plain ([`plain_name`]), else its shape.
+pub fn shown_name(name: &str) -> String {
+    match plain_name(name) {
+        Some(name) => format!("{name:?}"),
+        None => format!("({})", shape(name)),
+    }
+}
+
+/// What a string that failed validation looks like, without its content: its length and the
+/// kinds of character in it. Used in every denial and log line about such a string.
+pub fn shape(s: &str) -> String {
+    if s.is_empty() {
+        return "an empty value".into();
+    }
+    let count = s.chars().count();
+    let kinds: Vec<&str> = [
+        ("letters", s.chars().any(|c| c.is_ascii_alphabetic())),
+        ("digits", s.chars().any(|c| c.is_ascii_digit())),
+        ("whitespace", s.chars().any(char::is_whitespace)),
+        ("punctuation", s.chars().any(|c| c.is_ascii_punctuation())),
+        ("control characters", s.chars().any(char::is_control)),
+        (
+            "other characters",
+            s.chars()
+                .any(|c| !c.is_ascii() && !c.is_whitespace() && !c.is_control()),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(name, present)| present.then_some(name))
+    .collect();
+    let plural = if count == 1 { "" } else { "s" };
+    format!("a value of {count} character{plural}: {}", kinds.join(", "))
 }
 
 /// Env names as Kubernetes validates them (C identifiers plus '-' and '.').
@@ -425,13 +499,18 @@ fn clip_to(s: &str, chars: usize) -> &str {
 }
 
 /// serde's description of a JSON problem, bounded, without the strings it would quote
-/// (`invalid type: string "hunter2"`): someone may have pasted a secret into the annotation.
+/// (`invalid type: string "hunter2"`, ``unknown field `hunter2` ``): someone may have pasted a
+/// secret into the annotation.
 fn json_problem(e: &serde_json::Error) -> String {
     static QUOTED: LazyLock<Regex> = LazyLock::new(|| {
         Regex::new(r#"string "(?:[^"\\]|\\.)*""#).unwrap_or_else(|_| unreachable!())
     });
+    static UNKNOWN: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"unknown (field|variant) `[^`]*`").unwrap_or_else(|_| unreachable!())
+    });
     let text = e.to_string();
     let text = QUOTED.replace_all(&text, "a string");
+    let text = UNKNOWN.replace_all(&text, "an unknown $1");
     clip_to(&text, 200).to_owned()
 }
 
@@ -451,7 +530,7 @@ pub enum PlaceholderError {
     #[error("a ${{secrets.…}} placeholder has no closing '}}'")]
     Unterminated,
     #[error(
-        "placeholder ${{secrets.{0}}} does not name a valid secret key (letters, digits, '.', '_' or '-')"
+        "a ${{secrets.…}} placeholder does not name a valid secret key ({0}); keys use letters, digits, '.', '_' or '-'"
     )]
     BadKey(String),
 }
@@ -480,7 +559,7 @@ pub fn split_placeholders(s: &str) -> Result<Vec<Piece<'_>>, PlaceholderError> {
                 .ok_or(PlaceholderError::Unterminated)?;
             let key = &s[key_start..key_start + key_len];
             if !is_secret_data_key(key) {
-                return Err(PlaceholderError::BadKey(clip(key).to_owned()));
+                return Err(PlaceholderError::BadKey(shape(key)));
             }
             if text_start < i {
                 pieces.push(Piece::Text(&s[text_start..i]));

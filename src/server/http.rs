@@ -28,6 +28,7 @@ pub(crate) struct AppState {
 pub(crate) fn admission_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
+        .route("/validate", post(validate))
         .with_state(state)
 }
 
@@ -54,6 +55,21 @@ enum BodyError {
 /// not be received. An over-limit body is refused before it is read when Content-Length announces
 /// it, and otherwise as soon as the streamed bytes pass the limit; it is never buffered whole.
 async fn mutate(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    admission(app, request, Endpoint::Mutate).await
+}
+
+/// `POST /validate`: the validating webhooks (pod updates, SparkApplications), same contract.
+async fn validate(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    admission(app, request, Endpoint::Validate).await
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Mutate,
+    Validate,
+}
+
+async fn admission(app: Arc<AppState>, request: Request, endpoint: Endpoint) -> Response {
     let started = Instant::now();
     let timeout = request.uri().query().and_then(timeout_from_query);
     let (parts, body) = request.into_parts();
@@ -69,7 +85,10 @@ async fn mutate(State(app): State<Arc<AppState>>, request: Request) -> Response 
     };
     let answer = match received {
         // Boxed: the engine's future is large, and tower/axum move the handler's future by value.
-        Ok(bytes) => Box::pin(app.webhook.review_bytes(&bytes, timeout)).await,
+        Ok(bytes) => match endpoint {
+            Endpoint::Mutate => Box::pin(app.webhook.review_bytes(&bytes, timeout)).await,
+            Endpoint::Validate => Box::pin(app.webhook.validate_bytes(&bytes, timeout)).await,
+        },
         Err(e) => {
             tracing::warn!(error = %e, "admission request refused");
             app.webhook

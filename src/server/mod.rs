@@ -22,14 +22,17 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Webhook;
-use crate::admission::identity::TrustedControllers;
 use crate::cli::ServeArgs;
-use crate::config::{LocalConfig, Naming, Settings};
+use crate::config::{ExecutorPolicy, LocalConfig, Naming, Settings};
+use crate::identity::{Keys, TrustedControllers, keys};
 use crate::metrics::Metrics;
 use tls::{CertPaths, CertResolver, Reloader, TlsError};
 
 /// How the admin port waits for its own (short) requests once the admission port has drained.
 const ADMIN_DRAIN: Duration = Duration::from_secs(1);
+/// How often the mounted signing keys are read for changes (the kubelet updates Secret volumes
+/// within about a minute).
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Everything the server needs; `run_serve` fills it from the command line, tests build it.
 #[derive(Debug, Clone)]
@@ -257,8 +260,18 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         },
         enabled: args.enabled,
         authorizer: args.authorizer,
+        executors: ExecutorPolicy {
+            require_bound_token: !args.allow_unbound_executor_tokens,
+        },
         ..Settings::default()
     };
+    if args.allow_unbound_executor_tokens {
+        tracing::warn!(
+            "--allow-unbound-executor-tokens: executors are admitted with service-account tokens not \
+             bound to their driver pod, so any pod or user holding a token of a driver's service \
+             account can create executors that inherit that driver's secrets"
+        );
+    }
     let api_listen = api_listen(args.api_listen.as_deref(), args.dev)?;
     let (webhook, api, cert, key, dev_ca) = if args.dev {
         let dev = crate::certs::ensure_dev_certs(&args.dev_cert_dir)?;
@@ -276,36 +289,39 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         crate::api::refuse_static_tokens(&config)?;
         let client = kube::Client::try_default().await?;
         let trusted = TrustedControllers::new(config.trusted_controllers.clone())?;
-        let (webhook, api) = match api_listen {
-            Some(_) => {
-                let vault = crate::backends::vault::VaultBackend::in_cluster(
-                    client.clone(),
-                    settings.naming.clone(),
-                    crate::backends::vault::VaultOptions {
-                        metrics: Some(Arc::clone(&metrics)),
-                        ..Default::default()
-                    },
-                );
-                let webhook = Webhook::from_cluster_parts(
-                    settings,
-                    client.clone(),
-                    metrics,
-                    trusted,
-                    Arc::clone(&vault),
-                )?;
-                let api = crate::api::cluster(
-                    &webhook,
-                    vault,
-                    client,
-                    &config,
-                    args.api_token_audiences.clone(),
-                )?;
-                (webhook, Some(api))
-            }
-            None => {
-                let webhook = Webhook::from_cluster(settings, client, metrics, trusted).await?;
-                (webhook, None)
-            }
+        // No key until the mounted Secret is read: not ready, and nothing is signed.
+        let keys = Keys::empty();
+        keys::watch_dir(
+            keys.clone(),
+            args.signing_key_dir.clone(),
+            KEY_RELOAD_INTERVAL,
+        );
+        let vault = crate::backends::vault::VaultBackend::in_cluster(
+            client.clone(),
+            settings.naming.clone(),
+            keys.clone(),
+            crate::backends::vault::VaultOptions {
+                metrics: Some(Arc::clone(&metrics)),
+                ..Default::default()
+            },
+        );
+        let webhook = Webhook::from_cluster_parts(
+            settings,
+            client.clone(),
+            metrics,
+            trusted,
+            keys,
+            Arc::clone(&vault),
+        )?;
+        let api = match api_listen {
+            Some(_) => Some(crate::api::cluster(
+                &webhook,
+                vault,
+                client,
+                &config,
+                args.api_token_audiences.clone(),
+            )?),
+            None => None,
         };
         (webhook, api, args.tls_cert, args.tls_key, None)
     };
@@ -358,7 +374,15 @@ fn cluster_config(path: &std::path::Path) -> anyhow::Result<LocalConfig> {
         tracing::info!(config = %path.display(), "no config file: no trusted controllers, no API admins");
         return Ok(LocalConfig::default());
     }
-    Ok(LocalConfig::load(path)?)
+    let config = LocalConfig::load(path)?;
+    if config.signing_keys.is_some() {
+        anyhow::bail!(
+            "{}: signingKeys are for --dev and review only; in a cluster the signing key comes from \
+             the Secret mounted at --signing-key-dir (docs/operations.md)",
+            path.display()
+        );
+    }
+    Ok(config)
 }
 
 /// `--api-listen`: an address, or `off`; unset means off, except with `--dev` (127.0.0.1:8444).
@@ -389,5 +413,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster's key comes from its Secret only: a config file carrying `signingKeys` (copied
+    /// from the development config, say) stops the server at start instead of signing with it.
+    #[test]
+    fn a_cluster_refuses_signing_keys_from_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            "signingKeys: {current: development-only-signing-key-not-for-clusters}\n",
+        )
+        .unwrap();
+        let e = cluster_config(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("signingKeys are for --dev and review only"),
+            "{e}"
+        );
+        std::fs::write(&path, "trustedControllers: []\n").unwrap();
+        assert!(cluster_config(&path).is_ok());
     }
 }

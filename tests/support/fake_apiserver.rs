@@ -178,12 +178,14 @@ pub enum SarAnswer {
     Allow,
     /// What RBAC answers when no rule allows: `{"allowed": false, "reason": ...}`, **no**
     /// `denied` field (RBAC never denies, it only has no opinion); an empty reason is left out.
+    /// A binding RBAC cannot resolve (one naming a missing Role) shows in the reason:
+    /// `RBAC: role.rbac.authorization.k8s.io "x" not found`.
     Deny(String),
     /// An authorizer that denies outright (a webhook authorizer):
     /// `{"allowed": false, "denied": true, "reason": ...}`.
     ExplicitDeny(String),
-    /// RBAC when a binding cannot be evaluated (e.g. it names a missing Role) and no other rule
-    /// allows: `{"allowed": false, "evaluationError": ...}`.
+    /// An authorizer that failed (a webhook authorizer it could not reach) while none allowed:
+    /// `{"allowed": false, "evaluationError": ...}`.
     EvaluationError(String),
     /// Answer the request with this HTTP status and a `Status` body.
     Error(u16),

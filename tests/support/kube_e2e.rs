@@ -244,6 +244,18 @@ impl Cluster {
         }
     }
 
+    /// A `kube::Client` with the admin credentials (call inside a tokio runtime).
+    pub async fn client(&self) -> kube::Client {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .expect("kube config");
+        kube::Client::try_from(config).expect("kube client")
+    }
+
     /// `kubectl` authenticated by a bearer token only (e.g. a ServiceAccount's, see [`Cluster::token`]).
     pub fn kubectl_with_token(&self, token: &str) -> Kubectl {
         let mut command = Command::new(self.bin.join("kubectl"));
@@ -340,13 +352,13 @@ impl Cluster {
         );
     }
 
-    /// Grants the tenant role to one ServiceAccount of the data-plane namespace (e.g. Spark's).
-    pub fn bind_tenant_service_account(&self, name: &str) {
+    /// Grants the tenant role in the data-plane namespace to one ServiceAccount (Spark's, the hub's).
+    pub fn bind_tenant_service_account(&self, namespace: &str, name: &str) {
         self.apply(
             &serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                "metadata": {"name": format!("e2e-tenant-{name}"), "namespace": NS},
+                "metadata": {"name": format!("e2e-tenant-{namespace}-{name}"), "namespace": NS},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "e2e-tenant"},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NS}]})
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]})
             .to_string(),
         );
     }
@@ -361,6 +373,10 @@ metadata: {name: e2e-tenant}
 rules:
 - apiGroups: ['']
   resources: [pods, configmaps, services, persistentvolumeclaims]
+  verbs: ['*']
+# Spark 4 submits a NetworkPolicy per application.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
   verbs: ['*']
 - apiGroups: ['']
   resources: [serviceaccounts]
@@ -390,6 +406,91 @@ rules:
             .ok()
             .trim()
             .to_owned()
+    }
+
+    /// A client certificate for `user` in `groups` (CN and O), signed by the cluster's CA: the way
+    /// a real user authenticates without impersonation. Returns (certificate, PKCS#8 RSA key) files.
+    pub fn client_cert(&self, user: &str, groups: &[&str]) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join("users");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (crt, key, csr) = (
+            dir.join(format!("{user}.crt")),
+            dir.join(format!("{user}.key")),
+            dir.join(format!("{user}.csr")),
+        );
+        let subject: String = groups
+            .iter()
+            .map(|g| format!("/O={g}"))
+            .chain([format!("/CN={user}")])
+            .collect();
+        let pki = self.dir.join("pki");
+        let openssl = |args: &[&str]| {
+            let run = Run::from("openssl", Command::new("openssl").args(args).output());
+            assert!(run.success, "openssl {args:?}: {}", run.stderr);
+        };
+        let (crt_s, key_s, csr_s) = (
+            crt.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+            csr.to_string_lossy().into_owned(),
+        );
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &key_s,
+        ]);
+        openssl(&[
+            "req", "-new", "-key", &key_s, "-subj", &subject, "-out", &csr_s,
+        ]);
+        let ext = dir.join(format!("{user}.ext"));
+        std::fs::write(
+            &ext,
+            "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr_s,
+            "-CA",
+            &pki.join("ca.crt").to_string_lossy(),
+            "-CAkey",
+            &pki.join("ca.key").to_string_lossy(),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-sha256",
+            "-extfile",
+            &ext.to_string_lossy(),
+            "-out",
+            &crt_s,
+        ]);
+        (crt, key)
+    }
+
+    /// The cluster CA's certificate (what clients trust for the API server).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("pki/ca.crt")
+    }
+
+    /// A kubeconfig that authenticates with `token` (e.g. a ServiceAccount's), for other clients.
+    pub fn token_kubeconfig(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+                 users:\n- name: u\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: u}}\ncurrent-context: e2e\n",
+                self.server,
+                self.ca_file().display()
+            ),
+        )
+        .unwrap();
+        path
     }
 
     /// The webhook's Prometheus text (`GET /metrics` on its admin port).
@@ -444,12 +545,24 @@ rules:
     }
 
     /// Polls `attempt` every 100 ms for up to 30 s; its value, or a panic with its last error.
-    pub fn eventually<T>(&self, what: &str, mut attempt: impl FnMut() -> Result<T, String>) -> T {
-        let until = Instant::now() + Duration::from_secs(30);
+    pub fn eventually<T>(&self, what: &str, attempt: impl FnMut() -> Result<T, String>) -> T {
+        self.eventually_within(what, Duration::from_secs(30), attempt)
+    }
+
+    /// [`Cluster::eventually`] with another time limit (e.g. for JVM clients).
+    pub fn eventually_within<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        mut attempt: impl FnMut() -> Result<T, String>,
+    ) -> T {
+        let until = Instant::now() + limit;
         loop {
             match attempt() {
                 Ok(value) => return value,
-                Err(e) if Instant::now() >= until => panic!("{what}: not within 30 s; last: {e}"),
+                Err(e) if Instant::now() >= until => {
+                    panic!("{what}: not within {limit:?}; last: {e}")
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         }

@@ -144,7 +144,7 @@ pub fn test_webhook() -> (Arc<Webhook>, Arc<StoresGate>) {
     let config = LocalConfig::default();
     let gate = Arc::new(StoresGate {
         ready: AtomicBool::new(true),
-        inner: LocalStores::new(&config, &settings.naming),
+        inner: LocalStores::new(&config.stores, &settings.naming),
     });
     let mut webhook = Webhook::from_local(settings, &config, Arc::new(Metrics::new())).unwrap();
     webhook.stores = gate.clone();

@@ -25,13 +25,14 @@ use async_trait::async_trait;
 
 use self::client::Conn;
 pub use self::keys::{VaultKey, data_key};
-pub use self::materialize::{CONFIG_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
+pub use self::materialize::{CONFIG_LABEL, CONTENT_SIGNATURE, MANAGED_BY_LABEL, MANAGED_BY_VALUE};
 pub use self::spec::{
     VaultConfig, VaultConfigCondition, VaultConfigResourceSpec, VaultConfigSpec, VaultConfigStatus,
     crd_yaml,
 };
 use super::{KeyRef, VaultSource, VaultWant};
-use crate::config::{LocalConfig, Naming};
+use crate::backends::Naming;
+use crate::identity::Keys;
 use crate::metrics::Metrics;
 
 /// Why a Vault value could not be delivered. `Display` is the user-facing denial text (the engine
@@ -42,8 +43,9 @@ pub enum VaultError {
     UnknownConfig { config: String },
     #[error("vault config {config} is invalid: {reason}; fix the VaultConfig")]
     InvalidConfig { config: String, reason: String },
+    /// `key` is the key's shape, never the key: it failed validation.
     #[error(
-        "key {key:?} is not a valid key of vault config {config}: {reason} (write field or sub/path#field)"
+        "the key ({key}) is not a valid key of vault config {config}: {reason} (write field or sub/path#field)"
     )]
     BadKey {
         config: String,
@@ -460,15 +462,17 @@ impl VaultBackend {
     }
 
     /// In a cluster: watches VaultConfigs in `naming.namespace` (credentials from Secrets there),
-    /// writes managed Secrets through `client`, and records Test Connection results in each
-    /// VaultConfig's `status.conditions`. Must be called inside a tokio runtime.
-    pub fn in_cluster(client: kube::Client, naming: Naming, opts: VaultOptions) -> Arc<Self> {
+    /// writes managed Secrets through `client` (signed with `keys`), and records Test Connection
+    /// results in each VaultConfig's `status.conditions`. Must be called inside a tokio runtime.
+    pub fn in_cluster(
+        client: kube::Client,
+        naming: Naming,
+        keys: Arc<Keys>,
+        opts: VaultOptions,
+    ) -> Arc<Self> {
         let backend = Arc::new(Self {
             naming: naming.clone(),
-            sink: Sink::Cluster(materialize::SecretWriter::new(
-                client.clone(),
-                opts.cache_ttl,
-            )),
+            sink: Sink::Cluster(materialize::SecretWriter::new(client.clone(), keys)),
             opts,
             configs: RwLock::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
@@ -602,7 +606,7 @@ impl VaultBackend {
                 let key =
                     VaultKey::parse(&want.secret.key).map_err(|reason| VaultError::BadKey {
                         config: config.to_owned(),
-                        key: want.secret.key.clone(),
+                        key: crate::refs::shape(&want.secret.key),
                         reason,
                     })?;
                 Ok(Wanted {
@@ -914,16 +918,12 @@ async fn check_conn(conn: &Arc<Conn>, budget: Duration) -> CheckReport {
     report
 }
 
-/// `secrets-webhook vault check NAME --config FILE`: Test Connection from the command line.
-/// Prints one line per step and the verdict; an error means the check failed.
-pub fn run_check(name: &str, config: &Path) -> anyhow::Result<()> {
-    let local = LocalConfig::load(config)?;
-    let Some(spec) = local.vault_configs.iter().find(|c| c.name == name) else {
-        let known: Vec<&str> = local
-            .vault_configs
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
+/// `secrets-webhook vault check NAME --config FILE`: Test Connection from the command line, on
+/// the config file's `specs`. Prints one line per step and the verdict; an error means the check
+/// failed.
+pub fn run_check(name: &str, specs: &[VaultConfigSpec], config: &Path) -> anyhow::Result<()> {
+    let Some(spec) = specs.iter().find(|c| c.name == name) else {
+        let known: Vec<&str> = specs.iter().map(|c| c.name.as_str()).collect();
         anyhow::bail!(
             "no vault config named {name} in {} (it has: {})",
             config.display(),
