@@ -264,10 +264,7 @@ async fn writes_go_to_the_store_secret_with_its_resource_version_as_etag() {
         json!("secrets-webhook")
     );
     let log = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
-    assert!(
-        !log.contains(canary)
-            && !log.contains(&base64::engine::general_purpose::STANDARD.encode(canary))
-    );
+    support::leaks::assert_no_leak(&[("the log", &log)], &[canary]);
 }
 
 /// The webhook's signing keys (every replica and the API read the same Secret).

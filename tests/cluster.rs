@@ -458,7 +458,7 @@ async fn a_removed_grant_or_bundle_is_denied_within_the_decision_cache_time() {
     let took = denied_within(
         &webhook,
         &alice,
-        "user \"alice\" lacks Use on domain \"finance\" (resource bundle \"finance-bundle\")",
+        "user \"alice\" lacks Use on domain \"finance\"; a platform admin can grant Use",
         LIMIT,
     )
     .await;
@@ -474,7 +474,8 @@ async fn a_removed_grant_or_bundle_is_denied_within_the_decision_cache_time() {
     let took = denied_within(
         &webhook,
         &dave,
-        "user \"dave\" lacks Use on domain \"finance\" (no resource bundle lists domain \"finance\")",
+        // The same denial as for a grant taken out: denials do not tell what exists.
+        "user \"dave\" lacks Use on domain \"finance\"; a platform admin can grant Use",
         LIMIT,
     )
     .await;
@@ -535,14 +536,15 @@ async fn a_removed_vault_config_is_denied_once_the_watch_sees_it() {
         Some(NS),
         "vault-prod-finance",
     );
-    // Seen before the grant check, or (a removal between the two) by the Vault backend itself.
+    // Seen by the grant check (no config, no bundle: the same denial as without Use, so that
+    // denials do not tell what exists), or, removed between the two, by the Vault backend itself.
     let took = denied_within_any(
         &webhook,
         &body,
         &[
-            "annotation env.secrets.iomete.com/V: env var \"V\": vault:vault-prod-finance/db_password: \
-             there is no Vault config \"vault-prod-finance\"; ask a platform admin to create it, or fix \
-             source.id",
+            "annotation env.secrets.iomete.com/V: vault:vault-prod-finance/db_password: user \"alice\" \
+             lacks Use on vault config \"vault-prod-finance\"; a platform admin can grant Use to the \
+             user or one of its groups in the resource bundle of that Vault config",
             "annotation env.secrets.iomete.com/V: vault:vault-prod-finance/db_password: no Vault config \
              named vault-prod-finance; use the name of an existing VaultConfig",
         ],

@@ -148,7 +148,9 @@ fn readme_denial_example_is_what_review_prints() {
         .expect("README shows a denial");
     let example = example.split_whitespace().collect::<Vec<_>>().join(" ");
     let mut pod: Value = serde_json::from_str(&read("examples/spark-driver-pod.json")).unwrap();
-    pod["metadata"]["annotations"] = json!({"env.secrets.iomete.com/X": "kubernetes:hr/k"});
+    // A typo in the key, as alice (who holds Use on `finance` in the dev config) would make it.
+    pod["metadata"]["annotations"] =
+        json!({"env.secrets.iomete.com/X": "kubernetes:finance/db_pasword"});
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("pod.json");
     std::fs::write(&file, pod.to_string()).unwrap();

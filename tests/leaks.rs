@@ -38,9 +38,10 @@ const MANAGED: &str = "iomete-vault-vault-prod-finance";
 /// In the finance store; never leaves it.
 const STORE_CANARY: &str = "cAnary-store-\"5d1e\\9a\u{e9}-71";
 /// Vault field `db_password`: the managed Secret is created with it (POST), and it replaces a
-/// stale value in a managed Secret that already exists (PATCH).
+/// stale value in a managed Secret that already exists (PUT).
 const VAULT_CANARY: &str = "cAnary-vault-\"0b7c\\44\u{e9}-72";
-/// Vault field `api_key`: added to a managed Secret that exists (PATCH).
+/// Vault field `api_key`: added to a managed Secret that exists (PUT, conditional on its
+/// resourceVersion).
 const VAULT_CANARY_ADDED: &str = "cAnary-vault-\"a4f2\\11\u{e9}-73";
 /// What the pre-existing managed Secret in `team` held before the webhook updated it.
 const STALE_CANARY: &str = "cAnary-stale-\"9e0d\\27\u{e9}-74";
@@ -250,19 +251,13 @@ async fn secret_values_reach_no_log_response_metric_or_api_object_in_any_encodin
         Some(VAULT_CANARY)
     );
 
-    // Update path, a key added: the existing Secret is patched.
-    let patches_before = api.count(
-        "PATCH",
-        &format!("/api/v1/namespaces/{NS}/secrets/{MANAGED}"),
-    );
+    // Update path, a key added: the existing Secret is replaced (signed content, conditional PUT).
+    let patches_before = api.count("PUT", &format!("/api/v1/namespaces/{NS}/secrets/{MANAGED}"));
     let added = driver(NS, &[("VAPI", "vault:vault-prod-finance/api_key")]);
     let (allowed, message) = admit(&webhook, &added, "alice", false, &mut seen).await;
     assert!(allowed, "{message}");
     assert_eq!(
-        api.count(
-            "PATCH",
-            &format!("/api/v1/namespaces/{NS}/secrets/{MANAGED}")
-        ),
+        api.count("PUT", &format!("/api/v1/namespaces/{NS}/secrets/{MANAGED}")),
         patches_before + 1,
         "the update path was not taken"
     );
@@ -278,7 +273,7 @@ async fn secret_values_reach_no_log_response_metric_or_api_object_in_any_encodin
     assert!(allowed, "{message}");
     assert_eq!(
         api.count(
-            "PATCH",
+            "PUT",
             &format!("/api/v1/namespaces/{TEAM}/secrets/{MANAGED}")
         ),
         1,
@@ -325,7 +320,7 @@ async fn secret_values_reach_no_log_response_metric_or_api_object_in_any_encodin
         .filter(is_managed_write)
         .collect();
     assert!(
-        writes.iter().any(|w| w.method == "PATCH"
+        writes.iter().any(|w| w.method == "PUT"
             && leaks::find(&w.body.as_ref().unwrap().to_string(), VAULT_CANARY_ADDED).is_some()),
         "the update path carried the added value"
     );

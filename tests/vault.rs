@@ -423,10 +423,7 @@ vaultConfigs:
     // No value in any log line (all crates, TRACE), while values did flow.
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(!logs.is_empty());
-    assert!(
-        !logs.contains(CANARY) && !logs.contains(CANARY_NESTED),
-        "a secret value reached the logs"
-    );
+    support::leaks::assert_no_leak(&[("the logs", &logs)], &[CANARY, CANARY_NESTED]);
     assert!(
         !logs.contains(&secret_id),
         "the AppRole secret ID reached the logs"
@@ -927,10 +924,7 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     assert!(sealed["message"].as_str().unwrap().contains("is sealed"));
 
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
-    assert!(
-        !logs.contains(CANARY) && !logs.contains("rotated-value"),
-        "a secret value reached the logs"
-    );
+    support::leaks::assert_no_leak(&[("the logs", &logs)], &[CANARY, "rotated-value"]);
 }
 
 /// Attack: someone with `patch secrets` in a namespace swaps the value the webhook materialized
@@ -1072,7 +1066,7 @@ async fn tampered_managed_secrets_are_detected_and_rewritten() {
 
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(logs.contains("changed outside secrets-webhook"), "{logs}");
-    assert!(!logs.contains(CANARY) && !logs.contains("attacker-controlled"));
+    support::leaks::assert_no_leak(&[("the logs", &logs)], &[CANARY, "attacker-controlled"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,14 @@
 //! Secret canaries, searched for in every encoding a leak could take. A value that reaches a log
 //! line, a response or a metric rarely does so raw: a debug print of a Secret patch shows it in
-//! base64, a JSON log line escapes its quotes, a `Debug` print its backslashes, a byte dump is hex.
+//! base64, a JSON log line escapes its quotes, a `Debug` print its backslashes, a byte dump is hex,
+//! and a `Debug` print of a `k8s_openapi` Secret shows its `ByteString`s as lists of numbers.
 //!
 //! Searched forms of each canary: raw; JSON-escaped (serde's, and ASCII-only `\uXXXX`); Rust
-//! `Debug`-escaped; URL-encoded; hex (lower and upper case); standard and URL-safe base64 at each
-//! of the three alignments a value can have inside a longer base64 text (a patch, a whole Secret),
-//! matching only the characters that depend on the canary alone.
+//! `Debug`-escaped; URL-encoded; hex (lower and upper case); clipped (raw, four characters off
+//! each end, as a message that cuts a value short would show it); its bytes as decimal numbers (a
+//! `Vec<u8>`'s `Debug`, `[99, 65, ...]`, and its JSON, `[99,65,...]`); standard and URL-safe
+//! base64 at each of the three alignments a value can have inside a longer base64 text (a patch, a
+//! whole Secret), matching only the characters that depend on the canary alone.
 //!
 //! Canaries should be at least 16 bytes and hold characters that escaping changes (`"`, `\`, a
 //! non-ASCII letter), so the escaped forms differ from the raw one.
@@ -17,6 +20,10 @@ use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
 pub fn encodings(canary: &str) -> Vec<(&'static str, String)> {
     let bytes = canary.as_bytes();
     let mut out = vec![("raw", canary.to_owned())];
+    let chars: Vec<char> = canary.chars().collect();
+    if chars.len() >= 16 {
+        out.push(("clipped", chars[4..chars.len() - 4].iter().collect()));
+    }
     let quoted = serde_json::to_string(canary).unwrap_or_default();
     out.push(("JSON-escaped", unquote(&quoted)));
     out.push(("JSON-escaped (ASCII)", unquote(&json_ascii(canary))));
@@ -28,6 +35,9 @@ pub fn encodings(canary: &str) -> Vec<(&'static str, String)> {
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     out.push(("hex (upper case)", hex.to_uppercase()));
     out.push(("hex", hex));
+    let numbers: Vec<String> = bytes.iter().map(u8::to_string).collect();
+    out.push(("bytes as numbers (Debug)", numbers.join(", ")));
+    out.push(("bytes as numbers (JSON)", numbers.join(",")));
     for offset in 0..3 {
         out.push(("base64", base64_core(bytes, offset, &STANDARD_NO_PAD)));
         out.push(("base64url", base64_core(bytes, offset, &URL_SAFE_NO_PAD)));
@@ -135,5 +145,9 @@ pub fn check_the_search() {
     assert!(find(&json_ascii(canary), canary).is_some());
     let hex: String = canary.bytes().map(|b| format!("{b:02X}")).collect();
     assert!(find(&hex, canary).is_some());
+    let bytes = canary.as_bytes().to_vec();
+    assert!(find(&format!("ByteString({bytes:?})"), canary).is_some());
+    assert!(find(&serde_json::to_string(&bytes).unwrap_or_default(), canary).is_some());
+    assert_eq!(find(&canary[3..canary.len() - 3], canary), Some("clipped"));
     assert_eq!(find("nothing to see", canary), None);
 }
