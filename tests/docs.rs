@@ -5,6 +5,8 @@
 //! - README's "Try it" (`serve --dev`, then the `curl` of `examples/review-spark-driver.json`),
 //!   and the log of that process parsed against the schema in `docs/logging.md`: one JSON object
 //!   per line, no key twice, every field documented with its type;
+//! - every field any `tracing` event in src/ can write is in that schema, and none repeats one of
+//!   the four fixed keys (lines the test run never provokes included);
 //! - with a development OpenBao: `examples/spark-driver-pod.yaml`'s "Try it" and README's
 //!   `vault check`, with the output they show.
 
@@ -191,6 +193,165 @@ fn has_type(value: &Value, documented: &str) -> bool {
     }
 }
 
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The arguments of the macro call whose `(` is at the start of `text`, split at top-level
+/// commas (string literals and nested brackets skipped).
+fn macro_args(text: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut current = String::new();
+    let mut depth = 0usize;
+    let mut chars = text.chars();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        if in_string {
+            current.push(c);
+            match c {
+                '\\' => current.extend(chars.next()),
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                current.push(c);
+            }
+            '(' | '[' | '{' => {
+                if depth > 0 {
+                    current.push(c);
+                }
+                depth += 1;
+            }
+            ')' | ']' | '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    args.push(current.trim().to_owned());
+                    return args;
+                }
+                current.push(c);
+            }
+            ',' if depth == 1 => args.push(std::mem::take(&mut current).trim().to_owned()),
+            _ => current.push(c),
+        }
+    }
+    panic!("unbalanced macro call: {text:.200}")
+}
+
+/// A Rust string literal's text (escapes and `\`-newline continuations resolved).
+fn literal(arg: &str) -> String {
+    let inner = arg.trim().trim_start_matches('"').trim_end_matches('"');
+    let mut out = String::new();
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('\n') => while chars.next_if(|c| c.is_whitespace()).is_some() {},
+            Some('n') => out.push('\n'),
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The messages and field names of every `tracing::LEVEL!(...)` event in src/, each with where
+/// it is written: (messages, fields).
+type Located = Vec<(String, String)>;
+fn logged_events() -> (Located, Located) {
+    let mut files = Vec::new();
+    rust_files(&repo().join("src"), &mut files);
+    let mut fields = Vec::new();
+    let mut messages = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let shown = file.strip_prefix(repo()).unwrap().display().to_string();
+        for level in ["trace", "debug", "info", "warn", "error"] {
+            let call = format!("tracing::{level}!(");
+            for (at, _) in text.match_indices(&call) {
+                let line = text[..at].lines().count();
+                for arg in macro_args(&text[at + call.len() - 1..]) {
+                    // The message ends the fields; `target:` and `parent:` are not fields.
+                    if arg.starts_with('"') {
+                        messages.push((literal(&arg), format!("{shown}:{line}")));
+                        break;
+                    }
+                    if arg.starts_with("target:") || arg.starts_with("parent:") {
+                        continue;
+                    }
+                    let name = arg.split('=').next().unwrap_or_default().trim();
+                    let name = name.trim_start_matches(['%', '?']).trim();
+                    fields.push((name.to_owned(), format!("{shown}:{line}")));
+                }
+            }
+        }
+    }
+    (messages, fields)
+}
+
+/// Every field an event in src/ writes is documented in docs/logging.md, and none is one of the
+/// four keys every line already has (it would repeat a key in the object: the denial text once
+/// overwrote "admission" as a denial line's `message`). Covers lines no test run provokes.
+#[test]
+fn every_logged_field_is_documented_and_none_repeats_a_fixed_key() {
+    let documented = documented_fields();
+    let (messages, fields) = logged_events();
+    assert!(
+        fields.len() > 40,
+        "the scan found too few fields: {fields:?}"
+    );
+    assert!(
+        fields.iter().any(|(n, _)| n == "denial") && fields.iter().any(|(n, _)| n == "audit"),
+        "{fields:?}"
+    );
+    let mut wrong = Vec::new();
+    for (name, at) in &fields {
+        if ["timestamp", "level", "target", "message"].contains(&name.as_str()) {
+            wrong.push(format!(
+                "{at}: a field named {name:?} repeats the line's own key"
+            ));
+        } else if !documented.contains_key(name) {
+            wrong.push(format!(
+                "{at}: field {name:?} is not in docs/logging.md's Fields table"
+            ));
+        }
+    }
+    // Every event is in the Events table (the table may show a long message's beginning).
+    let doc = read("docs/logging.md");
+    let events = doc.split("## Events").nth(1).expect("an Events section");
+    let events = events.split("\n## ").next().unwrap_or_default();
+    let listed: Vec<&str> = events
+        .lines()
+        .filter_map(|l| l.split('|').nth(1))
+        .flat_map(|cell| cell.split('`').skip(1).step_by(2))
+        // `beginning ...`: a long message shown by its beginning.
+        .map(|l| l.trim_end_matches("...").trim_end())
+        .collect();
+    assert!(listed.len() > 20, "{listed:?}");
+    for (message, at) in &messages {
+        if !listed.iter().any(|l| message.starts_with(l)) {
+            wrong.push(format!(
+                "{at}: event {message:?} is not in docs/logging.md's Events table"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 /// Checks one parsed log line against the documented fields.
 fn check_line(line: &Map<String, Value>, fields: &BTreeMap<String, (String, String)>) {
     let required = |on: &'static str| -> Vec<&String> {
@@ -226,6 +387,9 @@ fn check_line(line: &Map<String, Value>, fields: &BTreeMap<String, (String, Stri
             wanted.extend(required("allowed and patched admission lines"))
         }
         other => panic!("decision {other:?}: {line:?}"),
+    }
+    if line.contains_key("kind") {
+        wanted.extend(required("SparkApplication admission lines"));
     }
     for name in wanted {
         assert!(
@@ -324,9 +488,9 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
     );
 
     let client = support::tls::https_client(&std::fs::read_to_string(&ca).unwrap());
-    let url = format!("https://localhost:{port}/mutate");
-    let post = |body: String| {
-        let (client, url) = (client.clone(), url.clone());
+    let post_to = |path: &'static str, body: String| {
+        let client = client.clone();
+        let url = format!("https://localhost:{port}{path}");
         async move {
             let response = client
                 .post(url)
@@ -339,6 +503,7 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
             response.json::<Value>().await.unwrap()
         }
     };
+    let post = |body: String| post_to("/mutate", body);
     let example = read("examples/review-spark-driver.json");
     let answer = post(example.clone()).await;
     assert_eq!(answer["response"]["allowed"], true, "{answer}");
@@ -352,6 +517,29 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
     assert_eq!(plain["response"]["allowed"], true, "{plain}");
     let invalid = post("{\"not\": \"a review\"}".into()).await;
     assert_eq!(invalid["response"]["allowed"], false, "{invalid}");
+    // The validating webhook: a SparkApplication whose requester names another user in `run-as`.
+    let app = |uid: &str, run_as: &str| {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": uid, "operation": "CREATE", "name": "pi", "namespace": "iomete-system",
+                "kind": {"group": "sparkoperator.k8s.io", "version": "v1beta2", "kind": "SparkApplication"},
+                "resource": {"group": "sparkoperator.k8s.io", "version": "v1beta2", "resource": "sparkapplications"},
+                "userInfo": {"username": "bob", "groups": ["system:authenticated"]},
+                "object": {"apiVersion": "sparkoperator.k8s.io/v1beta2", "kind": "SparkApplication",
+                    "metadata": {"name": "pi", "namespace": "iomete-system"},
+                    "spec": {"driver": {"annotations": {"secrets.iomete.com/run-as": run_as}}}},
+                "oldObject": null, "dryRun": false}})
+        .to_string()
+    };
+    let run_as_denied = post_to("/validate", app("uid-app-alice", "alice")).await;
+    assert_eq!(
+        run_as_denied["response"]["allowed"], false,
+        "{run_as_denied}"
+    );
+    let run_as_allowed = post_to("/validate", app("uid-app-bob", "bob")).await;
+    assert_eq!(
+        run_as_allowed["response"]["allowed"], true,
+        "{run_as_allowed}"
+    );
     // The management API writes audit lines: one for a caller without a token.
     let anonymous = client
         .get(format!(
@@ -419,6 +607,30 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
     );
     assert_eq!(bob["denial"], denied["response"]["status"]["message"]);
     assert_eq!(by_uid("uid-plain")["decision"], "allowed");
+    // The validating webhook's lines: the same fields, plus what was validated; the denial in
+    // `denial`, `message` still "admission".
+    let app_denied = by_uid("uid-app-alice");
+    assert_eq!(
+        (
+            &app_denied["kind"],
+            &app_denied["name"],
+            &app_denied["identity"],
+            &app_denied["decision"],
+            &app_denied["reason"]
+        ),
+        (
+            &json!("SparkApplication"),
+            &json!("pi"),
+            &json!("bob"),
+            &json!("denied"),
+            &json!("run-as")
+        )
+    );
+    assert_eq!(
+        app_denied["denial"],
+        run_as_denied["response"]["status"]["message"]
+    );
+    assert_eq!(by_uid("uid-app-bob")["decision"], "allowed");
     assert!(
         lines
             .iter()

@@ -247,7 +247,7 @@ impl Webhook {
             },
             Some(kind) => match parse_dynamic(body) {
                 Ok(req) if matches!(kind, "SparkApplication" | "ScheduledSparkApplication") => {
-                    self.validate_spark_application(&req, kind)
+                    self.validate_spark_application(&req, kind, started)
                 }
                 // Nothing else is registered; nothing to say about it.
                 Ok(req) => (AdmissionResponse::from(&req), "allowed"),
@@ -266,6 +266,7 @@ impl Webhook {
         &self,
         req: &AdmissionRequest<DynamicObject>,
         kind: &str,
+        started: Instant,
     ) -> (AdmissionResponse, &'static str) {
         let value =
             |o: &Option<DynamicObject>| o.as_ref().and_then(|o| serde_json::to_value(o).ok());
@@ -285,17 +286,26 @@ impl Webhook {
             _ => Ok(()),
         };
         let mut response = AdmissionResponse::from(req);
-        let name = req.name.as_str();
+        // The same fields as a pod's admission line (docs/logging.md), plus `kind` and `name`; the
+        // denial in `denial`: a field named `message` would repeat the line's own key.
+        let name =
+            refs::plain_name(&req.name).map_or_else(|| refs::shape(&req.name), str::to_owned);
+        let name = name.as_str();
+        let namespace = req.namespace.as_deref().unwrap_or("");
+        let identity = req.user_info.username.as_deref().unwrap_or("");
+        let duration_ms = || started.elapsed().as_secs_f64() * 1e3;
         match checked {
             Ok(()) => {
-                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""),
-                    kind, name, decision = "allowed", "admission");
+                tracing::info!(uid = %req.uid, namespace, pod = "", kind, name, identity,
+                    workload = "none", decision = "allowed", ops = 0, duration_ms = duration_ms(),
+                    "admission");
                 (response, "allowed")
             }
             Err(errors) => {
                 let message = lines(errors.iter().map(ToString::to_string));
-                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""),
-                    kind, name, decision = "denied", reason = "run-as", %message, "admission");
+                tracing::info!(uid = %req.uid, namespace, pod = "", kind, name, identity,
+                    workload = "none", decision = "denied", reason = "run-as", denial = %message,
+                    duration_ms = duration_ms(), "admission");
                 self.metrics.denial("run-as");
                 response.allowed = false;
                 response.result = Status::failure(&message, "Forbidden").with_code(403);

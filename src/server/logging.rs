@@ -9,7 +9,8 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 /// The production JSON subscriber: each event is one object with `timestamp`, `level`, `target`,
 /// `message` and the event's own fields at the top level (not nested under `fields`), and no
 /// span fields (the webhook opens no spans). An event field named like one of the four fixed
-/// keys would repeat a key; `tests/logging.rs` parses real output to keep that from happening.
+/// keys would repeat a key: `tests/docs.rs` parses the real binary's output strictly, and checks
+/// every event in src/ against docs/logging.md, to keep that from happening.
 pub fn json_subscriber<W>(filter: EnvFilter, writer: W) -> impl tracing::Subscriber + Send + Sync
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
