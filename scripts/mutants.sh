@@ -8,14 +8,17 @@
 #   bash scripts/mutants.sh all               # every scope below, one after the other
 #   bash scripts/mutants.sh authz refs ...    # some scopes
 #
-# Scopes: guard identity authz stores refs plan vault. Exits non-zero when a mutant survives
+# Scopes: guard identity (stamps: its signed stamps alone) authz stores refs plan vault. Exits non-zero when a mutant survives
 # ("missed"): a test is missing, or the mutant is harmless and belongs in .cargo/mutants.toml with
 # the reason (docs/testing.md lists each). The vault scope needs OpenBao (BAO_BIN or .venv-bao).
 #
 # It mutates a detached git worktree of HEAD (target/mutants-tree, git-ignored), never the working
-# tree: commit first. Builds share the usual target directory (CARGO_TARGET_DIR, default target/),
-# so after `cargo test` only this crate is rebuilt per mutant. One mutant at a time: the build
-# dominates and the machine is small. cargo-mutants is installed once outside git, keyed by version.
+# tree: commit first. Builds go to their own target directory (MUTANTS_TARGET_DIR, default
+# target/mutants-target), seeded once from target/debug without its incremental data, so only this
+# crate is rebuilt per mutant. Never point it at the usual target directory: both trees are the
+# same package to cargo, so a build of a mutated tree would look fresh to `cargo test` in the real
+# one. One mutant at a time: the build dominates and the machine is small. cargo-mutants is
+# installed once outside git, keyed by version.
 # Results: target/mutants-out/<scope>/mutants.out/{caught,missed,timeout,unviable}.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +30,12 @@ if [ ! -x "$tools/bin/cargo-mutants" ]; then
   cargo install cargo-mutants --version "$version" --locked --root "$tools"
 fi
 export PATH="$tools/bin:$PATH"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
+export CARGO_TARGET_DIR="${MUTANTS_TARGET_DIR:-$repo/target/mutants-target}"
+if [ ! -d "$CARGO_TARGET_DIR/debug" ] && [ -d "$repo/target/debug/deps" ]; then
+  mkdir -p "$CARGO_TARGET_DIR/debug"
+  cp -r "$repo/target/debug/deps" "$repo/target/debug/build" "$repo/target/debug/.fingerprint" \
+    "$CARGO_TARGET_DIR/debug/"
+fi
 if [ -z "${BAO_BIN:-}" ] && [ -x .venv-bao/bin/bao ]; then
   export BAO_BIN="$repo/.venv-bao/bin/bao"
 fi
@@ -39,6 +47,8 @@ if [ ! -e "$tree/.git" ]; then
 fi
 git -C "$tree" checkout --quiet --detach --force "$head"
 git -C "$tree" clean --quiet -fd
+# A run cut short (kill -9) leaves its last mutant in place: put HEAD back whatever happens.
+trap 'git -C "$tree" checkout --quiet --force "$head"' EXIT
 
 tests_of() { for t in "$@"; do printf -- ' -C=--test=%s' "$t"; done; }
 
@@ -46,6 +56,7 @@ tests_of() { for t in "$@"; do printf -- ' -C=--test=%s' "$t"; done; }
 scope() {
   case "$1" in
     guard) echo "-f src/admission/guard.rs $(tests_of authz admission secret_fields)" ;;
+    stamps) echo "-f src/identity/stamps.rs $(tests_of authz admission)" ;;
     identity) echo "-f src/identity/mod.rs -f src/identity/stamps.rs -f src/identity/keys.rs \
       -f src/identity/owner.rs -f src/identity/run_as.rs -f src/identity/trusted.rs \
       $(tests_of authz admission cluster)" ;;
@@ -57,7 +68,7 @@ scope() {
     plan) echo "-f src/plan/mod.rs $(tests_of admission)" ;;
     vault) echo "-f src/backends/vault/materialize.rs -f src/backends/vault/mod.rs \
       $(tests_of vault cluster leaks)" ;;
-    *) echo "unknown scope $1 (guard identity authz stores refs plan vault all)" >&2; exit 2 ;;
+    *) echo "unknown scope $1 (guard stamps identity authz stores refs plan vault all)" >&2; exit 2 ;;
   esac
 }
 
