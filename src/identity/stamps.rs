@@ -467,10 +467,7 @@ mod tests {
         // Neither: no generated name to bind either.
         pod.metadata.name = None;
         pod.metadata.generate_name = Some(String::new());
-        assert_eq!(
-            Subject::of_new_pod(&pod, "default").name,
-            PodName::Name("")
-        );
+        assert_eq!(Subject::of_new_pod(&pod, "default").name, PodName::Name(""));
     }
 
     #[test]
