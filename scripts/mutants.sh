@@ -4,7 +4,7 @@
 # without a cluster (the real-apiserver tests, tests/e2e.rs and tests/isolation.rs, are too slow
 # to run once per mutant).
 #
-#   bash scripts/mutants.sh guard identity    # the nightly scope (~2 h on 2 cores)
+#   bash scripts/mutants.sh guard identity    # the nightly scope (~20 min + ~2 h on 2 cores)
 #   bash scripts/mutants.sh all               # every scope below, one after the other
 #   bash scripts/mutants.sh authz refs ...    # some scopes
 #
