@@ -6,7 +6,6 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Pod;
-use secrets_webhook::admission::workload::classify;
 use secrets_webhook::authz::Identity;
 use secrets_webhook::backends::KeyRef;
 use secrets_webhook::config::Selectors;
@@ -14,6 +13,7 @@ use secrets_webhook::identity::KeyRing;
 use secrets_webhook::identity::stamps::{Subject, stamp_annotations, verify};
 use secrets_webhook::plan::{Inputs, Resolved, legacy_keys, plan};
 use secrets_webhook::refs::{TargetKind, parse_annotations};
+use secrets_webhook::workload::classify;
 
 const DRIVER: &str = include_str!("../tests/fixtures/pods/spark35-driver-submit.json");
 const JUPYTER: &str = include_str!("../tests/fixtures/pods/jupyterhub-singleuser-z2jh.json");

@@ -702,6 +702,9 @@ impl Server {
             pki.dir.clone().into(),
             "--config".into(),
             config.into(),
+            // The management API (on a fixed port with --dev) is not under test.
+            "--api-listen".into(),
+            "off".into(),
         ];
         Self::start(dir, "dev", args, None).await
     }

@@ -19,7 +19,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve admission over HTTPS (and the admin port over HTTP).
-    Serve(ServeArgs),
+    // Boxed: the serve flags make this variant far larger than the others.
+    Serve(Box<ServeArgs>),
     /// Run one Pod or AdmissionReview (JSON or YAML) through the webhook and print the response.
     Review(ReviewArgs),
     /// Create a CA and a serving certificate for the webhook's Service.
@@ -96,7 +97,7 @@ pub struct ServeArgs {
     )]
     pub config: PathBuf,
     /// Largest admission request body accepted, in bytes.
-    #[arg(long, env = "SECRETS_WEBHOOK_MAX_BODY", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_BODY", default_value_t = crate::server::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// Seconds allowed for a TLS handshake and for reading request headers.
     #[arg(long, env = "SECRETS_WEBHOOK_HEADER_TIMEOUT", default_value_t = 10)]
@@ -104,6 +105,34 @@ pub struct ServeArgs {
     /// Seconds SIGTERM waits for in-flight requests before exiting.
     #[arg(long, env = "SECRETS_WEBHOOK_DRAIN", default_value_t = 20)]
     pub drain_secs: u64,
+    /// Seconds a connection may stay open with no request in progress (HTTP/2 with no open
+    /// stream; HTTP/1.1 keep-alive closes after the header timeout already).
+    #[arg(long, env = "SECRETS_WEBHOOK_IDLE_TIMEOUT", default_value_t = crate::server::DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub idle_timeout_secs: u64,
+    /// Admission connections held at once (fewer when the open-file limit is lower); at the cap a
+    /// new connection evicts the one idle longest.
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_CONNECTIONS", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// File descriptors kept free for the admin port, certificate reloads and the Kubernetes and
+    /// Vault clients.
+    #[arg(long, env = "SECRETS_WEBHOOK_FD_RESERVE", default_value_t = crate::server::DEFAULT_FD_RESERVE)]
+    pub fd_reserve: usize,
+    /// Listen backlog of the admission port (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "SECRETS_WEBHOOK_LISTEN_BACKLOG", default_value_t = crate::server::DEFAULT_LISTEN_BACKLOG)]
+    pub listen_backlog: u32,
+    /// Request body bytes received at once, across all connections and streams.
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_INFLIGHT_BYTES", default_value_t = crate::server::DEFAULT_MAX_INFLIGHT_BYTES)]
+    pub max_inflight_bytes: usize,
+    /// Estimated memory of the reviews decoded at once; a review estimated larger is refused.
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_DECODE_BYTES", default_value_t = crate::server::DEFAULT_MAX_DECODE_BYTES)]
+    pub max_decode_bytes: usize,
+    /// Concurrent streams per HTTP/2 connection [default: in-flight bytes / body limit, at most 250].
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_STREAMS")]
+    pub max_streams: Option<u32>,
+    /// Secret references (annotations and legacy placeholders) one pod may name; also the secret
+    /// entries written (env references times the containers they go into).
+    #[arg(long, env = "SECRETS_WEBHOOK_MAX_REFERENCES", default_value_t = crate::refs::DEFAULT_MAX_REFERENCES)]
+    pub max_references: usize,
     /// The product's `features.secretsV2.enabled`: when false, pods pass untouched (the guard still runs).
     #[arg(long, env = "SECRETS_WEBHOOK_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub enabled: bool,
@@ -182,7 +211,7 @@ fn parse_extra(text: &str) -> Result<(String, String), String> {
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => crate::server::run_serve(args),
+        Command::Serve(args) => crate::server::run_serve(*args),
         Command::Review(args) => crate::review::run(args),
         Command::Certs(args) => crate::certs::run(args),
         Command::Vault(VaultCommand::Check { name, config }) => {

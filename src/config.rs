@@ -18,11 +18,11 @@ use crate::identity::{Keys, StaticOwner, TrustedControllers};
 use crate::metrics::Metrics;
 
 pub use crate::admission::Settings;
-pub use crate::admission::workload::Selectors;
 pub use crate::backends::Naming;
 pub use crate::backends::local::StoresConfig;
 pub use crate::identity::ExecutorPolicy;
 pub use crate::identity::keys::SigningKeysConfig;
+pub use crate::workload::Selectors;
 
 /// The local config file (YAML). Key names only, never values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

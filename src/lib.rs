@@ -15,3 +15,4 @@ pub mod plan;
 pub mod refs;
 pub mod review;
 pub mod server;
+pub mod workload;

@@ -1,4 +1,5 @@
 //! Thin entry point: install the TLS crypto provider, parse the command line, run.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -392,8 +392,9 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
     let huge_json_refs: Vec<Value> = (0..50_000)
         .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": "no-such"}}}))
         .collect();
-    // Distinct domains, each a Use check (a SubjectAccessReview in RBAC mode): capped.
-    let many_domains: Vec<Value> = (0..50_000)
+    // Distinct domains, each a Use check (a SubjectAccessReview in RBAC mode): capped, within
+    // the bound on references per pod.
+    let many_domains: Vec<Value> = (0..900)
         .map(|i| json!({"key": format!("V{i}"), "secretObject": {"key": "k", "source": {"type": "KUBERNETES", "id": format!("d{i}")}}}))
         .collect();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
@@ -415,8 +416,9 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
             "duplicate field `uid`",
         ),
         ("enormous annotation", annotated("secrets.iomete.com/env-secrets", &"x".repeat(3 << 20)), "not a JSON array of references"),
-        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "user \"alice\" lacks Use on domain \"no-such\""),
-        ("fifty thousand domains", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&many_domains).unwrap()), "the pod references 50000 different domains and Vault configs; at most 64 per pod"),
+        // Refused by the bound on references per pod before any of them is parsed.
+        ("fifty thousand references", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&huge_json_refs).unwrap()), "names 50000 secret references"),
+        ("nine hundred domains", annotated("secrets.iomete.com/env-secrets", &serde_json::to_string(&many_domains).unwrap()), "the pod references 900 different domains and Vault configs; at most 64 per pod"),
         ("invalid env name", annotated("env.secrets.iomete.com/A=B", "kubernetes:global/warehouse_path"), "is not a valid environment variable name"),
         ("path traversal", annotated("env.secrets.iomete.com/X", "vault:cfg/../../sys/raw#x"), "is not a valid Vault key"),
         ("control characters", annotated("env.secrets.iomete.com/X", "kubernetes:global/a\u{7}b"), "is not a valid Kubernetes secret key"),
@@ -431,6 +433,46 @@ async fn hostile_reviews_get_clear_answers_in_bounded_time() {
             "the global store has no key \"nope\"",
         ),
         ("no containers", with(&|r| r["request"]["object"]["spec"]["containers"] = json!([])), "the pod has no containers"),
+        // Each resource check held copies of the identity: 150,000 groups on 64 domains took 560 MB.
+        (
+            "a hundred thousand groups",
+            with(&|r| {
+                r["request"]["userInfo"]["groups"] = (0..100_000).map(|i| json!(format!("g{i}"))).collect();
+                r["request"]["object"]["metadata"]["annotations"] = json!({"env.secrets.iomete.com/A": "kubernetes:finance/db_password"});
+            }),
+            "the identity this pod is admitted for is larger than secrets-webhook accepts: it has 100000 groups and extra values, more than 1000",
+        ),
+        (
+            "a long user name",
+            with(&|r| {
+                r["request"]["userInfo"]["username"] = json!("u".repeat(5000));
+                r["request"]["object"]["metadata"]["annotations"] = json!({"env.secrets.iomete.com/A": "kubernetes:finance/db_password"});
+            }),
+            "its user name has 5000 bytes, more than 1024",
+        ),
+        (
+            "long extra values",
+            with(&|r| {
+                r["request"]["userInfo"]["extra"] = json!({"k": (0..100).map(|_| "x".repeat(1000)).collect::<Vec<_>>()});
+                r["request"]["object"]["metadata"]["annotations"] = json!({"env.secrets.iomete.com/A": "kubernetes:finance/db_password"});
+            }),
+            "bytes of names, groups and extra values, more than 65536",
+        ),
+        // 110 KB that asked for a 450 MB patch: every env reference goes into every container.
+        (
+            "six hundred references into two thousand containers",
+            with(&|r| {
+                let pod = &mut r["request"]["object"];
+                let names: Vec<String> = (0..2000).map(|i| format!("c{i}")).collect();
+                let mut annotations: serde_json::Map<String, Value> = (0..600)
+                    .map(|i| (format!("env.secrets.iomete.com/V{i}"), json!("kubernetes:global/warehouse_path")))
+                    .collect();
+                annotations.insert("secrets.iomete.com/containers".into(), json!(names.join(",")));
+                pod["metadata"]["annotations"] = Value::Object(annotations);
+                pod["spec"]["containers"] = names.iter().map(|n| json!({"name": n})).collect();
+            }),
+            "the pod's 600 env secret references go into each of the 2000 containers named in secrets.iomete.com/containers: 1200000 secret entries",
+        ),
     ];
     for (name, body, expected) in cases {
         let started = std::time::Instant::now();

@@ -427,9 +427,23 @@ async fn vault_config_credentials_go_into_their_own_secret_and_never_come_back()
             object["metadata"]["resourceVersion"].as_str().unwrap()
         )
     );
-    // Read back: everything but the credential.
-    let got = api.get("/api/v1/vault-configs/vp", "sa-alice").await;
-    assert_eq!(got.status, StatusCode::OK);
+    // Read back: everything but the credential. The config watcher records the Ready condition
+    // on its own schedule, and a status write changes the representation and so the ETag: read
+    // once the condition is there, as an admin who saw it would.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let got = loop {
+        let got = api.get("/api/v1/vault-configs/vp", "sa-alice").await;
+        assert_eq!(got.status, StatusCode::OK);
+        if !got.json()["status"].is_null() || std::time::Instant::now() > deadline {
+            break got;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        !got.json()["status"].is_null(),
+        "the watcher records the config's Ready condition: {}",
+        got.text
+    );
     assert_eq!(
         got.json()["auth"],
         json!({"method": "appRole", "roleId": "role-1"})

@@ -279,6 +279,11 @@ fn logged_events() -> (Located, Located) {
     let mut messages = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
+        // Events of a file's unit tests are the tests' own, not the server's.
+        let text = text
+            .split("#[cfg(test)]\nmod tests")
+            .next()
+            .unwrap_or_default();
         let shown = file.strip_prefix(repo()).unwrap().display().to_string();
         for level in ["trace", "debug", "info", "warn", "error"] {
             let call = format!("tracing::{level}!(");

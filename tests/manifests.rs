@@ -181,7 +181,7 @@ fn serve_args(extra: &[&str]) -> secrets_webhook::cli::ServeArgs {
     let cli = secrets_webhook::cli::Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
     match cli.command {
-        secrets_webhook::cli::Command::Serve(args) => args,
+        secrets_webhook::cli::Command::Serve(args) => *args,
         other => panic!("not serve: {other:?}"),
     }
 }

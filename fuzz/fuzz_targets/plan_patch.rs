@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use arbitrary::Arbitrary;
 use k8s_openapi::api::core::v1::Pod;
 use libfuzzer_sys::fuzz_target;
-use secrets_webhook::admission::workload::{
+use secrets_webhook::workload::{
     CONTAINERS_ANNOTATION, INJECT_LABEL, SPARK_ROLE, WorkloadKind, classify,
 };
 use secrets_webhook::backends::KeyRef;

@@ -281,10 +281,12 @@ pub fn check(pod: &Pod, naming: &Naming, planned: &BTreeSet<KeyRef>) -> Result<(
         return Ok(());
     }
     found.retain(|r| r.secret != naming.global_store);
+    // A set lookup, not a scan of the plan: both lists grow with the pod (linear planning).
     found.retain(|r| match &r.key {
-        Some(key) => !planned
-            .iter()
-            .any(|p| p.secret == r.secret && &p.key == key),
+        Some(key) => !planned.contains(&KeyRef {
+            secret: r.secret.clone(),
+            key: key.clone(),
+        }),
         None => true,
     });
     if found.is_empty() {

@@ -4,7 +4,6 @@
 
 pub mod guard;
 mod update;
-pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -24,7 +23,7 @@ use crate::identity::{self, ExecutorPolicy, Keys};
 use crate::metrics::Metrics;
 use crate::plan::{self, Inputs, JsonPatch, Resolved};
 use crate::refs::{self, Reference, SourceType, TargetKind};
-use workload::{Selectors, WorkloadKind};
+use crate::workload::{self, Selectors, WorkloadKind};
 
 /// Everything the admission engine needs to decide, independent of where it runs.
 #[derive(Debug, Clone)]
@@ -39,6 +38,8 @@ pub struct Settings {
     pub authorizer: crate::authz::AuthorizerKind,
     /// How executors prove they were created by their driver.
     pub executors: ExecutorPolicy,
+    /// Most references (annotations and legacy placeholders) one pod may name.
+    pub max_references: usize,
 }
 
 impl Default for Settings {
@@ -50,6 +51,7 @@ impl Default for Settings {
             enabled: true,
             authorizer: crate::authz::AuthorizerKind::Ras,
             executors: ExecutorPolicy::default(),
+            max_references: refs::DEFAULT_MAX_REFERENCES,
         }
     }
 }
@@ -118,6 +120,14 @@ pub struct Outcome {
 
 /// Most distinct domains and Vault configs one pod may reference (each needs its own Use check).
 const MAX_RESOURCES: usize = 64;
+
+/// Most groups and `extra` values, and most bytes of text, of the identity a pod is admitted for;
+/// and most bytes of its user name, which denial texts (cached with the decisions) quote. Each
+/// check, stamp and audit annotation carries the identity; real ones are far smaller (a user in a
+/// few hundred directory groups).
+const MAX_IDENTITY_VALUES: usize = 1_000;
+const MAX_IDENTITY_BYTES: usize = 64 * 1024;
+const MAX_USERNAME_BYTES: usize = 1024;
 
 /// The API server's `AdmissionReview` version; the only one served.
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
@@ -445,6 +455,11 @@ impl Webhook {
             self.guard(pod, namespace, &BTreeSet::new())?;
             return self.untouched(req, pod, namespace, None, deadline).await;
         }
+        let max = self.settings.max_references;
+        let named = refs::count_references(annotations);
+        if named > max {
+            return Err(too_many_references(named, max));
+        }
         let refs = refs::parse_annotations(annotations, &naming.global_id).map_err(|errors| {
             Denial::new("malformed", lines(errors.iter().map(ToString::to_string)))
         })?;
@@ -466,6 +481,17 @@ impl Webhook {
         };
         let legacy = plan::legacy_keys(pod, &workload)
             .map_err(|e| Denial::new("malformed", e.to_string()))?;
+        if refs.len() + legacy.len() > max {
+            return Err(too_many_references(refs.len() + legacy.len(), max));
+        }
+        // Each env reference is written into every container it targets: bound the product too,
+        // or a small pod listing thousands of containers asks for a patch of gigabytes.
+        let env_refs = refs.iter().filter(|r| r.kind == TargetKind::Env).count();
+        let containers = workload.env_targets.len();
+        let entries = env_refs.saturating_mul(containers) + (refs.len() - env_refs) + legacy.len();
+        if entries > max {
+            return Err(too_many_env_entries(env_refs, containers, entries, max));
+        }
         if refs.is_empty() && legacy.is_empty() {
             self.guard(pod, namespace, &BTreeSet::new())?;
             return self
@@ -627,10 +653,12 @@ impl Webhook {
             keys: &self.keys,
             executors: self.settings.executors,
         };
-        resolver
+        let resolved = resolver
             .resolve(&req.user_info, pod, namespace, is_executor, deadline)
             .await
-            .map_err(|e| Denial::new("identity", e.to_string()))
+            .map_err(|e| Denial::new("identity", e.to_string()))?;
+        identity_within_bounds(&resolved.identity)?;
+        Ok(resolved)
     }
 
     /// Kubernetes references: the store is in this namespace and holds the key.
@@ -823,6 +851,64 @@ impl Webhook {
         guard::check(pod, &self.settings.naming, wanted)
             .map_err(|e| Denial::new("direct-store-reference", e.to_string()))
     }
+}
+
+/// Work per pod grows with its references; a bound keeps one pod from occupying the webhook.
+fn too_many_references(named: usize, max: usize) -> Denial {
+    Denial::new(
+        "too-many-references",
+        format!(
+            "the pod names {named} secret references (annotations and ${{secrets.…}} placeholders), more \
+             than the {max} secrets-webhook accepts per pod; remove unused references, or ask a platform \
+             admin to raise --max-references"
+        ),
+    )
+}
+
+/// Denies an identity too large to carry through the checks (described by its size, not quoted).
+fn identity_within_bounds(identity: &Identity) -> Result<(), Denial> {
+    let extra = identity.extra.iter();
+    let values = identity.groups.len() + extra.clone().map(|(_, v)| v.len()).sum::<usize>();
+    let bytes = identity.username.len()
+        + identity.uid.as_ref().map_or(0, String::len)
+        + identity.groups.iter().map(String::len).sum::<usize>()
+        + extra
+            .map(|(k, v)| k.len() + v.iter().map(String::len).sum::<usize>())
+            .sum::<usize>();
+    let problem = if identity.username.len() > MAX_USERNAME_BYTES {
+        format!(
+            "its user name has {} bytes, more than {MAX_USERNAME_BYTES}",
+            identity.username.len()
+        )
+    } else if values > MAX_IDENTITY_VALUES {
+        format!("it has {values} groups and extra values, more than {MAX_IDENTITY_VALUES}")
+    } else if bytes > MAX_IDENTITY_BYTES {
+        format!(
+            "it has {bytes} bytes of names, groups and extra values, more than {MAX_IDENTITY_BYTES}"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Denial::new(
+        "identity",
+        format!(
+            "the identity this pod is admitted for is larger than secrets-webhook accepts: {problem}; \
+             submit the pod as an identity with fewer groups"
+        ),
+    ))
+}
+
+fn too_many_env_entries(env_refs: usize, containers: usize, entries: usize, max: usize) -> Denial {
+    Denial::new(
+        "too-many-references",
+        format!(
+            "the pod's {env_refs} env secret references go into each of the {containers} containers named in \
+             {}: {entries} secret entries with its other references, more than the {max} \
+             secrets-webhook writes per pod; name fewer containers or references, or ask a platform admin \
+             to raise --max-references",
+            workload::CONTAINERS_ANNOTATION
+        ),
+    )
 }
 
 fn vault_not_configured(r: &Reference) -> Denial {

@@ -231,9 +231,34 @@ type Outcome = Result<Decision, AuthzError>;
 pub struct CachedAuthorizer<A> {
     inner: Arc<A>,
     settings: CacheSettings,
-    flights: Arc<SingleFlight<(Identity, Permission, Resource), Outcome>>,
+    /// Keyed by the identity's digest: a cached decision holds 32 bytes of it, not its groups.
+    flights: Arc<SingleFlight<(IdentityDigest, Permission, Resource), Outcome>>,
     /// Where inner calls are counted, under which `backend` label.
     counted: Option<(Arc<Metrics>, &'static str)>,
+}
+
+/// SHA-256 over an [`Identity`]'s fields as `Hash` feeds them (strings end with 0xff, which UTF-8
+/// never holds, and lists start with their length): equal digests mean equal identities. Decisions
+/// are cached under it so that an identity with thousands of groups, checked on up to 64
+/// resources and cached for thousands of requests, is not kept once per decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdentityDigest([u8; 32]);
+
+impl IdentityDigest {
+    pub fn of(identity: &Identity) -> Self {
+        struct Feed(sha2::Sha256);
+        impl std::hash::Hasher for Feed {
+            fn write(&mut self, bytes: &[u8]) {
+                sha2::Digest::update(&mut self.0, bytes);
+            }
+            fn finish(&self) -> u64 {
+                0
+            }
+        }
+        let mut feed = Feed(<sha2::Sha256 as sha2::Digest>::new());
+        std::hash::Hash::hash(identity, &mut feed);
+        Self(sha2::Digest::finalize(feed.0).into())
+    }
 }
 
 /// The `cache` label of authorization decisions.
@@ -302,13 +327,13 @@ impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
         what: &Resource,
         deadline: Instant,
     ) -> Decision {
-        let key = (who.clone(), permission, what.clone());
         let inner = Arc::clone(&self.inner);
         let budget = self.settings.check_budget;
         let counted = self.counted.clone();
+        // The identity is copied into a check only when one starts (a miss nobody is running).
         let start = move || -> BoxFuture<'static, Outcome> {
+            let (who, what) = (who.clone(), what.clone());
             Box::pin(async move {
-                let (who, permission, what) = key;
                 let checked = inner.check_permission(&who, permission, &what);
                 let outcome = match tokio::time::timeout(budget, checked).await {
                     Ok(outcome) => outcome,
@@ -330,7 +355,11 @@ impl<A: CheckUse + 'static> Authorizer for CachedAuthorizer<A> {
         };
         let outcome = self
             .flights
-            .get((who.clone(), permission, what.clone()), deadline, start)
+            .get(
+                (IdentityDigest::of(who), permission, what.clone()),
+                deadline,
+                start,
+            )
             .await;
         match outcome {
             Ok(Ok(decision)) => decision,
@@ -388,6 +417,39 @@ mod tests {
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(5)
+    }
+
+    /// The digest tells apart identities whose fields would run together if simply concatenated.
+    #[test]
+    fn identity_digests_are_equal_exactly_for_equal_identities() {
+        let id = |user: &str, groups: &[&str]| {
+            Identity::new(user, groups.iter().map(|g| (*g).to_owned()))
+        };
+        let digest = |i: &Identity| IdentityDigest::of(i);
+        assert_eq!(digest(&id("a", &["b", "c"])), digest(&id("a", &["c", "b"])));
+        let different = [
+            id("a", &["bc"]),
+            id("a", &["b", "c"]),
+            id("ab", &["c"]),
+            id("abc", &[]),
+            Identity {
+                uid: Some(String::new()),
+                ..id("abc", &[])
+            },
+            Identity {
+                extra: [("k".to_owned(), vec!["v".to_owned()])].into(),
+                ..id("abc", &[])
+            },
+            Identity {
+                extra: [("k".to_owned(), vec![]), ("v".to_owned(), vec![])].into(),
+                ..id("abc", &[])
+            },
+        ];
+        for (i, a) in different.iter().enumerate() {
+            for b in &different[i + 1..] {
+                assert_ne!(digest(a), digest(b), "{a:?} and {b:?}");
+            }
+        }
     }
 
     #[tokio::test]

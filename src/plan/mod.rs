@@ -9,12 +9,15 @@ use std::fmt::Write as _;
 use k8s_openapi::api::core::v1::{Container, EnvVar, EnvVarSource, Pod, SecretKeySelector};
 use sha2::{Digest, Sha256};
 
-use crate::admission::workload::{Slot, Workload, WorkloadKind, first_arg};
 use crate::backends::KeyRef;
 use crate::refs::{self, Piece, PlaceholderError, SecretObject, SourceType};
+use crate::workload::{Slot, Workload, WorkloadKind};
 
+mod env;
 mod patch;
 pub use patch::{JsonPatch, PatchError};
+
+use env::{Anchor, EnvEditor, Item};
 
 /// Whether Spark's default `spark.redaction.regex`, `(?i)secret|password|token|access[.]?key`,
 /// hides this conf key in its UI and logs. Java's `(?i)` folds ASCII case only, as here.
@@ -214,96 +217,6 @@ fn env_path<'t>(container: &'t [String; 3], tail: &'t [&'t str]) -> impl Iterato
     base.chain(["env"]).chain(tail.iter().copied())
 }
 
-/// A container's env under edit: every change is applied to the copy and recorded as an op.
-struct EnvEditor<'a> {
-    /// `spec`, `containers` or `initContainers`, the index.
-    path: [String; 3],
-    env: Vec<EnvVar>,
-    /// Generated variables already declared, so each is looked up once even on huge env lists.
-    declared: HashSet<String>,
-    present: bool,
-    ops: &'a mut JsonPatch,
-}
-
-impl<'a> EnvEditor<'a> {
-    fn new(slot: Slot, container: &Container, ops: &'a mut JsonPatch) -> Self {
-        Self {
-            path: ["spec".into(), slot.field().into(), slot.index.to_string()],
-            env: container.env.clone().unwrap_or_default(),
-            declared: HashSet::new(),
-            present: container.env.is_some(),
-            ops,
-        }
-    }
-
-    fn position(&self, name: &str) -> Option<usize> {
-        self.env.iter().position(|e| e.name == name)
-    }
-
-    fn insert(&mut self, index: usize, var: EnvVar) {
-        if !self.present {
-            self.present = true;
-            self.ops.add(env_path(&self.path, &[]), &[&var]);
-        } else {
-            let index_token = if index == self.env.len() {
-                "-".to_owned()
-            } else {
-                index.to_string()
-            };
-            self.ops.add(env_path(&self.path, &[&index_token]), &var);
-        }
-        self.env.insert(index, var);
-    }
-
-    fn push(&mut self, var: EnvVar) {
-        self.insert(self.env.len(), var);
-    }
-
-    fn replace(&mut self, index: usize, var: EnvVar) {
-        self.ops
-            .replace(env_path(&self.path, &[&index.to_string()]), &var);
-        self.env[index] = var;
-    }
-
-    fn set_value(&mut self, index: usize, value: String) {
-        self.ops
-            .replace(env_path(&self.path, &[&index.to_string(), "value"]), &value);
-        self.env[index].value = Some(value);
-    }
-
-    /// Makes sure `name` is declared before position `before` (the kubelet only expands `$(X)`
-    /// from earlier vars); returns how many items were inserted in front of `before`.
-    fn declare_before(&mut self, before: usize, name: &str, key_ref: &KeyRef) -> usize {
-        if !self.declared.insert(name.to_owned()) {
-            return 0;
-        }
-        let desired = secret_var(name, key_ref);
-        match self.position(name) {
-            Some(i) if i < before && self.env[i] == desired => 0,
-            // Generated names belong to the webhook: a pod's own variable of that name (or one
-            // declared too late to be expanded) is replaced by the webhook's, before its use.
-            Some(i) if i < before => {
-                self.replace(i, desired);
-                0
-            }
-            Some(i) => {
-                self.remove(i);
-                self.insert(before, desired);
-                1
-            }
-            None => {
-                self.insert(before, desired);
-                1
-            }
-        }
-    }
-
-    fn remove(&mut self, index: usize) {
-        self.ops.remove(env_path(&self.path, &[&index.to_string()]));
-        self.env.remove(index);
-    }
-}
-
 /// Plans the mutation. Errors are denials the engine returns as they are.
 pub fn plan(input: Inputs<'_>, global_id: &str) -> Result<Plan, PlanError> {
     let workload = input.workload;
@@ -329,7 +242,8 @@ pub fn plan(input: Inputs<'_>, global_id: &str) -> Result<Plan, PlanError> {
             continue;
         };
         let mut ops = JsonPatch::default();
-        let mut args = container.args.clone();
+        // `None` while the container's own args stand; copied only when something changes them.
+        let mut args: Option<Vec<String>> = None;
         let mut env = EnvEditor::new(slot, container, &mut ops);
         if workload.env_targets.contains(&slot) {
             resolve_env_placeholders(
@@ -340,8 +254,8 @@ pub fn plan(input: Inputs<'_>, global_id: &str) -> Result<Plan, PlanError> {
                 global_id,
                 &mut plan,
             )?;
-            if let Some(list) = args.as_mut() {
-                resolve_arg_placeholders(
+            if let Some(list) = container.args.as_deref() {
+                args = resolve_arg_placeholders(
                     &mut env,
                     container,
                     list,
@@ -356,12 +270,17 @@ pub fn plan(input: Inputs<'_>, global_id: &str) -> Result<Plan, PlanError> {
         }
         if slot == workload.main && !input.spark_confs.is_empty() {
             if workload.kind == WorkloadKind::SparkDriver {
-                add_driver_confs(&mut env, container, &mut args, input.spark_confs, &mut plan)?;
+                let current = args.as_deref().or(container.args.as_deref());
+                if let Some(next) =
+                    add_driver_confs(&mut env, container, current, input.spark_confs, &mut plan)?
+                {
+                    args = Some(next);
+                }
             } else {
                 add_pyspark_confs(&mut env, container, input.spark_confs, &mut plan)?;
             }
         }
-        if args != container.args {
+        if let Some(args) = args.filter(|a| container.args.as_deref() != Some(a.as_slice())) {
             let path = ["spec", slot.field(), &slot.index.to_string(), "args"];
             if container.args.is_some() {
                 ops.replace(path, &args);
@@ -383,17 +302,19 @@ fn resolve_env_placeholders(
     global_id: &str,
     plan: &mut Plan,
 ) -> Result<(), PlanError> {
-    let mut index = 0;
-    while index < env.env.len() {
-        let var = &env.env[index];
+    // The planner's own additions are secret references, never plain values: only the pod's
+    // items can hold placeholders.
+    for i in 0..env.pod_len() {
+        let item = Item::Pod(i);
+        if env.is_removed(item) {
+            continue;
+        }
+        let var = env.get(item);
         let value = match var.value.as_deref() {
             Some(v) if refs::has_placeholder(v) && !targeted.contains(var.name.as_str()) => {
                 v.to_owned()
             }
-            _ => {
-                index += 1;
-                continue;
-            }
+            _ => continue,
         };
         let name = var.name.clone();
         let pieces = split(container, &format!("env {name:?}"), &value)?;
@@ -403,8 +324,7 @@ fn resolve_env_placeholders(
                 key: (*key).to_owned(),
             };
             plan.wanted.insert(key_ref.clone());
-            env.replace(index, secret_var(&name, &key_ref));
-            index += 1;
+            env.replace(item, secret_var(&name, &key_ref));
             continue;
         }
         let mut composed = String::with_capacity(value.len());
@@ -413,30 +333,33 @@ fn resolve_env_placeholders(
                 Piece::Text(text) => composed.push_str(text),
                 Piece::Placeholder(key) => {
                     let (var_name, key_ref) = legacy_var(global_id, key, global_store);
-                    index += env.declare_before(index, &var_name, &key_ref);
+                    env.declare_before(Anchor::Before(item), &var_name, &key_ref);
                     plan.wanted.insert(key_ref);
-                    composed.push_str(&format!("$({var_name})"));
+                    let _ = write!(composed, "$({var_name})");
                 }
             }
         }
-        // Only escaped `$${secrets.` text: nothing to rewrite.
-        if composed != value {
-            env.set_value(index, composed);
+        // Only escaped `$${secrets.` text: nothing to rewrite. A variable that itself has a
+        // generated name was replaced by the webhook's declaration: nothing left to rewrite.
+        if composed != value && !env.is_removed(item) {
+            env.set_value(item, composed);
         }
-        index += 1;
     }
     Ok(())
 }
 
+/// The args with their placeholders replaced by `$(VAR)`, each VAR declared (appended: args see
+/// all env); `None` when no arg changes.
 fn resolve_arg_placeholders(
     env: &mut EnvEditor<'_>,
     container: &Container,
-    args: &mut [String],
+    args: &[String],
     global_store: &str,
     global_id: &str,
     plan: &mut Plan,
-) -> Result<(), PlanError> {
-    for (i, arg) in args.iter_mut().enumerate() {
+) -> Result<Option<Vec<String>>, PlanError> {
+    let mut changed: Option<Vec<String>> = None;
+    for (i, arg) in args.iter().enumerate() {
         if !refs::has_placeholder(arg) {
             continue;
         }
@@ -446,32 +369,32 @@ fn resolve_arg_placeholders(
                 Piece::Text(text) => composed.push_str(text),
                 Piece::Placeholder(key) => {
                     let (var_name, key_ref) = legacy_var(global_id, key, global_store);
-                    env.declare_before(env.env.len(), &var_name, &key_ref);
+                    env.declare_before(Anchor::End, &var_name, &key_ref);
                     plan.wanted.insert(key_ref);
-                    composed.push_str(&format!("$({var_name})"));
+                    let _ = write!(composed, "$({var_name})");
                 }
             }
         }
-        *arg = composed;
+        if composed != *arg {
+            changed.get_or_insert_with(|| args.to_vec())[i] = composed;
+        }
     }
-    Ok(())
+    Ok(changed)
 }
 
 /// The reference wins over a plain value (or another source) of the same variable, with a warning.
 fn set_reference(env: &mut EnvEditor<'_>, r: &Resolved, plan: &mut Plan) {
     plan.wanted.insert(r.key_ref.clone());
     let desired = secret_var(&r.name, &r.key_ref);
-    let existing: Vec<usize> = (0..env.env.len())
-        .filter(|&i| env.env[i].name == r.name)
-        .collect();
+    let existing = env.all_named(&r.name);
     if existing.is_empty() {
         env.push(desired);
         return;
     }
     let mut replaced = false;
-    for i in existing {
-        if env.env[i] != desired {
-            env.replace(i, desired.clone());
+    for item in existing {
+        if *env.get(item) != desired {
+            env.replace(item, desired.clone());
             replaced = true;
         }
     }
@@ -501,36 +424,31 @@ fn redaction_warnings(confs: &[Resolved], plan: &mut Plan) {
 fn add_driver_confs(
     env: &mut EnvEditor<'_>,
     container: &Container,
-    args: &mut Option<Vec<String>>,
+    args: Option<&[String]>,
     confs: &[Resolved],
     plan: &mut Plan,
-) -> Result<(), PlanError> {
-    let Some(list) = args
-        .as_mut()
-        .filter(|a| a.first().map(String::as_str) == Some("driver"))
-    else {
+) -> Result<Option<Vec<String>>, PlanError> {
+    let Some(list) = args.filter(|a| a.first().map(String::as_str) == Some("driver")) else {
         return Err(PlanError::NoDriverArgs(refs::shown_name(&container.name)));
     };
-    debug_assert_eq!(first_arg(container), Some("driver"));
     let ours = conf_args(env, confs, plan);
     let (rest, dropped) = without_confs(&list[1..], confs);
     let mut next = Vec::with_capacity(1 + ours.len() + rest.len());
     next.push("driver".to_owned());
     next.extend(ours.iter().cloned());
     next.extend(rest);
-    if dropped
-        .iter()
-        .any(|pair| !ours.windows(2).any(|w| w == pair.as_slice()))
-    {
+    // `ours` is `--conf`, `k=$(VAR)` pairs: a dropped pair is ours when its `k=v` is one of them.
+    let kept: HashSet<&str> = ours.iter().skip(1).step_by(2).map(String::as_str).collect();
+    if dropped.iter().any(|[_, kv]| !kept.contains(kv.as_str())) {
         plan.warnings.push(warning(
             "a --conf in the driver's args was replaced by its secret reference".to_owned(),
         ));
     }
-    if *list != next {
-        redaction_warnings(confs, plan);
-        *list = next;
+    if list == next.as_slice() {
+        return Ok(None);
     }
-    Ok(())
+    redaction_warnings(confs, plan);
+    Ok(Some(next))
 }
 
 /// `--conf`, `key=$(VAR)` pairs, sorted by key; declares each VAR (appended: args see all env).
@@ -540,7 +458,7 @@ fn conf_args(env: &mut EnvEditor<'_>, confs: &[Resolved], plan: &mut Plan) -> Ve
     let mut args = Vec::with_capacity(sorted.len() * 2);
     for r in sorted {
         let var = spark_var(&r.secret);
-        env.declare_before(env.env.len(), &var, &r.key_ref);
+        env.declare_before(Anchor::End, &var, &r.key_ref);
         plan.wanted.insert(r.key_ref.clone());
         args.push("--conf".to_owned());
         args.push(format!("{}=$({var})", r.name));
@@ -551,11 +469,8 @@ fn conf_args(env: &mut EnvEditor<'_>, confs: &[Resolved], plan: &mut Plan) -> Ve
 /// Drops `--conf k=v`, `-c k=v` and `--conf=k=v` for the keys in `confs`; returns the rest and the
 /// dropped pairs (normalized to `--conf`, `k=v`).
 fn without_confs(args: &[String], confs: &[Resolved]) -> (Vec<String>, Vec<[String; 2]>) {
-    let ours = |kv: &str| {
-        confs
-            .iter()
-            .any(|r| kv.split_once('=').is_some_and(|(k, _)| k == r.name))
-    };
+    let keys: HashSet<&str> = confs.iter().map(|r| r.name.as_str()).collect();
+    let ours = |kv: &str| kv.split_once('=').is_some_and(|(k, _)| keys.contains(k));
     let mut rest = Vec::with_capacity(args.len());
     let mut dropped = Vec::new();
     let mut i = 0;
@@ -585,8 +500,8 @@ fn add_pyspark_confs(
     plan: &mut Plan,
 ) -> Result<(), PlanError> {
     let existing = env.position(PYSPARK_SUBMIT_ARGS);
-    let current = match existing {
-        Some(i) => match (&env.env[i].value, &env.env[i].value_from) {
+    let current = match existing.map(|item| env.get(item)) {
+        Some(var) => match (&var.value, &var.value_from) {
             (_, Some(_)) => {
                 return Err(PlanError::PysparkArgsNotPlain(refs::shown_name(
                     &container.name,
@@ -598,13 +513,13 @@ fn add_pyspark_confs(
     };
     let tokens = shlex::split(&current)
         .ok_or_else(|| PlanError::PysparkArgsUnparsable(refs::shown_name(&container.name)))?;
-    let mut at = existing.unwrap_or(env.env.len());
+    let at = existing.map_or(Anchor::End, Anchor::Before);
     let mut sorted: Vec<&Resolved> = confs.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
     let mut ours = Vec::with_capacity(sorted.len() * 2);
     for r in sorted {
         let var = spark_var(&r.secret);
-        at += env.declare_before(at, &var, &r.key_ref);
+        env.declare_before(at, &var, &r.key_ref);
         plan.wanted.insert(r.key_ref.clone());
         ours.push("--conf".to_owned());
         ours.push(format!("{}=$({var})", r.name));
@@ -622,8 +537,8 @@ fn add_pyspark_confs(
     let value = shlex::try_join(words)
         .map_err(|_| PlanError::PysparkArgsUnparsable(refs::shown_name(&container.name)))?;
     match existing {
-        Some(_) if env.env[at].value.as_deref() == Some(value.as_str()) => return Ok(()),
-        Some(_) => env.set_value(at, value),
+        Some(item) if env.get(item).value.as_deref() == Some(value.as_str()) => return Ok(()),
+        Some(item) => env.set_value(item, value),
         None => env.push(EnvVar {
             name: PYSPARK_SUBMIT_ARGS.to_owned(),
             value: Some(value),

@@ -4,9 +4,9 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::admission::workload::Selectors;
-use crate::admission::workload::classify;
 use crate::refs::Source;
+use crate::workload::Selectors;
+use crate::workload::classify;
 
 const DRIVER: &str = include_str!("../../tests/fixtures/pods/spark35-driver-submit.json");
 const EXECUTOR: &str = include_str!("../../tests/fixtures/pods/spark35-executor-submit.json");

@@ -136,6 +136,52 @@ struct Item {
     secret_object: SecretObject,
 }
 
+/// References per pod the webhook accepts by default (`--max-references`); real pods carry tens.
+pub const DEFAULT_MAX_REFERENCES: usize = 1000;
+
+/// How many references the annotations name, counted without building them: the short forms, plus
+/// the items of each JSON array (an annotation that is not a JSON array counts as one, and fails
+/// later in [`parse_annotations`]). Linear in the annotations' size and allocation-free, so the
+/// engine can refuse a pod with too many references before it parses any of them.
+pub fn count_references<'a>(
+    annotations: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> usize {
+    annotations
+        .into_iter()
+        .map(|(name, value)| {
+            if name == ENV_SECRETS || name == SPARK_CONF_SECRETS {
+                json_array_len(value).unwrap_or(1)
+            } else if name.starts_with(ENV_SHORT_PREFIX)
+                || name.starts_with(SPARK_CONF_SHORT_PREFIX)
+            {
+                1
+            } else {
+                0
+            }
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
+/// The number of elements of a JSON array, read without keeping any of them.
+fn json_array_len(text: &str) -> Option<usize> {
+    struct Count;
+    impl<'de> serde::de::Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0usize;
+            while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde::Deserializer::deserialize_seq(&mut de, Count).ok()
+}
+
 /// Reads every reference from a pod's annotations (JSON and short forms), validated. All problems
 /// are reported, not only the first.
 pub fn parse_annotations<'a>(

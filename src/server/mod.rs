@@ -5,9 +5,11 @@
 //! drains. [`run_serve`] is `secrets-webhook serve`: logging, runtime, engine, signals.
 //! See `docs/server.md`.
 
+mod budget;
 mod conn;
 mod http;
-pub mod logging;
+pub mod limits;
+pub mod logs;
 pub mod tls;
 
 use std::future::Future;
@@ -17,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Webhook;
@@ -26,10 +28,30 @@ use crate::cli::ServeArgs;
 use crate::config::{ExecutorPolicy, LocalConfig, Naming, Settings};
 use crate::identity::{Keys, TrustedControllers, keys};
 use crate::metrics::Metrics;
+use limits::{Caps, Connections, FdLimit};
 use tls::{CertPaths, CertResolver, Reloader, TlsError};
 
 /// How the admin port waits for its own (short) requests once the admission port has drained.
 const ADMIN_DRAIN: Duration = Duration::from_secs(1);
+/// Connections the admin port holds (probes, a metrics scraper); they come out of the fd reserve.
+const ADMIN_CONNECTIONS: usize = 32;
+/// The admin and API ports' listen backlog (the kubelet probes one connection at a time).
+const ADMIN_BACKLOG: u32 = 128;
+/// Connections the management API holds (out of the fd room, before admission's).
+const API_CONNECTIONS: usize = 64;
+/// Concurrent streams per HTTP/2 connection on the management API.
+const API_STREAMS: u32 = 32;
+
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+pub const DEFAULT_FD_RESERVE: usize = 128;
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 1024;
+pub const DEFAULT_MAX_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
+/// HTTP/2's own ceiling for concurrent streams (the Go default the API server expects).
+const MAX_STREAMS: u32 = 250;
 /// How often the mounted signing keys are read for changes (the kubelet updates Secret volumes
 /// within about a minute).
 const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
@@ -47,6 +69,19 @@ pub struct ServerOptions {
     pub drain: Duration,
     /// How often the certificate files are checked for changes.
     pub reload_interval: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// Admission connections held at once (fewer when the fd limit is lower).
+    pub max_connections: usize,
+    /// File descriptors kept free for everything but admission connections.
+    pub fd_reserve: usize,
+    pub listen_backlog: u32,
+    /// Request body bytes being received at once, across all connections and streams.
+    pub max_inflight_bytes: usize,
+    /// Estimated memory of the reviews being decoded at once.
+    pub max_decode_bytes: usize,
+    /// Streams per HTTP/2 connection; `None`: what the in-flight budget holds at the body limit.
+    pub max_streams: Option<u32>,
     /// HTTPS address of the management API (same certificate), if it is served.
     pub api_listen: Option<SocketAddr>,
 }
@@ -58,12 +93,30 @@ impl ServerOptions {
             listen,
             admin_listen,
             tls: CertPaths { cert, key },
-            max_body_bytes: 4 * 1024 * 1024,
-            header_timeout: Duration::from_secs(10),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
             drain: Duration::from_secs(20),
             reload_interval: Duration::from_secs(2),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            fd_reserve: DEFAULT_FD_RESERVE,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT_BYTES,
+            max_decode_bytes: DEFAULT_MAX_DECODE_BYTES,
+            max_streams: None,
             api_listen: None,
         }
+    }
+
+    /// Streams per HTTP/2 connection: as many bodies of the largest size as the in-flight budget
+    /// holds, so one connection cannot queue more uploads than the budget can take.
+    pub fn h2_streams(&self) -> u32 {
+        self.max_streams
+            .unwrap_or_else(|| {
+                let fit = self.max_inflight_bytes / self.max_body_bytes.max(1);
+                u32::try_from(fit).unwrap_or(MAX_STREAMS)
+            })
+            .clamp(1, MAX_STREAMS)
     }
 }
 
@@ -83,8 +136,12 @@ pub struct Bound {
     addr: SocketAddr,
     admin_addr: SocketAddr,
     listener: TcpListener,
-    admin_listener: TcpListener,
+    /// Served on its own thread (see `Bound::serve`), hence a std listener until then.
+    admin_listener: std::net::TcpListener,
     acceptor: TlsAcceptor,
+    connections: Arc<Connections>,
+    admin_connections: Arc<Connections>,
+    api_connections: Arc<Connections>,
     reloader: Reloader,
     initial: tls::LoadedPair,
     state: Arc<http::AppState>,
@@ -102,28 +159,61 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
     }
     let resolver = Arc::new(CertResolver::new(initial.certified.clone()));
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
-    let listen = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })
-    };
-    let listener = listen(options.listen).await?;
-    let admin_listener = listen(options.admin_listen).await?;
+    let listener = listen(options.listen, options.listen_backlog)?;
+    let admin_listener = listen(options.admin_listen, ADMIN_BACKLOG)?;
     let local = |l: &TcpListener, addr: SocketAddr| {
         l.local_addr()
             .map_err(|source| ServerError::Bind { addr, source })
     };
     let addr = local(&listener, options.listen)?;
     let admin_addr = local(&admin_listener, options.admin_listen)?;
+    let admin_listener = admin_listener
+        .into_std()
+        .map_err(|source| ServerError::Bind {
+            addr: admin_addr,
+            source,
+        })?;
     let api = match options.api_listen {
-        Some(at) => Some((listen(at).await?, None)),
+        Some(at) => Some((listen(at, ADMIN_BACKLOG)?, None)),
         None => None,
     };
+    let fds = FdLimit::read();
+    let room = fds.room(options.fd_reserve);
+    // The management API's connections (a console backend, a few operators) come first out of
+    // the room; admission takes the rest, up to its own cap.
+    let api_caps = Caps::new(API_CONNECTIONS, room / 4, options.fd_reserve / 4);
+    let api_room = if api.is_some() { api_caps.hard } else { 0 };
+    let caps = Caps::new(
+        options.max_connections,
+        room.saturating_sub(api_room),
+        options.fd_reserve / 4,
+    );
+    let connections = Connections::new(caps);
+    let api_connections = Connections::new(api_caps);
+    let admin_connections = Connections::new(Caps::new(ADMIN_CONNECTIONS, usize::MAX, 8));
+    // Large reviews take turns on half the cores, so the I/O workers always have the others.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let heavy_turns = (cores / 2).max(1);
+    tracing::info!(
+        fd_limit = fds.limit,
+        fds_open = fds.open,
+        connections = caps.soft,
+        h2_streams = options.h2_streams(),
+        inflight_bytes = options.max_inflight_bytes,
+        decode_bytes = options.max_decode_bytes,
+        heavy_turns,
+        "limits"
+    );
     let state = Arc::new(http::AppState {
         webhook,
         draining: Arc::new(AtomicBool::new(false)),
         max_body_bytes: options.max_body_bytes,
         body_timeout: options.header_timeout,
+        budgets: budget::Budgets::new(
+            options.max_inflight_bytes,
+            options.max_decode_bytes,
+            heavy_turns,
+        ),
     });
     let reloader = Reloader {
         paths: options.tls.clone(),
@@ -137,12 +227,31 @@ pub async fn bind(options: ServerOptions, webhook: Arc<Webhook>) -> Result<Bound
         listener,
         admin_listener,
         acceptor,
+        connections,
+        admin_connections,
+        api_connections,
         reloader,
         initial,
         state,
         options,
         api,
     })
+}
+
+/// A listening socket with an explicit backlog (the default of 128 overflows when several API
+/// servers reconnect at once; the kernel caps it at `net.core.somaxconn`).
+fn listen(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {
+    let bind = || {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bind().map_err(|source| ServerError::Bind { addr, source })
 }
 
 impl Bound {
@@ -179,6 +288,9 @@ impl Bound {
             listener,
             admin_listener,
             acceptor,
+            connections,
+            admin_connections,
+            api_connections,
             reloader,
             initial,
             state,
@@ -198,7 +310,11 @@ impl Bound {
                         tls: Some(api_acceptor),
                         router,
                         header_timeout: options.header_timeout,
+                        idle_timeout: options.idle_timeout,
                         drain: options.drain,
+                        connections: api_connections,
+                        h2_streams: API_STREAMS,
+                        port: "api",
                     },
                     api_stopped,
                 )
@@ -212,7 +328,11 @@ impl Bound {
                     tls: Some(acceptor),
                     router: http::admission_router(state.clone()),
                     header_timeout: options.header_timeout,
+                    idle_timeout: options.idle_timeout,
                     drain: options.drain,
+                    connections,
+                    h2_streams: options.h2_streams(),
+                    port: "admission",
                 },
                 stopped,
             )
@@ -220,16 +340,24 @@ impl Bound {
             // The admin port outlives the drain, so /readyz keeps saying "draining" meanwhile.
             admin_stop.send_replace(true);
         };
-        let admin = conn::accept_loop(
+        let admin = spawn_admin(
             admin_listener,
             conn::Listener {
                 tls: None,
                 router: http::admin_router(state.clone()),
                 header_timeout: options.header_timeout,
+                idle_timeout: options.idle_timeout,
                 drain: ADMIN_DRAIN,
+                connections: admin_connections,
+                h2_streams: 1,
+                port: "admin",
             },
             admin_stopped,
         );
+        let admin = async {
+            // Resolves when the thread ends (or could not start).
+            let _ = admin.await;
+        };
         let control = async {
             tracing::info!(admission = %addr, admin = %admin_addr, "serving");
             shutdown.await;
@@ -242,9 +370,42 @@ impl Bound {
     }
 }
 
+/// The admin port on a thread of its own with its own runtime: probes are answered even while
+/// admission work keeps the main runtime's workers busy. Dropping `stop`'s sender stops it too.
+fn spawn_admin(
+    listener: std::net::TcpListener,
+    how: conn::Listener,
+    stop: watch::Receiver<bool>,
+) -> oneshot::Receiver<()> {
+    let (done, finished) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(listener) => conn::accept_loop(listener, how, stop).await,
+                        Err(e) => tracing::error!(error = %e, "admin port cannot listen"),
+                    }
+                }),
+                Err(e) => tracing::error!(error = %e, "admin port cannot start its runtime"),
+            }
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "admin port cannot start its thread");
+    }
+    finished
+}
+
 /// `secrets-webhook serve`.
 pub fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
-    logging::init(&args.log_format)?;
+    logs::init(&args.log_format)?;
+    // Before anything opens a descriptor's worth of clients: the caps are computed from it.
+    FdLimit::raise_and_read();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -260,6 +421,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         },
         enabled: args.enabled,
         authorizer: args.authorizer,
+        max_references: args.max_references,
         executors: ExecutorPolicy {
             require_bound_token: !args.allow_unbound_executor_tokens,
         },
@@ -329,6 +491,13 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
         drain: Duration::from_secs(args.drain_secs),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+        max_connections: args.max_connections,
+        fd_reserve: args.fd_reserve,
+        listen_backlog: args.listen_backlog,
+        max_inflight_bytes: args.max_inflight_bytes,
+        max_decode_bytes: args.max_decode_bytes,
+        max_streams: args.max_streams,
         api_listen,
         ..ServerOptions::new(args.listen, args.admin_listen, cert, key)
     };

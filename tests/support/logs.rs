@@ -1,5 +1,5 @@
 //! Every log line of a test binary, in the production JSON format
-//! (`secrets_webhook::server::logging::json_subscriber`) at TRACE for all crates, captured so tests
+//! (`secrets_webhook::server::logs::json_subscriber`) at TRACE for all crates, captured so tests
 //! can parse it and search it for secret values; and a strict JSON reader that refuses a key
 //! repeated in one object (serde_json would silently keep the last one).
 
@@ -18,7 +18,7 @@ pub fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
         let writer = buffer.clone();
         let filter = tracing_subscriber::EnvFilter::new("trace");
         let subscriber =
-            secrets_webhook::server::logging::json_subscriber(filter, move || Sink(writer.clone()));
+            secrets_webhook::server::logs::json_subscriber(filter, move || Sink(writer.clone()));
         let _ = subscriber.try_init();
         buffer
     })

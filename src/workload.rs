@@ -1,6 +1,7 @@
 //! Which kind of pod this is, and which containers receive secrets (DESIGN §4). Container names
 //! are never trusted: pod templates and Enterprise Gateway rename them.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
@@ -164,18 +165,27 @@ pub fn first_arg(container: &Container) -> Option<&str> {
     container.args.as_ref()?.first().map(String::as_str)
 }
 
+/// The slots `names` lists, in its order, each once. Linear: the annotation can list hundreds of
+/// thousands of names (repeated) against thousands of containers.
 fn named_slots(spec: &PodSpec, names: &str) -> Result<Vec<Slot>, WorkloadError> {
+    // A name that is both a container and an init container means the container.
+    let mut by_name: HashMap<&str, Slot> = HashMap::new();
+    let init = spec.init_containers.as_deref().unwrap_or_default();
+    for (list, is_init) in [(spec.containers.as_slice(), false), (init, true)] {
+        for (index, c) in list.iter().enumerate() {
+            by_name.entry(c.name.as_str()).or_insert(Slot {
+                init: is_init,
+                index,
+            });
+        }
+    }
     let mut slots = Vec::new();
+    let mut seen = HashSet::new();
     for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let find = |list: &[Container], init| {
-            list.iter()
-                .position(|c| c.name == name)
-                .map(|index| Slot { init, index })
-        };
-        let slot = find(&spec.containers, false)
-            .or_else(|| find(spec.init_containers.as_deref().unwrap_or_default(), true))
+        let slot = *by_name
+            .get(name)
             .ok_or_else(|| WorkloadError::UnknownContainer(crate::refs::shown_name(name)))?;
-        if !slots.contains(&slot) {
+        if seen.insert(slot) {
             slots.push(slot);
         }
     }
@@ -277,6 +287,21 @@ mod tests {
             e.contains("a value of 11 characters: letters, whitespace"),
             "{e}"
         );
+    }
+
+    /// Each container once, in the annotation's order; a name shared by a container and an init
+    /// container means the container (as before the lookup was indexed).
+    #[test]
+    fn containers_annotation_repeats_and_shared_names() {
+        let mut p = pod(
+            json!({"secrets.iomete.com/inject": "true"}),
+            json!([{"name": "app"}, {"name": "init"}, {"name": "app"}]),
+        );
+        let names = ["init", "app"].repeat(1000).join(",");
+        p.metadata.annotations = Some([(CONTAINERS_ANNOTATION.to_owned(), names)].into());
+        let w = classify(&p, &Selectors::default()).unwrap().unwrap();
+        let slot = |index| Slot { init: false, index };
+        assert_eq!(w.env_targets, vec![slot(1), slot(0)]);
     }
 
     #[test]
