@@ -264,10 +264,7 @@ async fn writes_go_to_the_store_secret_with_its_resource_version_as_etag() {
         json!("secrets-webhook")
     );
     let log = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
-    assert!(
-        !log.contains(canary)
-            && !log.contains(&base64::engine::general_purpose::STANDARD.encode(canary))
-    );
+    support::leaks::assert_no_leak(&[("the log", &log)], &[canary]);
 }
 
 /// The webhook's signing keys (every replica and the API read the same Secret).
@@ -407,6 +404,9 @@ async fn vault_config_credentials_go_into_their_own_secret_and_never_come_back()
     assert!(!created.text.contains("canary-sid-Q7"));
     let object = fake.object(&configs, Some(NS), "vp").unwrap();
     assert!(!object.to_string().contains("canary-sid-Q7"));
+    // A new config that names no delivery is written as runtime, explicitly (a stored config
+    // without the field means materialize).
+    assert_eq!(object["spec"]["delivery"], json!("runtime"));
     let secret_name = object["spec"]["auth"]["appRole"]["secretIdRef"]["name"]
         .as_str()
         .unwrap()

@@ -109,6 +109,39 @@ async fn sar_request_carries_the_full_user_info_and_resource() {
     assert_eq!(attrs["name"], "finance");
 }
 
+/// Only `allowed: true` allows. Real RBAC never sets `denied` (tests/e2e.rs has its answers, and
+/// `matrix::sar_mode_allows_denies_and_reports_evaluation_errors` the fake's copies of them); an
+/// authorizer webhook in front of RBAC may answer `{"allowed": false, "denied": true}` with its
+/// reason, which a real control plane without such a webhook cannot produce. The reason names
+/// policies and bindings: it goes to the log, and the denial reads as any other.
+#[tokio::test]
+async fn sar_explicit_denial_of_an_authorizer_webhook_is_a_plain_denial() {
+    let api = FakeApiServer::start().await;
+    api.set_sar_responder(|body| match body["spec"]["user"].as_str() {
+        Some("alice") => SarAnswer::Allow,
+        _ => SarAnswer::ExplicitDeny("blocked by the platform policy".into()),
+    });
+    let sar = SarAuthorizer::new(api.client(), "iomete-system");
+    // Nothing to list first: ready at once.
+    assert!(Authorizer::ready(&sar));
+    let who = |name: &str| Identity::new(name, Vec::new());
+    assert_eq!(
+        sar.check_use(&who("alice"), &vault_prod(), soon()).await,
+        Decision::Allow
+    );
+    assert_eq!(
+        sar.check_use(&who("carol"), &vault_prod(), soon()).await,
+        Decision::Deny(
+            "user \"carol\" lacks Use on vault config \"vault-prod-finance\" (Kubernetes RBAC: verb \
+             \"use\" on vaultconfigs.secrets.iomete.com \"vault-prod-finance\" in namespace \
+             \"iomete-system\"); a platform admin can grant it with a Role and RoleBinding"
+                .into()
+        ),
+        "the reason is logged, not shown: denials read the same whatever exists"
+    );
+    assert_eq!(api.sar_requests().len(), 2);
+}
+
 #[tokio::test]
 async fn sar_errors_fail_closed_and_are_not_cached() {
     let api = FakeApiServer::start().await;
@@ -186,8 +219,10 @@ async fn two_hundred_concurrent_checks_send_one_sar() {
     assert_eq!(api.count("POST", SAR_PATH), 2);
 }
 
+/// Not ready and denying while bundles cannot be listed; ready through every trait, and as `serve`
+/// wraps it (`/readyz`), once they are.
 #[tokio::test]
-async fn unloaded_bundles_fail_closed() {
+async fn unloaded_bundles_fail_closed_until_listed() {
     let api = FakeApiServer::start().await;
     api.inject(Fault::status("GET", "/apis/secrets.iomete.com", 503));
     let ras = RasAuthorizer::in_cluster(api.client(), "iomete-system");
@@ -207,6 +242,7 @@ async fn unloaded_bundles_fail_closed() {
         )
     );
     assert!(!ras.ready());
+    assert!(!Authorizer::ready(&ras));
     let wrapped = secrets_webhook::authz::in_cluster(
         secrets_webhook::authz::AuthorizerKind::Ras,
         api.client(),
@@ -218,6 +254,16 @@ async fn unloaded_bundles_fail_closed() {
         !wrapped.ready(),
         "/readyz must see that bundles are not loaded"
     );
+    assert!(!secrets_webhook::authz::CheckUse::ready(&ras));
+
+    api.clear_faults();
+    let until = Instant::now() + Duration::from_secs(10);
+    while !(wrapped.ready() && ras.ready()) {
+        assert!(Instant::now() < until, "never ready after the listing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(Authorizer::ready(&ras));
+    assert!(secrets_webhook::authz::CheckUse::ready(&ras));
 }
 
 // ----- executors: the owner lookup through the real client -----
@@ -418,7 +464,7 @@ mod matrix {
 namespace: iomete-system
 stores:
   global: [api_token]
-  domains: {finance: [db_password], hr: [salary_db]}
+  domains: {finance: [db_password, s3_secret_key], hr: [salary_db, db_password]}
 resourceBundles:
   - {name: finance-bundle, domains: [finance],
      grants: [{subjects: [{kind: User, name: alice}, {kind: Group, name: data-eng}], permissions: [use, view]}]}
@@ -480,6 +526,10 @@ signingKeys: {current: matrix-tests-signing-key-0123456789abcdef}
     const HR: (&str, &str) = (
         "env.secrets.iomete.com/SALARY_DB",
         "kubernetes:hr/salary_db",
+    );
+    const FINANCE_S3: (&str, &str) = (
+        "env.secrets.iomete.com/S3_SECRET",
+        "kubernetes:finance/s3_secret_key",
     );
     const GLOBAL: (&str, &str) = (
         "env.secrets.iomete.com/API_TOKEN",
@@ -574,6 +624,21 @@ signingKeys: {current: matrix-tests-signing-key-0123456789abcdef}
 
     async fn admit(pod: &Value, user: &str, groups: &[&str]) -> Answer {
         admit_as(&webhook(), pod, user, groups).await
+    }
+
+    async fn admit_with_extra(webhook: &Webhook, pod: &Value, user: &str, extra: Value) -> Answer {
+        let out = webhook
+            .review_bytes(&review(pod, user, &[], extra), None)
+            .await;
+        let answer: Value = serde_json::from_slice(&out).unwrap();
+        let response = answer["response"].clone();
+        let patch = response["patch"].as_str().map(|b64| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        });
+        Answer { response, patch }
     }
 
     fn env_ref(pod: &Value, name: &str) -> Value {
@@ -760,6 +825,28 @@ signingKeys: {current: matrix-tests-signing-key-0123456789abcdef}
             )
         );
 
+        // Another key of the driver's own domain: the driver's user holds Use on the domain (so the
+        // authorizer alone would allow it), but the driver was granted only db_password.
+        let own_user = admit(&driver(&[FINANCE_S3]), "alice", &["data-eng"]).await;
+        assert!(own_user.allowed(), "{}", own_user.message());
+        let a = admit_as(&webhook, &executor(&[FINANCE, FINANCE_S3]), DRIVER_SA, &[]).await;
+        assert!(
+            !a.allowed(),
+            "an executor got a secret its driver was not granted"
+        );
+        assert_eq!(
+            a.message(),
+            format!(
+                "executor may not use kubernetes:finance/s3_secret_key: its Spark driver \"{DRIVER}\" was \
+                 not granted it; add the reference to the driver pod (spark.kubernetes.driver.annotation.*) \
+                 and resubmit"
+            )
+        );
+        // The granted secret under another variable name is the same secret: allowed.
+        let renamed = executor(&[("env.secrets.iomete.com/OTHER_NAME", FINANCE.1)]);
+        let a = admit_as(&webhook, &renamed, DRIVER_SA, &[]).await;
+        assert!(a.allowed(), "{}", a.message());
+
         // Created by a service account that is not the driver's.
         let a = admit_as(
             &webhook,
@@ -779,6 +866,46 @@ signingKeys: {current: matrix-tests-signing-key-0123456789abcdef}
         // A global reference needs no grant: no driver lookup, admitted for the requester.
         let a = admit(&executor(&[GLOBAL]), DRIVER_SA, &[]).await;
         assert!(a.allowed(), "{}", a.message());
+    }
+
+    /// A bound service-account token names the pod that holds it (`userInfo.extra`): an executor
+    /// created with the driver's account from another pod (its uid differs) is denied.
+    #[tokio::test]
+    async fn executors_from_another_pod_with_the_drivers_account_are_denied() {
+        let stored = admitted_driver(&[FINANCE]).await;
+        let webhook = with_owner(&stored);
+        let uid = stored["metadata"]["uid"].as_str().unwrap();
+        let from = |name: &str, uid: &str| {
+            json!({"authentication.kubernetes.io/pod-name": [name],
+                   "authentication.kubernetes.io/pod-uid": [uid]})
+        };
+        let exec = executor(&[FINANCE]);
+        let a = admit_with_extra(&webhook, &exec, DRIVER_SA, from(DRIVER, uid)).await;
+        assert!(a.allowed(), "{}", a.message());
+
+        let a = admit_with_extra(
+            &webhook,
+            &exec,
+            DRIVER_SA,
+            from(DRIVER, "9e1c0a55-0000-4000-8000-00000000dead"),
+        )
+        .await;
+        assert!(!a.allowed(), "a pod with another uid passed as the driver");
+        assert_eq!(
+            a.message(),
+            format!(
+                "executor was created from pod \"{DRIVER} (uid 9e1c0a55-0000-4000-8000-00000000dead)\" \
+                 (bound token), not by its driver \"{DRIVER}\""
+            )
+        );
+        let a = admit_with_extra(&webhook, &exec, DRIVER_SA, from("attacker-pod", uid)).await;
+        assert!(!a.allowed());
+        assert_eq!(
+            a.message(),
+            format!(
+                "executor was created from pod \"attacker-pod\" (bound token), not by its driver \"{DRIVER}\""
+            )
+        );
     }
 
     #[tokio::test]
@@ -928,6 +1055,149 @@ signingKeys: {current: matrix-tests-signing-key-0123456789abcdef}
         let copied = a.apply(&pod);
         let b = admit(&copied, "bob", &[]).await;
         assert!(!b.allowed());
+    }
+
+    /// A pod's direct reference is exempt only when it is exactly a reference the plan made for
+    /// this pod: the same Secret and the same key. The same key name in another domain's store or
+    /// in a Vault-managed Secret is not (no OpenBao needed: the guard runs before any Vault use).
+    #[tokio::test]
+    async fn the_guard_exempts_the_planned_secret_not_a_key_of_the_same_name() {
+        for (secret, want) in [
+            (
+                "iomete-secret-store-hr",
+                "containers[0].env[STOLEN] names key \"db_password\" of Secret \"iomete-secret-store-hr\"",
+            ),
+            (
+                "iomete-vault-vault-prod-finance",
+                "containers[0].env[STOLEN] names key \"db_password\" of Secret \"iomete-vault-vault-prod-finance\"",
+            ),
+        ] {
+            let mut pod = driver(&[FINANCE]);
+            let env = pod["spec"]["containers"][0]["env"].as_array_mut().unwrap();
+            env.push(json!({"name": "STOLEN",
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": "db_password"}}}));
+            let a = admit(&pod, "alice", &["data-eng"]).await;
+            assert!(
+                !a.allowed(),
+                "{secret}: a direct reference rode on the planned key name"
+            );
+            assert_eq!(
+                a.message(),
+                format!(
+                    "{want}, a store managed by secrets-webhook; reference secrets with the \
+                     secrets.iomete.com annotations instead, so that the Use permission is checked"
+                )
+            );
+            // Also for a user who holds Use on both domains: the guard does not ask the authorizer.
+            let a = admit(&pod, "harriet", &["data-eng"]).await;
+            assert!(!a.allowed(), "{secret}: {}", a.message());
+        }
+    }
+
+    /// `enabled: false` (the product's feature switch) leaves pods untouched, but the guard still
+    /// runs: a direct reference to a managed store is denied, on any pod.
+    #[tokio::test]
+    async fn the_guard_runs_with_the_feature_switched_off() {
+        let config = LocalConfig::parse(CONFIG).unwrap();
+        let off = Settings {
+            enabled: false,
+            ..Settings::default()
+        };
+        let webhook = Webhook::from_local(off, &config, Arc::new(Metrics::new())).unwrap();
+        // References are not served: the pod passes untouched.
+        let a = admit_as(&webhook, &driver(&[FINANCE]), "alice", &[]).await;
+        assert!(a.allowed() && a.patch.is_none(), "{}", a.message());
+        let stolen = json!({"name": "STOLEN",
+            "valueFrom": {"secretKeyRef": {"name": "iomete-secret-store-hr", "key": "salary_db"}}});
+        for mut pod in [driver(&[]), driver(&[FINANCE]), executor(&[]), plain_pod()] {
+            let c = &mut pod["spec"]["containers"][0];
+            if c["env"].is_null() {
+                c["env"] = json!([]);
+            }
+            c["env"].as_array_mut().unwrap().push(stolen.clone());
+            let a = admit_as(&webhook, &pod, "alice", &[]).await;
+            assert!(!a.allowed(), "the guard did not run with the feature off");
+            assert!(
+                a.message().starts_with(
+                    "containers[0].env[STOLEN] names key \"salary_db\" of Secret \"iomete-secret-store-hr\""
+                ),
+                "{}",
+                a.message()
+            );
+        }
+        let mut volume = plain_pod();
+        volume["spec"]["volumes"] =
+            json!([{"name": "v", "secret": {"secretName": "iomete-vault-vault-prod-finance"}}]);
+        let a = admit_as(&webhook, &volume, "alice", &[]).await;
+        assert!(!a.allowed(), "{}", a.message());
+        // The global store stays exempt.
+        let mut global = plain_pod();
+        global["spec"]["containers"][0]["envFrom"] =
+            json!([{"secretRef": {"name": "iomete-secret-store"}}]);
+        let a = admit_as(&webhook, &global, "alice", &[]).await;
+        assert!(a.allowed(), "{}", a.message());
+    }
+
+    /// SubjectAccessReview mode through the engine: RBAC's allowed, its plain `{"allowed": false}`
+    /// (no `denied` field) and an `evaluationError` each give the answer and the text they should.
+    #[tokio::test]
+    async fn sar_mode_allows_denies_and_reports_evaluation_errors() {
+        let api = FakeApiServer::start().await;
+        api.set_sar_responder(|body| match body["spec"]["user"].as_str() {
+            Some("alice") => SarAnswer::Allow,
+            Some("bob") => SarAnswer::Deny(String::new()),
+            _ => SarAnswer::EvaluationError(
+                "Post \"https://authz.example:8443/authorize\": connection refused".into(),
+            ),
+        });
+        let mut webhook = webhook();
+        webhook.authz = in_cluster(
+            AuthorizerKind::Rbac,
+            api.client(),
+            NS,
+            CacheSettings::default(),
+            webhook.metrics.clone(),
+        );
+        // Nothing to list first: ready at once.
+        assert!(webhook.ready());
+        let pod = driver(&[FINANCE]);
+        let a = admit_as(&webhook, &pod, "alice", &[]).await;
+        assert!(a.allowed() && a.patch.is_some(), "{}", a.message());
+        let rbac =
+            "annotation env.secrets.iomete.com/DB_PASSWORD: kubernetes:finance/db_password: user";
+        let a = admit_as(&webhook, &pod, "bob", &[]).await;
+        assert!(!a.allowed(), "RBAC's {{\"allowed\": false}} admitted bob");
+        let bob = a.message();
+        assert_eq!(
+            bob,
+            format!(
+                "{rbac} \"bob\" lacks Use on domain \"finance\" (Kubernetes RBAC: verb \"use\" on \
+                 domains.secrets.iomete.com \"finance\" in namespace \"iomete-system\"); a platform admin \
+                 can grant it with a Role and RoleBinding"
+            )
+        );
+        let a = admit_as(&webhook, &pod, "erin", &[]).await;
+        assert!(!a.allowed(), "an evaluation error admitted erin");
+        // The evaluation error (an authorizer that failed) is logged for admins, not shown.
+        assert_eq!(a.message(), bob.replace("\"bob\"", "\"erin\""));
+        let text = webhook.metrics.encode();
+        assert_eq!(
+            metrics::backend(&text, "subject-access-review", "allow"),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            metrics::backend(&text, "subject-access-review", "deny"),
+            2.0,
+            "{text}"
+        );
+        assert!(
+            metrics::absent(
+                &text,
+                &metrics::backend_series("subject-access-review", "error")
+            ),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -1145,8 +1415,9 @@ signingKeys: {current: matrix-tests-signing-key-0123456789abcdef}
             "{text}"
         );
         for cache in ["owner-pods", "authz-decisions"] {
+            // Every caller may have joined the one call (all misses, no hit series at all).
             let (hits, misses) = (
-                metrics::cache(&text, cache, "hit"),
+                metrics::value_or_zero(&text, &metrics::cache_series(cache, "hit")),
                 metrics::cache(&text, cache, "miss"),
             );
             assert!(misses >= 1.0 && hits + misses == 200.0, "{cache}: {text}");

@@ -278,12 +278,12 @@ fn opted_in_pod(namespace: &str, refs: &[(&str, &str)]) -> Value {
            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
 }
 
-/// The webhook's admission log lines (JSON) about pod `name`.
+/// The webhook's admission log lines about pod `name` (one flat JSON object each, docs/logging.md).
 fn admissions_of(k: &Cluster, name: &str) -> Vec<Value> {
     k.webhook_log()
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["fields"]["decision"].is_string() && l["fields"]["pod"] == name)
+        .filter(|l| l["message"] == "admission" && l["pod"] == name)
         .collect()
 }
 
@@ -932,11 +932,8 @@ fn reinvoked_after_another_webhook_adds_env_our_second_pass_is_empty() {
     // Ours ran twice: the first pass patched, the reinvocation found nothing left to do.
     let passes = admissions_of(k, name(&wanted));
     assert_eq!(passes.len(), 2, "{passes:?}");
-    assert!(
-        passes[0]["fields"]["ops"].as_u64().unwrap() > 0,
-        "{passes:?}"
-    );
-    assert_eq!(passes[1]["fields"]["ops"], 0, "{passes:?}");
+    assert!(passes[0]["ops"].as_u64().unwrap() > 0, "{passes:?}");
+    assert_eq!(passes[1]["ops"], 0, "{passes:?}");
     k.kubectl()
         .args(["delete", "mutatingwebhookconfiguration", &config])
         .run()
@@ -1087,11 +1084,7 @@ fn admissions_with_prefix(k: &Cluster, prefix: &str) -> Vec<Value> {
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|l| {
-            // A denial's line carries the denial as its `message`: match on `decision`.
-            l["fields"]["decision"].is_string()
-                && l["fields"]["pod"]
-                    .as_str()
-                    .is_some_and(|p| p.starts_with(prefix))
+            l["message"] == "admission" && l["pod"].as_str().is_some_and(|p| p.starts_with(prefix))
         })
         .collect()
 }
@@ -1328,12 +1321,12 @@ fn real_spark_submit_creates_a_wired_driver_whose_executors_get_only_its_grants(
     let (denied, log) = watch(run, "denied executor admissions", &mut || {
         let denied: Vec<Value> = admissions_with_prefix(k, &beyond)
             .into_iter()
-            .filter(|l| l["fields"]["decision"] == "denied")
+            .filter(|l| l["decision"] == "denied")
             .collect();
         (!denied.is_empty()).then_some(denied)
     });
     assert!(
-        denied[0]["fields"]["message"]
+        denied[0]["denial"]
             .as_str()
             .unwrap()
             .contains("was not granted it"),
@@ -1345,7 +1338,7 @@ fn real_spark_submit_creates_a_wired_driver_whose_executors_get_only_its_grants(
     );
     let admitted = admissions_with_prefix(k, &beyond)
         .into_iter()
-        .filter(|l| l["fields"]["decision"] != "denied")
+        .filter(|l| l["decision"] != "denied")
         .count();
     assert_eq!(admitted, 0);
     let list = k
@@ -1536,6 +1529,47 @@ fn store_watch_follows_real_secrets_and_ignores_what_is_not_a_store() {
             watch.check("iomete-secret-store-hr", "payroll") == StoreCheck::Present
         })
         .await;
+        // A key removed by an update is gone, the others stay; a store emptied of keys holds none.
+        k.kubectl()
+            .ns(&ns)
+            .args([
+                "patch",
+                "secret",
+                "iomete-secret-store-finance",
+                "--type=json",
+                "-p",
+                r#"[{"op": "remove", "path": "/data/api_key"}]"#,
+            ])
+            .run()
+            .ok();
+        until("removed key gone", || {
+            watch.check("iomete-secret-store-finance", "api_key") == StoreCheck::MissingKey
+        })
+        .await;
+        assert_eq!(
+            watch.keys("iomete-secret-store-finance"),
+            Some(vec!["db_password".to_owned(), "new_key".to_owned()])
+        );
+        k.kubectl()
+            .ns(&ns)
+            .args([
+                "patch",
+                "secret",
+                "iomete-secret-store-hr",
+                "--type=json",
+                "-p",
+                r#"[{"op": "remove", "path": "/data"}]"#,
+            ])
+            .run()
+            .ok();
+        until("store emptied", || {
+            watch.keys("iomete-secret-store-hr") == Some(Vec::new())
+        })
+        .await;
+        assert_eq!(
+            watch.check("iomete-secret-store-hr", "payroll"),
+            StoreCheck::MissingKey
+        );
         k.kubectl()
             .ns(&ns)
             .args(["delete", "secret", "iomete-secret-store-finance"])
@@ -1581,6 +1615,7 @@ fn subject_access_reviews_are_decided_by_real_rbac() {
     let ns = k.namespace("sar");
     let domain = unique("dom");
     let group = unique("grp");
+    let dangling = unique("grp");
     // An ordinary Role grants `use` on one domain to one group.
     k.apply(
         &json!({"apiVersion": "v1", "kind": "List", "items": [
@@ -1591,7 +1626,12 @@ fn subject_access_reviews_are_decided_by_real_rbac() {
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
              "metadata": {"name": "use-domain", "namespace": ns},
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "use-domain"},
-             "subjects": [{"kind": "Group", "name": group, "apiGroup": "rbac.authorization.k8s.io"}]}]})
+             "subjects": [{"kind": "Group", "name": group, "apiGroup": "rbac.authorization.k8s.io"}]},
+            // A binding whose Role was deleted (or never made): RBAC cannot resolve it.
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "dangling", "namespace": ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "deleted-role"},
+             "subjects": [{"kind": "Group", "name": dangling, "apiGroup": "rbac.authorization.k8s.io"}]}]})
         .to_string(),
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -1608,6 +1648,7 @@ fn subject_access_reviews_are_decided_by_real_rbac() {
         let Decision::Deny(text) = sar.check_use(&bob, &resource, soon()).await else {
             panic!("bob must be denied")
         };
+        let bob_text = text.clone();
         assert!(
             text.starts_with(&format!(
                 "user \"bob\" lacks Use on domain \"{domain}\" (Kubernetes RBAC: verb \"use\" on domains.secrets.iomete.com \"{domain}\" in namespace \"{ns}\""
@@ -1615,6 +1656,37 @@ fn subject_access_reviews_are_decided_by_real_rbac() {
             "{text}"
         );
         assert!(text.ends_with("a platform admin can grant it with a Role and RoleBinding"), "{text}");
+
+        // The answers themselves, field for field, as the fake (tests/support/fake_apiserver.rs,
+        // `SarAnswer`) writes them: RBAC never sets `denied`, and an unresolvable binding shows
+        // in `reason`, not in `evaluationError`.
+        let carol = Identity::new("carol", vec![dangling.clone()]);
+        let sars: kube::Api<k8s_openapi::api::authorization::v1::SubjectAccessReview> =
+            kube::Api::all(k.client().await);
+        let status = |who: &Identity| {
+            let review = sar.review_for_permission(who, secrets_webhook::authz::Permission::Use, &resource);
+            let sars = sars.clone();
+            async move {
+                let answer = sars.create(&Default::default(), &review).await.expect("SAR");
+                serde_json::to_value(answer.status.expect("status")).unwrap()
+            }
+        };
+        assert_eq!(status(&alice).await["allowed"], true);
+        let bobs = status(&bob).await;
+        assert_eq!(bobs, json!({"allowed": false}), "a user no rule mentions");
+        let carols = status(&carol).await;
+        assert_eq!(carols["allowed"], false, "{carols}");
+        assert!(carols.get("denied").is_none() && carols.get("evaluationError").is_none(), "{carols}");
+        assert!(
+            // The authorizer chain may prefix its name ("rbac: RBAC: ...").
+            carols["reason"].as_str().is_some_and(|r| r.contains("RBAC: ") && r.contains("\"deleted-role\" not found")),
+            "{carols}"
+        );
+        // Denied, with the same text as anyone else's: the reason names a binding, it is logged.
+        let Decision::Deny(text) = sar.check_use(&carol, &resource, soon()).await else {
+            panic!("carol must be denied")
+        };
+        assert_eq!(text, bob_text.replace("\"bob\"", "\"carol\""));
     });
 }
 

@@ -8,7 +8,9 @@ mod support;
 use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
@@ -104,6 +106,43 @@ async fn recovers_when_the_server_closes_the_watch() {
     })
     .await;
     assert!(watches() > before, "the watcher watched again");
+}
+
+/// After a watch ends, the store watch resumes from the last event it saw (its object's
+/// resourceVersion), not from the older listing: nothing is replayed, and a short watch history
+/// on the server cannot force a relist.
+#[tokio::test]
+async fn resumes_from_the_last_event_it_saw() {
+    let (api, watch) = watched().await;
+    let seen = api.put(secret(
+        NS,
+        "iomete-secret-store",
+        &[("legacy_token", "v1"), ("latest", "v")],
+    ));
+    eventually("the event seen", || {
+        watch.check("iomete-secret-store", "latest") == StoreCheck::Present
+    })
+    .await;
+    api.clear_log();
+    api.close_watches();
+    eventually("watching again", || {
+        api.requests()
+            .iter()
+            .any(|r| r.query.contains("watch=true"))
+    })
+    .await;
+    let rewatch = api
+        .requests()
+        .into_iter()
+        .find(|r| r.query.contains("watch=true"))
+        .expect("a new watch");
+    let rv = seen["metadata"]["resourceVersion"].as_str().unwrap();
+    assert!(
+        rewatch.query.contains(&format!("resourceVersion={rv}&"))
+            || rewatch.query.ends_with(&format!("resourceVersion={rv}")),
+        "resumed from {} instead of the last event ({rv})",
+        rewatch.query
+    );
 }
 
 #[tokio::test]
@@ -209,6 +248,9 @@ async fn fake_subject_access_review_records_and_answers() {
     api.set_sar_responder(|body| match body["spec"]["user"].as_str() {
         Some("alice") => SarAnswer::Allow,
         Some("bob") => SarAnswer::Deny("no grant".into()),
+        Some("carol") => SarAnswer::Deny(String::new()),
+        Some("dave") => SarAnswer::ExplicitDeny("denied by policy".into()),
+        Some("erin") => SarAnswer::EvaluationError("authorizer webhook unreachable".into()),
         _ => SarAnswer::Error(500),
     });
     let sars: Api<SubjectAccessReview> = Api::all(api.client());
@@ -216,29 +258,69 @@ async fn fake_subject_access_review_records_and_answers() {
         spec: SubjectAccessReviewSpec {
             user: Some(user.into()),
             groups: Some(vec!["eng".into()]),
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some("use".into()),
+                resource: Some("domains".into()),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         ..Default::default()
     };
     let pp = PostParams::default();
-    let alice = sars.create(&pp, &review("alice")).await.unwrap();
-    assert!(alice.status.unwrap().allowed);
-    let bob = sars
-        .create(&pp, &review("bob"))
-        .await
-        .unwrap()
-        .status
-        .unwrap();
-    assert!(!bob.allowed && bob.denied == Some(true) && bob.reason.as_deref() == Some("no grant"));
+    let status = |user: &'static str| {
+        let sars = sars.clone();
+        let pp = pp.clone();
+        async move {
+            let answer = sars.create(&pp, &review(user)).await.unwrap();
+            serde_json::to_value(answer.status.unwrap()).unwrap()
+        }
+    };
+    // Exactly the fields a real API server writes: RBAC never sets `denied`, and leaves out an
+    // empty reason.
+    assert_eq!(status("alice").await, json!({"allowed": true}));
+    assert_eq!(
+        status("bob").await,
+        json!({"allowed": false, "reason": "no grant"})
+    );
+    assert_eq!(status("carol").await, json!({"allowed": false}));
+    assert_eq!(
+        status("dave").await,
+        json!({"allowed": false, "denied": true, "reason": "denied by policy"})
+    );
+    assert_eq!(
+        status("erin").await,
+        json!({"allowed": false, "evaluationError": "authorizer webhook unreachable"})
+    );
     assert_eq!(
         api_error(sars.create(&pp, &review("eve")).await.unwrap_err()).code,
         500
     );
+    // Validation as the API server does it: attributes and a subject are required.
+    let mut no_attributes = review("alice");
+    no_attributes.spec.resource_attributes = None;
+    let invalid = api_error(sars.create(&pp, &no_attributes).await.unwrap_err());
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    let mut nobody = review("alice");
+    (nobody.spec.user, nobody.spec.groups) = (None, None);
+    assert_eq!(
+        api_error(sars.create(&pp, &nobody).await.unwrap_err()).code,
+        422
+    );
 
     let bodies = api.sar_requests();
-    assert_eq!(bodies.len(), 3);
+    assert_eq!(bodies.len(), 8);
     assert_eq!(bodies[0]["spec"]["user"], "alice");
     assert_eq!(bodies[0]["spec"]["groups"], json!(["eng"]));
+
+    // Without a responder: a user no RBAC rule mentions.
+    let fresh = FakeApiServer::start().await;
+    let sars: Api<SubjectAccessReview> = Api::all(fresh.client());
+    let answer = sars.create(&pp, &review("alice")).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(answer.status.unwrap()).unwrap(),
+        json!({"allowed": false})
+    );
 }
 
 #[tokio::test]
@@ -475,6 +557,108 @@ async fn fake_custom_resources_and_status_subresource() {
     assert_eq!(
         missing.message,
         "vaultconfigs.secrets.iomete.com \"nope\" not found"
+    );
+}
+
+/// A status subresource exists only where it is declared: the VaultConfig CRD declares one, the
+/// ResourceBundle CRD does not, Secrets have none (their `/status` is a 404, as on a real server);
+/// a custom resource is served only while its CRD is installed.
+#[tokio::test]
+async fn fake_status_subresource_only_where_declared() {
+    let api = FakeApiServer::start().await;
+    let not_found = "the server could not find the requested resource";
+
+    // Secrets: `/status` does not exist, whatever the verb.
+    api.put(secret("ns", "s", &[("a", "1")]));
+    let secrets: Api<Secret> = Api::namespaced(api.client(), "ns");
+    let status = Patch::Merge(json!({"status": {"phase": "x"}}));
+    let e = api_error(
+        secrets
+            .patch_status("s", &PatchParams::default(), &status)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.message.as_str()), (404, not_found));
+    let e = api_error(secrets.get_status("s").await.unwrap_err());
+    assert_eq!(e.code, 404);
+    let mut whole: Secret = secrets.get("s").await.unwrap();
+    whole.metadata.managed_fields = None;
+    let e = api_error(
+        secrets
+            .replace_status("s", &PostParams::default(), &whole)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 404);
+    // Pods have one: a status write changes only the status.
+    api.put(pod("ns", "p"));
+    let pods: Api<Pod> = Api::namespaced(api.client(), "ns");
+    let patched = pods
+        .patch_status(
+            "p",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Running"}, "spec": {"nodeName": "n1"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.status.unwrap().phase.as_deref(), Some("Running"));
+    assert_eq!(patched.spec.unwrap().node_name, None);
+
+    // ResourceBundle: no status subresource in its CRD, so `/status` is a 404 and `status` is an
+    // ordinary field of the main resource.
+    let ar = ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("secrets.iomete.com", "v1alpha1", "ResourceBundle"),
+        "resourcebundles",
+    );
+    let bundles: Api<DynamicObject> = Api::namespaced_with(api.client(), "ns", &ar);
+    let mut bundle = DynamicObject::new("b", &ar);
+    bundle.data = json!({"spec": {"domains": ["finance"]}, "status": {"note": "kept"}});
+    let created = bundles
+        .create(&PostParams::default(), &bundle)
+        .await
+        .unwrap();
+    assert_eq!(created.data["status"]["note"], "kept");
+    let e = api_error(
+        bundles
+            .patch_status("b", &PatchParams::default(), &status)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.message.as_str()), (404, not_found));
+
+    // A custom resource whose CRD is not installed is not served; installing it serves it.
+    let widgets_ar = ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("example.com", "v1", "Widget"),
+        "widgets",
+    );
+    let widgets: Api<DynamicObject> = Api::namespaced_with(api.client(), "ns", &widgets_ar);
+    let e = api_error(widgets.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!((e.code, e.message.as_str()), (404, not_found));
+    api.put(json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+                 "names": {"kind": "Widget", "plural": "widgets"},
+                 "versions": [{"name": "v1", "served": true, "storage": true,
+                               "subresources": {"status": {}}}]}
+    }));
+    assert!(
+        widgets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let v2_ar = ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("example.com", "v2", "Widget"),
+        "widgets",
+    );
+    let v2: Api<DynamicObject> = Api::namespaced_with(api.client(), "ns", &v2_ar);
+    assert_eq!(
+        api_error(v2.list(&ListParams::default()).await.unwrap_err()).code,
+        404,
+        "a version the CRD does not serve"
     );
 }
 

@@ -59,16 +59,16 @@ fn schemathesis_finds_no_failure_against_the_dev_server() {
         .arg(certs.path())
         .current_dir(repo())
         .env_remove("SECRETS_WEBHOOK_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
     let server = Server(child);
-    // The banner names the API's port.
+    // The banner (on stdout) names the API's port.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("management API: https://localhost:") {
                 let port: String = rest.chars().take_while(char::is_ascii_digit).collect();
                 let _ = tx.send(port);

@@ -525,7 +525,7 @@ async fn drain_is_bounded_when_a_request_never_finishes() {
     time_until_closed(&mut conn, Duration::from_secs(5)).await;
 }
 
-/// `secrets-webhook serve --dev` as a real process: prints where it serves and the development CA,
+/// `secrets-webhook serve --dev` as a real process: prints (on stdout) where it serves and the development CA,
 /// admits over TLS trusted by that CA, reports ready, and exits 0 on SIGTERM.
 #[tokio::test]
 async fn serve_dev_process_admits_and_exits_0_on_sigterm() {
@@ -539,17 +539,18 @@ async fn serve_dev_process_admits_and_exits_0_on_sigterm() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_secrets-webhook"))
         .args(["serve", "--dev", "--log-format", "text"])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--api-listen", "127.0.0.1:0"])
         .arg("--dev-cert-dir")
         .arg(&certs)
         .arg("--config")
         .arg(&config)
-        .stderr(Stdio::piped())
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let (lines_tx, lines) = std::sync::mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
+        for line in std::io::BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if lines_tx.send(line).is_err() {
                 break;

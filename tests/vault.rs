@@ -23,7 +23,7 @@ use secrets_webhook::refs::{SecretObject, Source, SourceType};
 use serde_json::json;
 use support::fake_apiserver::{Collection, FakeApiServer, secret as k8s_secret};
 use support::logs::captured_logs;
-use support::metrics::{backend as backend_count, cache as cache_count};
+use support::metrics::{self, backend as backend_count, cache as cache_count};
 use support::openbao::{OpenBao, ROOT_TOKEN, require_bao};
 
 const CANARY: &str = "canary-9f3b7d-db-password";
@@ -365,13 +365,17 @@ vaultConfigs:
     let text = metrics.encode();
     let misses = cache_count(&text, "vault-values", "miss");
     assert!(misses >= 2.0, "{text}");
+    // Every lookup may have joined a read (all misses, no hit series at all).
     assert_eq!(
-        cache_count(&text, "vault-values", "hit") + misses,
+        metrics::value_or_zero(&text, &metrics::cache_series("vault-values", "hit")) + misses,
         600.0,
         "{text}"
     );
     assert_eq!(backend_count(&text, "vault", "ok"), 4.0, "{text}");
-    assert_eq!(backend_count(&text, "vault", "error"), 0.0, "{text}");
+    assert!(
+        metrics::absent(&text, &metrics::backend_series("vault", "error")),
+        "{text}"
+    );
     // And later admissions within the TTL are served from the cache.
     assert!(one(&fresh, "vault-prod-finance", "user").await.is_ok());
     assert_eq!(bao.requests_to("secret/data/production") - reads_before, 1);
@@ -394,7 +398,10 @@ vaultConfigs:
     );
     let after = metrics.encode();
     assert_eq!(backend_count(&after, "vault", "not-found"), 1.0, "{after}");
-    assert_eq!(backend_count(&after, "vault", "error"), 0.0, "{after}");
+    assert!(
+        metrics::absent(&after, &metrics::backend_series("vault", "error")),
+        "{after}"
+    );
 
     // Test Connection, as the binary runs it, with a hostile environment.
     let (ok, out) = vault_check("vault-prod-finance", &config_file);
@@ -424,10 +431,7 @@ vaultConfigs:
     // No value in any log line (all crates, TRACE), while values did flow.
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(!logs.is_empty());
-    assert!(
-        !logs.contains(CANARY) && !logs.contains(CANARY_NESTED),
-        "a secret value reached the logs"
-    );
+    support::leaks::assert_no_leak(&[("the logs", &logs)], &[CANARY, CANARY_NESTED]);
     assert!(
         !logs.contains(&secret_id),
         "the AppRole secret ID reached the logs"
@@ -929,10 +933,7 @@ async fn in_cluster_configs_materialize_into_managed_secrets() {
     assert!(sealed["message"].as_str().unwrap().contains("is sealed"));
 
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
-    assert!(
-        !logs.contains(CANARY) && !logs.contains("rotated-value"),
-        "a secret value reached the logs"
-    );
+    support::leaks::assert_no_leak(&[("the logs", &logs)], &[CANARY, "rotated-value"]);
 }
 
 /// Attack: someone with `patch secrets` in a namespace swaps the value the webhook materialized
@@ -1074,7 +1075,7 @@ async fn tampered_managed_secrets_are_detected_and_rewritten() {
 
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).to_string();
     assert!(logs.contains("changed outside secrets-webhook"), "{logs}");
-    assert!(!logs.contains(CANARY) && !logs.contains("attacker-controlled"));
+    support::leaks::assert_no_leak(&[("the logs", &logs)], &[CANARY, "attacker-controlled"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1109,4 +1110,137 @@ vaultConfigs:
         )) && untrusted.to_lowercase().contains("certificate"),
         "{untrusted}"
     );
+}
+
+/// Definitive answers (here: no such secret) are served again for `negative_ttl` without asking
+/// Vault; after it, Vault is asked again and a secret created meanwhile is found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn definitive_failures_are_cached_for_the_negative_ttl_only() {
+    let _logs = captured_logs();
+    let Some(bin) = require_bao("definitive_failures_are_cached_for_the_negative_ttl_only") else {
+        return;
+    };
+    let bao = OpenBao::start(&bin).await;
+    bao.put_kv2(None, "secret", "app", json!({"k": "v"})).await;
+    let yaml = format!(
+        r#"
+vaultConfigs:
+  - {{name: v, host: "{}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
+"#,
+        bao.addr,
+        bao.file("root", ROOT_TOKEN).display(),
+    );
+    let negative_ttl = Duration::from_millis(1500);
+    let metrics = Arc::new(Metrics::new());
+    let opts = VaultOptions {
+        negative_ttl,
+        metrics: Some(metrics.clone()),
+        ..VaultOptions::default()
+    };
+    let backend = VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), opts).unwrap();
+    let path = "secret/data/app/later";
+
+    let missing = err_of(one(&backend, "v", "later#x").await);
+    let first_read = Instant::now();
+    assert_eq!(
+        missing,
+        "vault config v: no secret at secret/data/app/later; check the key, or create the secret in Vault"
+    );
+    assert_eq!(bao.requests_to(path), 1);
+
+    // Created in Vault now: within the negative TTL the cached answer stands, Vault is not asked.
+    bao.put_kv2(None, "secret", "app/later", json!({"x": "1"}))
+        .await;
+    let written = bao.requests_to(path); // the audit log counts the write too
+    assert_eq!(err_of(one(&backend, "v", "later#x").await), missing);
+    assert!(
+        first_read.elapsed() < negative_ttl,
+        "the test ran too slowly to tell"
+    );
+    assert_eq!(
+        bao.requests_to(path),
+        written,
+        "a definitive failure was not cached"
+    );
+    let text = metrics.encode();
+    assert_eq!(cache_count(&text, "vault-values", "hit"), 1.0, "{text}");
+    assert_eq!(backend_count(&text, "vault", "not-found"), 1.0, "{text}");
+
+    // Past the TTL: asked again, and found.
+    tokio::time::sleep((first_read + negative_ttl + Duration::from_millis(200)) - Instant::now())
+        .await;
+    assert!(one(&backend, "v", "later#x").await.is_ok());
+    assert_eq!(bao.requests_to(path), written + 1);
+}
+
+/// The Vault client follows no redirect: a 3xx would send the token (or an AppRole secret ID) to
+/// wherever `Location` points. A Vault address that redirects is a clear denial, and the target
+/// of the redirect never hears from the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_from_vault_are_not_followed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let target_hits = Arc::new(AtomicUsize::new(0));
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let hits = target_hits.clone();
+    let target_app = axum::Router::new().fallback(move || {
+        hits.fetch_add(1, Ordering::SeqCst);
+        async { axum::Json(json!({"data": {"data": {"k": "stolen"}}})) }
+    });
+    let target_task = tokio::spawn(async move { axum::serve(target, target_app).await });
+    let redirector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirector_addr = redirector.local_addr().unwrap();
+    let redirector_hits = Arc::new(AtomicUsize::new(0));
+    let hits = redirector_hits.clone();
+    let redirect_app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let location = format!("http://{target_addr}{uri}");
+        async move {
+            (
+                axum::http::StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, location)],
+            )
+        }
+    });
+    let redirector_task = tokio::spawn(async move { axum::serve(redirector, redirect_app).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s.token-that-must-stay-home").unwrap();
+    let secret_id = dir.path().join("secret-id");
+    std::fs::write(&secret_id, "secret-id-that-must-stay-home").unwrap();
+    let yaml = format!(
+        r#"
+vaultConfigs:
+  - {{name: tok, host: "http://{redirector_addr}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
+  - {{name: role, host: "http://{redirector_addr}", path: /v1/secret/data/app, resourceBundle: b, auth: {{appRole: {{roleId: r, secretIdFile: "{}"}}}}}}
+"#,
+        token.display(),
+        secret_id.display(),
+    );
+    let backend =
+        VaultBackend::from_local(&parse_configs(&yaml), Naming::default(), uncached()).unwrap();
+    for config in ["tok", "role"] {
+        let denial = err_of(one(&backend, config, "k").await);
+        assert_eq!(
+            denial,
+            format!(
+                "vault config {config}: Vault at http://{redirector_addr} answered with a redirect \
+                 (HTTP 307), which is not followed (it would carry the credentials to another \
+                 address); set the VaultConfig host to the address that serves requests itself (the \
+                 active node or its load balancer)"
+            )
+        );
+    }
+    assert!(
+        redirector_hits.load(Ordering::SeqCst) >= 2,
+        "Vault was asked"
+    );
+    assert_eq!(
+        target_hits.load(Ordering::SeqCst),
+        0,
+        "a redirect was followed: the token went to another address"
+    );
+    target_task.abort();
+    redirector_task.abort();
 }

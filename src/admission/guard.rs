@@ -446,19 +446,27 @@ mod tests {
             "spec": {"containers": [{"name": "c",
                 "env": [{"name": "hunter2 pasted", "valueFrom": {"secretKeyRef":
                     {"name": "iomete-secret-store-finance", "key": "s3cr3t value"}}}]}],
-                "volumes": [{"name": "my password", "secret": {"secretName": "iomete-vault-x"}}]}
+                "volumes": [{"name": "my password", "secret": {"secretName": "iomete-vault-x"}},
+                    {"name": "pasted t0ken", "projected": {"sources": [
+                        {"secret": {"name": "iomete-secret-store-finance"}}]}}]}
         }));
         let text = check(&p, &Naming::default(), &BTreeSet::new())
             .unwrap_err()
             .to_string();
         assert!(
-            !text.contains("hunter2") && !text.contains("s3cr3t") && !text.contains("password"),
+            !text.contains("hunter2")
+                && !text.contains("s3cr3t")
+                && !text.contains("password")
+                && !text.contains("t0ken"),
             "{text}"
         );
-        assert!(
-            text.contains("containers[0].env[an invalid name]"),
-            "{text}"
-        );
+        for place in [
+            "containers[0].env[an invalid name]",
+            "volumes[an invalid name].secret",
+            "volumes[an invalid name].projected.sources[0].secret",
+        ] {
+            assert!(text.contains(place), "{place}: {text}");
+        }
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub enum BuildError {
 pub struct Denial {
     pub reason: &'static str,
     pub message: String,
+    /// The username the pod would have been admitted for, once resolved (for the log line).
+    pub identity: Option<String>,
     /// Audit annotations known at the time of the denial (the resolved identity).
     pub audit: HashMap<String, String>,
 }
@@ -96,12 +98,14 @@ impl Denial {
         Self {
             reason,
             message: message.into(),
+            identity: None,
             audit: HashMap::new(),
         }
     }
 
     /// Records who the denied pod was admitted for.
     fn for_identity(mut self, resolved: &identity::Resolved) -> Self {
+        self.identity = Some(resolved.identity.username.clone());
         self.audit = identity::audit_annotations(Some(resolved), "denied");
         self
     }
@@ -257,7 +261,7 @@ impl Webhook {
             },
             Some(kind) => match parse_dynamic(body) {
                 Ok(req) if matches!(kind, "SparkApplication" | "ScheduledSparkApplication") => {
-                    self.validate_spark_application(&req, kind)
+                    self.validate_spark_application(&req, kind, started)
                 }
                 // Nothing else is registered; nothing to say about it.
                 Ok(req) => (AdmissionResponse::from(&req), "allowed"),
@@ -276,6 +280,7 @@ impl Webhook {
         &self,
         req: &AdmissionRequest<DynamicObject>,
         kind: &str,
+        started: Instant,
     ) -> (AdmissionResponse, &'static str) {
         let value =
             |o: &Option<DynamicObject>| o.as_ref().and_then(|o| serde_json::to_value(o).ok());
@@ -295,17 +300,26 @@ impl Webhook {
             _ => Ok(()),
         };
         let mut response = AdmissionResponse::from(req);
-        let name = req.name.as_str();
+        // The same fields as a pod's admission line (docs/logging.md), plus `kind` and `name`; the
+        // denial in `denial`: a field named `message` would repeat the line's own key.
+        let name =
+            refs::plain_name(&req.name).map_or_else(|| refs::shape(&req.name), str::to_owned);
+        let name = name.as_str();
+        let namespace = req.namespace.as_deref().unwrap_or("");
+        let identity = req.user_info.username.as_deref().unwrap_or("");
+        let duration_ms = || started.elapsed().as_secs_f64() * 1e3;
         match checked {
             Ok(()) => {
-                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""),
-                    kind, name, decision = "allowed", "admission");
+                tracing::info!(uid = %req.uid, namespace, pod = "", kind, name, identity,
+                    workload = "none", decision = "allowed", ops = 0, duration_ms = duration_ms(),
+                    "admission");
                 (response, "allowed")
             }
             Err(errors) => {
                 let message = lines(errors.iter().map(ToString::to_string));
-                tracing::info!(uid = %req.uid, namespace = req.namespace.as_deref().unwrap_or(""),
-                    kind, name, decision = "denied", reason = "run-as", %message, "admission");
+                tracing::info!(uid = %req.uid, namespace, pod = "", kind, name, identity,
+                    workload = "none", decision = "denied", reason = "run-as", denial = %message,
+                    duration_ms = duration_ms(), "admission");
                 self.metrics.denial("run-as");
                 response.allowed = false;
                 response.result = Status::failure(&message, "Forbidden").with_code(403);
@@ -387,9 +401,16 @@ impl Webhook {
                 outcome.workload
             }
             Err(denial) => {
+                // The workload as classified, even when the denial came before or without it.
+                let workload = req.object.as_ref().and_then(|pod| {
+                    let classified = workload::classify(pod, &self.settings.selectors);
+                    classified.ok().flatten().map(|w| w.kind)
+                });
                 tracing::info!(
-                    uid = %req.uid, namespace, pod = %pod_name, decision = "denied",
-                    reason = denial.reason, message = %denial.message,
+                    uid = %req.uid, namespace, pod = %pod_name,
+                    identity = denial.identity.as_deref().unwrap_or(""),
+                    workload = workload.map_or("none", WorkloadKind::as_str),
+                    decision = "denied", reason = denial.reason, denial = %denial.message,
                     duration_ms = started.elapsed().as_secs_f64() * 1e3,
                     "admission"
                 );
@@ -400,7 +421,7 @@ impl Webhook {
                 response
                     .audit_annotations
                     .insert("decision".into(), format!("denied: {}", denial.reason));
-                None
+                workload
             }
         };
         (response, workload)

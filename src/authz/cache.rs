@@ -587,4 +587,73 @@ mod tests {
         );
         assert_eq!(authz.inner().calls.load(Ordering::SeqCst), 1);
     }
+
+    #[tokio::test]
+    async fn ready_follows_the_inner_authorizer() {
+        struct Unloaded;
+        #[async_trait]
+        impl CheckUse for Unloaded {
+            async fn check(&self, _: &Identity, _: &Resource) -> Outcome {
+                Err(AuthzError::Unreachable("not loaded".into()))
+            }
+            fn ready(&self) -> bool {
+                false
+            }
+        }
+        let loaded = cached(Duration::ZERO, CacheSettings::default());
+        assert!(Authorizer::ready(&*loaded));
+        let unloaded = CachedAuthorizer::new(Unloaded, CacheSettings::default());
+        assert!(!Authorizer::ready(&unloaded));
+    }
+
+    /// A full cache first drops what has expired; if that frees no room, it starts over. Live
+    /// entries stay served either way until then.
+    #[tokio::test]
+    async fn a_full_cache_drops_expired_entries_first_then_everything() {
+        let keep_for = |v: &&'static str| match *v {
+            "short" => Some(Duration::from_millis(20)),
+            _ => Some(Duration::from_secs(60)),
+        };
+        let flights: Arc<SingleFlight<&'static str, &'static str>> = SingleFlight::new(2, keep_for);
+        let computed = Arc::new(AtomicUsize::new(0));
+        let get = |key: &'static str, value: &'static str| {
+            let (flights, computed) = (Arc::clone(&flights), Arc::clone(&computed));
+            async move {
+                let start = move || -> BoxFuture<'static, &'static str> {
+                    computed.fetch_add(1, Ordering::SeqCst);
+                    Box::pin(async move { value })
+                };
+                flights.get(key, soon(), start).await
+            }
+        };
+        assert_eq!(get("a", "short").await, Ok("short"));
+        assert_eq!(get("b", "long").await, Ok("long"));
+        assert_eq!(flights.cached_len(), 2);
+        // Both live: served from the cache.
+        assert_eq!(get("b", "other").await, Ok("long"));
+        assert_eq!(computed.load(Ordering::SeqCst), 2);
+        // "a" expires; a third key makes room by dropping it, and "b" stays cached.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert_eq!(get("c", "long").await, Ok("long"));
+        assert_eq!(flights.cached_len(), 2);
+        assert_eq!(get("b", "other").await, Ok("long"));
+        assert_eq!(computed.load(Ordering::SeqCst), 3);
+        // Nothing expired and no room: everything goes, the new entry stays.
+        assert_eq!(get("d", "long").await, Ok("long"));
+        assert_eq!(flights.cached_len(), 1);
+        assert_eq!(get("b", "recomputed").await, Ok("recomputed"));
+    }
+
+    /// A computation that dies (its task panics) gives its callers `Lost`, and the next caller
+    /// starts a new one instead of waiting on the dead one.
+    #[tokio::test]
+    async fn a_lost_computation_is_retired_for_the_next_caller() {
+        let flights: Arc<SingleFlight<&'static str, u32>> =
+            SingleFlight::new(10, |_| Some(Duration::from_secs(60)));
+        let dies = || -> BoxFuture<'static, u32> { Box::pin(async { panic!("the check died") }) };
+        assert_eq!(flights.get("k", soon(), dies).await, Err(FlightError::Lost));
+        assert_eq!(flights.cached_len(), 0);
+        let works = || -> BoxFuture<'static, u32> { Box::pin(async { 7 }) };
+        assert_eq!(flights.get("k", soon(), works).await, Ok(7));
+    }
 }

@@ -526,9 +526,35 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_name_or_generate_name_counts_as_absent() {
+        let mut pod = fixture("spark35-driver-submit.json");
+        // The API server generates a name for `name: ""`: the signature must bind generateName.
+        pod.metadata.name = Some(String::new());
+        pod.metadata.generate_name = Some("spark-pi-".into());
+        assert_eq!(
+            Subject::of_new_pod(&pod, "default").name,
+            PodName::GenerateName("spark-pi-")
+        );
+        // Neither: no generated name to bind either.
+        pod.metadata.name = None;
+        pod.metadata.generate_name = Some(String::new());
+        assert_eq!(Subject::of_new_pod(&pod, "default").name, PodName::Name(""));
+    }
+
+    #[test]
     fn service_account_defaults_like_the_api_server() {
         let mut pod = fixture("spark35-driver-submit.json");
         assert_eq!(service_account(&pod), "spark");
+        let spec = pod.spec.as_mut().unwrap();
+        // serviceAccountName wins over the deprecated serviceAccount; an empty one is absent.
+        spec.service_account = Some("legacy".into());
+        assert_eq!(service_account(&pod), "spark");
+        let spec = pod.spec.as_mut().unwrap();
+        spec.service_account_name = Some(String::new());
+        assert_eq!(service_account(&pod), "legacy");
+        let spec = pod.spec.as_mut().unwrap();
+        spec.service_account = Some(String::new());
+        assert_eq!(service_account(&pod), "default");
         let spec = pod.spec.as_mut().unwrap();
         spec.service_account_name = None;
         spec.service_account = None;

@@ -30,7 +30,6 @@ const WINDOW: Duration = Duration::from_secs(10);
 /// Installs the subscriber for `serve`: level from `RUST_LOG` (default `info`), `json` or `text`.
 /// An already installed subscriber (e.g. in a test binary) is kept.
 pub fn init(format: &str) -> anyhow::Result<()> {
-    use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let json = match format {
         "json" => true,
@@ -42,16 +41,37 @@ pub fn init(format: &str) -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = subscriber(json, filter, std::io::stderr).try_init();
+    Ok(())
+}
+
+/// The production JSON subscriber writing to `writer`: tests install it to search the lines
+/// production writes (`docs/logging.md` lists their fields).
+pub fn json_subscriber<W>(
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    subscriber(true, filter, writer)
+}
+
+fn subscriber<W>(
+    json: bool,
+    filter: tracing_subscriber::EnvFilter,
+    writer: W,
+) -> impl Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt as _;
     let layer = tracing_subscriber::fmt::layer()
         .event_format(Lines::new(json))
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // A suppressed warning is a formatting "error"; it must not be reported as one.
         .log_internal_errors(false);
-    let _ = tracing_subscriber::registry()
-        .with(filter)
-        .with(layer)
-        .try_init();
-    Ok(())
+    tracing_subscriber::registry().with(filter).with(layer)
 }
 
 /// The event formatter: one line per event, fields clipped, warnings rate-limited.
@@ -223,11 +243,10 @@ fn json_line(timestamp: &str, meta: &tracing::Metadata<'_>, fields: &Fields) -> 
     json_string(&mut line, timestamp);
     line.push_str(",\"level\":");
     json_string(&mut line, meta.level().as_str());
-    line.push_str(",\"fields\":{");
-    for (i, (name, value)) in fields.fields.iter().enumerate() {
-        if i > 0 {
-            line.push(',');
-        }
+    // Flat: the event's fields sit next to the fixed keys (docs/logging.md); tests/docs.rs keeps
+    // fields from repeating a fixed key.
+    for (name, value) in &fields.fields {
+        line.push(',');
         json_string(&mut line, name);
         line.push(':');
         match value {
@@ -238,7 +257,7 @@ fn json_line(timestamp: &str, meta: &tracing::Metadata<'_>, fields: &Fields) -> 
     if fields.dropped > 0 {
         let _ = write!(line, ",\"fields_left_out\":{}", fields.dropped);
     }
-    line.push_str("},\"target\":");
+    line.push_str(",\"target\":");
     json_string(&mut line, meta.target());
     line.push_str("}\n");
     line
@@ -383,13 +402,13 @@ mod tests {
         let pod = "p\n".repeat(100_000);
         let message = "m".repeat(100_000);
         let lines = capture(true, || {
-            tracing::info!(uid = %uid, pod = pod.as_str(), namespace = ?pod, message = %message, ops = 3, "admission");
+            tracing::info!(uid = %uid, pod = pod.as_str(), namespace = ?pod, error = %message, ops = 3, "admission");
         });
         assert_eq!(lines.len(), 1);
         let line = &lines[0];
         assert!(line.len() < 64 * 1024, "{} bytes", line.len());
         let parsed: serde_json::Value = serde_json::from_str(line).unwrap();
-        let fields = &parsed["fields"];
+        let fields = &parsed;
         let uid_logged = fields["uid"].as_str().unwrap();
         assert!(uid_logged.starts_with("uuu") && uid_logged.ends_with("…[clipped]"));
         assert!(uid_logged.len() <= FIELD_MAX + "…[clipped]".len());

@@ -620,7 +620,8 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(ca) = dev_ca {
         let port = bound.addr().port();
         let ca = ca.display();
-        eprintln!(
+        // On stdout: stderr carries only log lines (one JSON object each, docs/logging.md).
+        println!(
             "secrets-webhook --dev: https://localhost:{port}/mutate (development CA: {ca})\n\
              admin: http://{admin}/readyz\n\
              try:\n  curl --cacert {ca} -H 'content-type: application/json' \
@@ -629,7 +630,7 @@ async fn serve_main(args: ServeArgs) -> anyhow::Result<()> {
         );
         if let Some(api) = bound.api_addr() {
             let port = api.port();
-            eprintln!(
+            println!(
                 "management API: https://localhost:{port}/api/v1 (OpenAPI: /api/v1/openapi.json), \
                  console: https://localhost:{port}/console/\n\
                  --dev: changes go to an in-memory store and are lost at exit; sign in with a \

@@ -73,26 +73,35 @@ impl ServerProcess {
             .arg(&config)
             .args(extra)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command.spawn()?;
         let stderr = child.stderr.take().ok_or("no stderr")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        let collected = lines.clone();
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut line = Vec::new();
-            while let Ok(n) = reader.read_until(b'\n', &mut line) {
-                if n == 0 {
-                    break;
+        // The `--dev` banner (port, admin address) is on stdout; stderr holds only log lines.
+        let read = |from: Box<dyn std::io::Read + Send>,
+                    keep: Option<Arc<Mutex<Vec<String>>>>,
+                    tx: std::sync::mpsc::Sender<String>| {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(from);
+                let mut line = Vec::new();
+                while let Ok(n) = reader.read_until(b'\n', &mut line) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                    let _ = tx.send(text.clone());
+                    if let Some(keep) = &keep {
+                        keep.lock().unwrap().push(text);
+                    }
+                    line.clear();
                 }
-                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
-                let _ = tx.send(text.clone());
-                collected.lock().unwrap().push(text);
-                line.clear();
-            }
-        });
+            });
+        };
+        read(Box::new(stderr), Some(lines.clone()), tx.clone());
+        read(Box::new(stdout), None, tx);
         let (mut port, mut admin) = (None, None);
         let deadline = Instant::now() + Duration::from_secs(60);
         while port.is_none() || admin.is_none() {

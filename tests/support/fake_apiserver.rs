@@ -34,6 +34,49 @@ use tokio::time::Instant;
 /// Watch history kept for replay; a watch from an older resourceVersion gets 410 Expired.
 const HISTORY: usize = 10_000;
 
+/// Built-in resources with a `status` subresource (as a real API server serves them). Others,
+/// Secrets and ConfigMaps among them, answer `404` to `/status`.
+const STATUS_SUBRESOURCE: &[(&str, &str)] = &[
+    ("api/v1", "pods"),
+    ("api/v1", "namespaces"),
+    ("api/v1", "services"),
+    ("api/v1", "nodes"),
+    ("api/v1", "persistentvolumeclaims"),
+    ("apis/apps/v1", "deployments"),
+    ("apis/apps/v1", "statefulsets"),
+    ("apis/apps/v1", "daemonsets"),
+    ("apis/apps/v1", "replicasets"),
+    ("apis/batch/v1", "jobs"),
+    ("apis/apiextensions.k8s.io/v1", "customresourcedefinitions"),
+];
+
+/// Non-`*.k8s.io` API groups the API server serves without a CRD.
+const BUILT_IN_GROUPS: &[&str] = &["apps", "batch", "policy", "autoscaling"];
+
+/// Where CRDs live; a custom resource is served only while its CRD is stored here.
+fn crds() -> Collection {
+    Collection::new("apiextensions.k8s.io/v1", "customresourcedefinitions")
+}
+
+/// The CRDs this repository ships (`manifests/base/crds`), installed in every fake at start.
+fn shipped_crds() -> Vec<Json> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/base/crds");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("manifests/base/crds")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).expect("a CRD file");
+            serde_yaml::from_str(&text).expect("a CRD in YAML")
+        })
+        .collect()
+}
+
 /// One collection: `api/v1` + `secrets`, `apis/secrets.iomete.com/v1alpha1` + `vaultconfigs`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Collection {
@@ -78,10 +121,10 @@ impl Collection {
     fn is_core(&self) -> bool {
         self.prefix.starts_with("api/")
     }
-    /// Custom resources and Pods have a `status` subresource: API writes to the main resource
-    /// keep the stored status, writes to `/status` change only the status.
-    fn has_status(&self) -> bool {
-        !self.is_core() || self.plural == "pods"
+    /// Groups served by the API server itself; every other group needs a registered CRD.
+    fn is_built_in(&self) -> bool {
+        let group = self.group();
+        self.is_core() || group.ends_with(".k8s.io") || BUILT_IN_GROUPS.contains(&group)
     }
     /// How the API server names it in messages: `secrets`, `vaultconfigs.secrets.iomete.com`.
     fn qualified(&self) -> String {
@@ -128,11 +171,22 @@ pub struct Logged {
     pub body: Option<Json>,
 }
 
-/// Answer of the SubjectAccessReview responder.
+/// Answer of the SubjectAccessReview responder, written as a real API server writes `status`.
 #[derive(Clone, Debug)]
 pub enum SarAnswer {
+    /// `{"allowed": true}`.
     Allow,
+    /// What RBAC answers when no rule allows: `{"allowed": false, "reason": ...}`, **no**
+    /// `denied` field (RBAC never denies, it only has no opinion); an empty reason is left out.
+    /// A binding RBAC cannot resolve (one naming a missing Role) shows in the reason:
+    /// `RBAC: role.rbac.authorization.k8s.io "x" not found`.
     Deny(String),
+    /// An authorizer that denies outright (a webhook authorizer):
+    /// `{"allowed": false, "denied": true, "reason": ...}`.
+    ExplicitDeny(String),
+    /// An authorizer that failed (a webhook authorizer it could not reach) while none allowed:
+    /// `{"allowed": false, "evaluationError": ...}`.
+    EvaluationError(String),
     /// Answer the request with this HTTP status and a `Status` body.
     Error(u16),
 }
@@ -267,7 +321,7 @@ impl FakeApiServer {
             ("serviceaccounts", "ServiceAccount"),
         ];
         let kinds = kinds.map(|(p, k)| (Collection::new("v1", p), k.to_owned()));
-        let no_responder = "fake API server: no SubjectAccessReview responder set";
+
         let inner = Inner {
             rv: 1,
             uid: 0,
@@ -277,7 +331,8 @@ impl FakeApiServer {
             kinds: kinds.into_iter().collect(),
             log: Vec::new(),
             faults: Vec::new(),
-            sar: Arc::new(move |_| SarAnswer::Deny(no_responder.into())),
+            // A user no RBAC rule mentions.
+            sar: Arc::new(|_| SarAnswer::Deny(String::new())),
             tokens: HashMap::new(),
         };
         let shared = Arc::new(Shared {
@@ -300,7 +355,11 @@ impl FakeApiServer {
                 conns.spawn(async move { http.serve_connection(TokioIo::new(stream), svc).await });
             }
         });
-        Self { addr, shared, task }
+        let api = Self { addr, shared, task };
+        for crd in shipped_crds() {
+            api.put(crd);
+        }
+        api
     }
 
     pub fn url(&self) -> String {
@@ -359,6 +418,11 @@ impl FakeApiServer {
         all.filter(|(k, _)| &k.coll == coll)
             .map(|(_, v)| v.clone())
             .collect()
+    }
+
+    /// Every stored object, of every collection.
+    pub fn all_objects(&self) -> Vec<Json> {
+        self.shared.lock().objects.values().cloned().collect()
     }
 
     /// The latest resourceVersion handed out.
@@ -603,6 +667,26 @@ impl Inner {
         Some(object)
     }
 
+    /// Whether the API serves `coll` (`None`: it does not, e.g. a custom resource without a
+    /// stored CRD serving that version) and whether it has a `status` subresource.
+    fn status_subresource(&self, coll: &Collection) -> Option<bool> {
+        if coll.is_built_in() {
+            let key = (coll.prefix.as_str(), coll.plural.as_str());
+            return Some(STATUS_SUBRESOURCE.contains(&key));
+        }
+        let version = coll.prefix.rsplit('/').next().unwrap_or("");
+        let crds = crds();
+        let stored = self.objects.iter().filter(|(k, _)| k.coll == crds);
+        stored.map(|(_, crd)| &crd["spec"]).find_map(|spec| {
+            if spec["group"] != coll.group() || spec["names"]["plural"] != coll.plural.as_str() {
+                return None;
+            }
+            let mut versions = spec["versions"].as_array()?.iter();
+            let served = versions.find(|v| v["name"] == version && v["served"] != json!(false))?;
+            Some(served["subresources"]["status"].is_object())
+        })
+    }
+
     fn take_fault(&mut self, method: &Method, path: &str, watch: bool) -> Option<FaultAction> {
         let fault = self
             .faults
@@ -624,6 +708,8 @@ struct Target {
     name: Option<String>,
     sub: Option<String>,
     dry_run: bool,
+    /// The resource has a `status` subresource (main writes keep the stored status).
+    has_status: bool,
 }
 
 impl Target {
@@ -654,6 +740,7 @@ impl Target {
             name,
             sub,
             dry_run,
+            has_status: false,
         })
     }
 
@@ -767,10 +854,30 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Reply, In
         None => {}
     }
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
-    let Some(target) = Target::parse(&path, dry_run) else {
+    let not_served = || {
         let message = "the server could not find the requested resource";
-        return Ok(fail(404, "NotFound", message.into()));
+        Ok(fail(404, "NotFound", message.into()))
     };
+    let Some(mut target) = Target::parse(&path, dry_run) else {
+        return not_served();
+    };
+    // Only what the server serves: built-in resources and custom resources with a stored CRD;
+    // of subresources only `status`, and only where it is declared (not on Secrets, say).
+    match shared.lock().status_subresource(&target.coll) {
+        None => return not_served(),
+        Some(has_status) => target.has_status = has_status,
+    }
+    match target.sub.as_deref() {
+        None => {}
+        Some("status") if target.has_status => match method {
+            Method::GET | Method::PUT | Method::PATCH => {}
+            _ => {
+                let message = format!("{method} is not supported on {path}");
+                return Ok(fail(405, "MethodNotAllowed", message));
+            }
+        },
+        Some(_) => return not_served(),
+    }
     let ctype = parts
         .headers
         .get("content-type")
@@ -951,7 +1058,7 @@ fn create(shared: &Shared, target: &Target, body: Option<Json>) -> Reply {
             &status_body(409, "AlreadyExists", message, details(&key)),
         );
     }
-    if target.coll.has_status() && !target.coll.is_core() {
+    if target.has_status {
         object.as_object_mut().map(|m| m.remove("status"));
     }
     reply(201, &inner.store(shared, key, object, None, target.dry_run))
@@ -971,7 +1078,7 @@ fn update(shared: &Shared, inner: &mut Inner, target: &Target, mut new: Json, ol
         let status = new["status"].take();
         new = old.clone();
         new["status"] = status;
-    } else if key.coll.has_status() {
+    } else if target.has_status {
         new["status"] = old["status"].clone();
         if new["status"].is_null() {
             new.as_object_mut().map(|m| m.remove("status"));
@@ -1072,10 +1179,38 @@ fn subject_access_review(shared: &Shared, body: Option<Json>) -> Reply {
     let Some(mut review) = body.filter(Json::is_object) else {
         return bad_request("the request body is not a JSON object");
     };
+    // The API server's validation of a SubjectAccessReview spec.
+    let spec = &review["spec"];
+    let attributes = [&spec["resourceAttributes"], &spec["nonResourceAttributes"]];
+    let problem = if attributes.iter().all(|a| a.is_null()) {
+        Some(
+            "spec.resourceAttributes: Invalid value: \"null\": exactly one of nonResourceAttributes or resourceAttributes must be specified",
+        )
+    } else if attributes.iter().all(|a| !a.is_null()) {
+        Some(
+            "spec.nonResourceAttributes: Invalid value: \"null\": cannot be specified in combination with resourceAttributes",
+        )
+    } else if spec["user"].as_str().is_none_or(str::is_empty)
+        && spec["groups"].as_array().is_none_or(Vec::is_empty)
+    {
+        Some("spec.user: Invalid value: \"\": at least one of user or group must be specified")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        let message =
+            format!("SubjectAccessReview.authorization.k8s.io \"\" is invalid: {problem}");
+        return fail(422, "Invalid", message);
+    }
     let responder = shared.lock().sar.clone();
     let status = match responder(&review) {
         SarAnswer::Allow => json!({"allowed": true}),
-        SarAnswer::Deny(reason) => json!({"allowed": false, "denied": true, "reason": reason}),
+        SarAnswer::Deny(reason) if reason.is_empty() => json!({"allowed": false}),
+        SarAnswer::Deny(reason) => json!({"allowed": false, "reason": reason}),
+        SarAnswer::ExplicitDeny(reason) => {
+            json!({"allowed": false, "denied": true, "reason": reason})
+        }
+        SarAnswer::EvaluationError(error) => json!({"allowed": false, "evaluationError": error}),
         SarAnswer::Error(code) => {
             let message = format!("SubjectAccessReview failed: HTTP {code}");
             return fail(code, reason_for(code), message);

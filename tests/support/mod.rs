@@ -5,6 +5,7 @@ pub mod api;
 pub mod cel_policy;
 pub mod fake_apiserver;
 pub mod kube_e2e;
+pub mod leaks;
 pub mod logs;
 pub mod metrics;
 pub mod openbao;

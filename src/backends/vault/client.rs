@@ -347,6 +347,7 @@ impl Conn {
                 },
                 503 if is_sealed(&errors) => VaultError::Sealed { config, host },
                 412 | 429 | 503 => VaultError::Unavailable { config, host, code },
+                300..=399 => VaultError::Redirected { config, host, code },
                 _ => VaultError::Server {
                     config,
                     host,

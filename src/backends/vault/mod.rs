@@ -149,6 +149,14 @@ pub enum VaultError {
         path: String,
         version: u64,
     },
+    #[error(
+        "vault config {config}: Vault at {host} answered with a redirect (HTTP {code}), which is not followed (it would carry the credentials to another address); set the VaultConfig host to the address that serves requests itself (the active node or its load balancer)"
+    )]
+    Redirected {
+        config: String,
+        host: String,
+        code: u16,
+    },
     #[error("vault config {config}: Vault at {host} answered HTTP {code} ({detail})")]
     Server {
         config: String,
@@ -214,6 +222,7 @@ impl VaultError {
             VaultError::Timeout { .. } | VaultError::OutOfTime { .. } => "Timeout",
             VaultError::Sealed { .. } => "Sealed",
             VaultError::Unavailable { .. } | VaultError::Server { .. } => "VaultError",
+            VaultError::Redirected { .. } => "Redirected",
             VaultError::PermissionDenied { .. } => "PermissionDenied",
             VaultError::NoMount { .. } | VaultError::NotKv { .. } => "NotKvV2",
             VaultError::KvV1 { .. } => "KvV1Unsupported",

@@ -45,9 +45,10 @@ pub struct VaultConfigResourceSpec {
     pub ca_cert: Option<String>,
     /// Exactly one of `appRole` (recommended) or `token`.
     pub auth: ClusterAuth,
-    /// How values reach pods: `runtime` (default; fetched by the pod at start, never stored) or
-    /// `materialize` (copied into a Secret of the pod's namespace).
-    #[serde(default)]
+    /// How values reach pods: `runtime` (fetched by the pod at start, never stored) or
+    /// `materialize` (copied into a Secret of the pod's namespace). Absent: materialize, the
+    /// meaning every config had before the field existed (see [`Delivery::unset`]).
+    #[serde(default = "Delivery::unset")]
     pub delivery: Delivery,
 }
 
@@ -78,6 +79,15 @@ pub enum Delivery {
 }
 
 impl Delivery {
+    /// What a stored config that does not name `delivery` means: materialize. Configs written
+    /// before the field existed must keep working after an upgrade (a default of runtime would
+    /// switch them to the wrapper and broker at once, and deny pods whose images are not in the
+    /// entrypoint table). New configs get runtime from whatever writes them: the management API
+    /// and console ([`Delivery::default`]), the shipped examples and docs.
+    pub fn unset() -> Delivery {
+        Delivery::Materialize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Delivery::Runtime => "runtime",
@@ -172,8 +182,8 @@ pub struct VaultConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_file: Option<PathBuf>,
     pub auth: LocalAuth,
-    /// `runtime` (default) or `materialize`, as in the CRD.
-    #[serde(default)]
+    /// `runtime` or `materialize`, as in the CRD; absent is materialize, as there.
+    #[serde(default = "Delivery::unset")]
     pub delivery: Delivery,
 }
 
@@ -435,6 +445,35 @@ mod tests {
 
     fn local(yaml: &str) -> VaultConfigSpec {
         serde_yaml::from_str(yaml).unwrap()
+    }
+
+    /// Configs stored before `delivery` existed keep materialize after an upgrade; a named
+    /// delivery is what it says; what the management API writes for a new config is runtime.
+    #[test]
+    fn a_config_that_names_no_delivery_is_materialize() {
+        let crd = |extra: &str| -> VaultConfigResourceSpec {
+            serde_json::from_str(&format!(
+                r#"{{"resourceBundle": "b", "host": "http://v", "path": "/v1/secret/data/x",
+                    "auth": {{"token": {{"secretRef": {{"name": "t", "key": "token"}}}}}}{extra}}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(crd("").delivery, Delivery::Materialize);
+        assert_eq!(
+            crd(r#", "delivery": "runtime""#).delivery,
+            Delivery::Runtime
+        );
+        assert_eq!(
+            crd(r#", "delivery": "materialize""#).delivery,
+            Delivery::Materialize
+        );
+        let base = "{name: c, host: 'http://v', path: /v1/secret/data/x, resourceBundle: b, auth: {token: {file: /t}}";
+        assert_eq!(local(&format!("{base}}}")).delivery, Delivery::Materialize);
+        assert_eq!(
+            local(&format!("{base}, delivery: runtime}}")).delivery,
+            Delivery::Runtime
+        );
+        assert_eq!(Delivery::default(), Delivery::Runtime);
     }
 
     #[test]

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Mutation testing of the security-critical code with cargo-mutants (docs/testing.md, "Mutation
+# testing"). Each scope mutates a few files and runs only the test targets that exercise them
+# without a cluster (the real-apiserver tests, tests/e2e.rs and tests/isolation.rs, are too slow
+# to run once per mutant).
+#
+#   bash scripts/mutants.sh guard identity    # the nightly scope (~20 min + ~2 h on 2 cores)
+#   bash scripts/mutants.sh all               # every scope below, one after the other
+#   bash scripts/mutants.sh authz refs ...    # some scopes
+#
+# Scopes: guard identity (stamps: its signed stamps alone) authz stores refs plan vault. Exits non-zero when a mutant survives
+# ("missed"): a test is missing, or the mutant is harmless and belongs in .cargo/mutants.toml with
+# the reason (docs/testing.md lists each). The vault scope needs OpenBao (BAO_BIN or .venv-bao).
+#
+# It mutates a detached git worktree of HEAD (target/mutants-tree, git-ignored), never the working
+# tree: commit first. Builds go to their own target directory (MUTANTS_TARGET_DIR, default
+# target/mutants-target), seeded once from target/debug without its incremental data, so only this
+# crate is rebuilt per mutant. Never point it at the usual target directory: both trees are the
+# same package to cargo, so a build of a mutated tree would look fresh to `cargo test` in the real
+# one. One mutant at a time: the build dominates and the machine is small. cargo-mutants is
+# installed once outside git, keyed by version.
+# Results: target/mutants-out/<scope>/mutants.out/{caught,missed,timeout,unviable}.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo="$PWD"
+
+version=27.1.0
+tools="${MUTANTS_TOOLS:-$HOME/.cache/secrets-webhook/cargo-mutants-$version}"
+if [ ! -x "$tools/bin/cargo-mutants" ]; then
+  cargo install cargo-mutants --version "$version" --locked --root "$tools"
+fi
+export PATH="$tools/bin:$PATH"
+export CARGO_TARGET_DIR="${MUTANTS_TARGET_DIR:-$repo/target/mutants-target}"
+if [ ! -d "$CARGO_TARGET_DIR/debug" ] && [ -d "$repo/target/debug/deps" ]; then
+  mkdir -p "$CARGO_TARGET_DIR/debug"
+  cp -r "$repo/target/debug/deps" "$repo/target/debug/build" "$repo/target/debug/.fingerprint" \
+    "$CARGO_TARGET_DIR/debug/"
+fi
+if [ -z "${BAO_BIN:-}" ] && [ -x .venv-bao/bin/bao ]; then
+  export BAO_BIN="$repo/.venv-bao/bin/bao"
+fi
+
+tree="$repo/target/mutants-tree"
+head=$(git rev-parse HEAD)
+if [ ! -e "$tree/.git" ]; then
+  git worktree add --detach "$tree" "$head" >/dev/null
+fi
+git -C "$tree" checkout --quiet --detach --force "$head"
+git -C "$tree" clean --quiet -fd
+# A run cut short (kill -9) leaves its last mutant in place: put HEAD back whatever happens.
+trap 'git -C "$tree" checkout --quiet --force "$head"' EXIT
+
+tests_of() { for t in "$@"; do printf -- ' -C=--test=%s' "$t"; done; }
+
+# The files (or functions, -F) mutated, and the test targets run for them (always with --lib).
+scope() {
+  case "$1" in
+    guard) echo "-f src/admission/guard.rs $(tests_of authz admission secret_fields)" ;;
+    stamps) echo "-f src/identity/stamps.rs $(tests_of authz admission)" ;;
+    identity) echo "-f src/identity/mod.rs -f src/identity/stamps.rs -f src/identity/keys.rs \
+      -f src/identity/owner.rs -f src/identity/run_as.rs -f src/identity/trusted.rs \
+      $(tests_of authz admission cluster)" ;;
+    authz) echo "-f src/authz/ras.rs -f src/authz/sar.rs -f src/authz/cache.rs -f src/authz/mod.rs \
+      $(tests_of authz)" ;;
+    stores) echo "-f src/backends/kubernetes.rs -f src/backends/local.rs \
+      $(tests_of kube_stores cluster admission)" ;;
+    refs) echo "-f src/refs/mod.rs $(tests_of admission)" ;;
+    plan) echo "-f src/plan/mod.rs $(tests_of admission)" ;;
+    vault) echo "-f src/backends/vault/materialize.rs -f src/backends/vault/mod.rs \
+      $(tests_of vault cluster leaks)" ;;
+    *) echo "unknown scope $1 (guard stamps identity authz stores refs plan vault all)" >&2; exit 2 ;;
+  esac
+}
+
+scopes=("$@")
+[ ${#scopes[@]} -gt 0 ] || scopes=(guard identity)
+[ "${scopes[0]}" != all ] || scopes=(guard identity authz stores refs plan vault)
+failed=0
+for s in "${scopes[@]}"; do
+  args=$(scope "$s")
+  read -r -a argv <<<"$args"
+  out="$repo/target/mutants-out/$s"
+  rm -rf "$out"
+  mkdir -p "$out"
+  echo "== mutants: $s (HEAD $head)"
+  started=$(date +%s)
+  # The tests pass on HEAD (CI ran them): no baseline run. A mutant that hangs is cut at 120 s.
+  if ! (cd "$tree" && cargo mutants --in-place --baseline=skip --timeout 120 --build-timeout 900 \
+        --output "$out" -C=--lib "${argv[@]}"); then
+    failed=1
+  fi
+  o="$out/mutants.out"
+  echo "== $s: $(( $(date +%s) - started ))s; caught $(wc -l <"$o/caught.txt"), missed \
+$(wc -l <"$o/missed.txt"), timeout $(wc -l <"$o/timeout.txt"), unviable $(wc -l <"$o/unviable.txt")"
+done
+exit "$failed"
