@@ -1748,6 +1748,66 @@ fn broker_token(k: &Cluster, ns: &str, sa: &str, pod: Option<&str>, duration: &s
     k.kubectl().ns(ns).args(args).run().ok().trim().to_owned()
 }
 
+/// A broker token signed here with the API server's own service-account key (the harness makes
+/// it), valid from `iat` to `exp` (Unix seconds): what the API server issues for the projected
+/// token, but with any lifetime, such as one already over (its shortest real token lives 10
+/// minutes). Header and claims follow `real`, a token the API server issued for the same pod.
+fn signed_broker_token(k: &Cluster, real: &str, iat: u64, exp: u64) -> String {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    let part = |i: usize| -> Value {
+        let text = real.split('.').nth(i).expect("a JWT has three parts");
+        serde_json::from_slice(&B64.decode(text).unwrap()).unwrap()
+    };
+    let (header, claims) = (part(0), part(1));
+    let k8s = &claims["kubernetes.io"];
+    let ours = json!({
+        "aud": ["secrets.iomete.com"],
+        "exp": exp,
+        "iat": iat,
+        "iss": claims["iss"],
+        "jti": unique("jti"),
+        "kubernetes.io": {
+            "namespace": k8s["namespace"],
+            "pod": {"name": k8s["pod"]["name"], "uid": k8s["pod"]["uid"]},
+            "serviceaccount": {"name": k8s["serviceaccount"]["name"], "uid": k8s["serviceaccount"]["uid"]},
+        },
+        "nbf": iat,
+        "sub": claims["sub"],
+    });
+    // The same shape as the API server's token (no claim added or left out), so a refusal is
+    // down to the times alone.
+    let keys = |v: &Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(keys(&ours), keys(&claims), "{claims}");
+    assert_eq!(keys(&ours["kubernetes.io"]), keys(k8s), "{claims}");
+    assert_eq!(
+        header["alg"], "ES256",
+        "the harness's key is P-256: {header}"
+    );
+    let header = json!({"alg": "ES256", "kid": header["kid"]});
+    // ring reads PKCS#8; the harness writes the key as SEC1 with the openssl tool it uses.
+    let pkcs8 = std::process::Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-nocrypt", "-outform", "DER", "-in"])
+        .arg(k.dir.join("pki/sa.key"))
+        .output()
+        .unwrap();
+    assert!(pkcs8.status.success(), "{pkcs8:?}");
+    let rng = ring::rand::SystemRandom::new();
+    let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &pkcs8.stdout,
+        &rng,
+    )
+    .unwrap();
+    let signed = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(ours.to_string())
+    );
+    let signature = key.sign(&rng, signed.as_bytes()).unwrap();
+    format!("{signed}.{}", B64.encode(signature.as_ref()))
+}
+
 /// `secrets-webhook exec --broker … -- env` with `token`, as the wrapper runs in the pod: the
 /// child's environment (`NAME=value` lines) on success, the wrapper's error otherwise.
 fn exec_env(
@@ -1794,6 +1854,8 @@ fn exec_env(
             Some(1),
             "the wrapper exits 1 when refused"
         );
+        // Refused: the child never ran (`env` would have printed its environment).
+        assert!(out.stdout.is_empty(), "the child ran although refused");
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
@@ -1980,6 +2042,41 @@ fn runtime_delivery_hands_each_pod_its_values_at_start_and_nothing_reaches_etcd(
     );
     let refused = exec_env(k, &k.token(&ns, "spark", Some(&pod)), DRIVER, None).unwrap_err();
     assert!(refused.contains("the token was not accepted"), "{refused}");
+
+    // Expired: a token signed with the API server's key exactly as it signs the projected one,
+    // but whose 10 minutes are over. The same token still valid is delivered to, so the refusal
+    // is down to expiry alone. 5 minutes ago the API server refuses it; 20 seconds ago it still
+    // accepts it (its minute of clock leeway), and the broker refuses it itself.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let valid = signed_broker_token(k, &token, now - 60, now + 540);
+    let env = exec_env(k, &valid, DRIVER, Some(&uid)).unwrap();
+    let secret_lines: Vec<&str> = env.lines().filter(|l| l.contains("rtcanary-")).collect();
+    assert_eq!(secret_lines, [format!("S3_SECRET={s3}")]);
+    for (ago, api_server_accepts) in [(300, false), (20, true)] {
+        let expired = signed_broker_token(k, &token, now - ago - 600, now - ago);
+        let review = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                            "spec": {"token": expired, "audiences": ["secrets.iomete.com"]}});
+        let reviewed = k
+            .kubectl()
+            .args(["create", "-o", "json", "-f", "-"])
+            .stdin(review.to_string())
+            .run()
+            .json();
+        assert_eq!(
+            reviewed["status"]["authenticated"]
+                .as_bool()
+                .unwrap_or(false),
+            api_server_accepts,
+            "{}",
+            reviewed["status"]
+        );
+        let refused = exec_env(k, &expired, DRIVER, Some(&uid)).unwrap_err();
+        assert!(refused.contains("the token expired"), "{refused}");
+        assert!(!refused.contains(&s3), "{refused}");
+    }
 
     // An executor created by the driver (its token bound to the driver pod): within the
     // driver's grants it is wired and fetches; beyond them it is denied at admission.

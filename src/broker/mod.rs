@@ -78,6 +78,11 @@ pub enum BrokerError {
          pod no longer exists); the pod must send the projected token secrets-webhook mounted at start"
     )]
     Unauthenticated,
+    #[error(
+        "the token expired {0} seconds ago; the pod must send its current projected token (the kubelet renews \
+         it well before it expires)"
+    )]
+    Expired(u64),
     #[error("the token belongs to {0}, not to a service account; send the pod's projected token")]
     NotAServiceAccount(String),
     #[error(
@@ -159,7 +164,7 @@ impl BrokerError {
     pub fn status(&self) -> StatusCode {
         match self {
             BrokerError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            BrokerError::Unauthenticated => StatusCode::UNAUTHORIZED,
+            BrokerError::Unauthenticated | BrokerError::Expired(_) => StatusCode::UNAUTHORIZED,
             BrokerError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::FORBIDDEN,
         }
@@ -169,7 +174,7 @@ impl BrokerError {
     pub fn slug(&self) -> &'static str {
         match self {
             BrokerError::BadRequest(_) => "bad-request",
-            BrokerError::Unauthenticated => "unauthenticated",
+            BrokerError::Unauthenticated | BrokerError::Expired(_) => "unauthenticated",
             BrokerError::NotAServiceAccount(_)
             | BrokerError::NotBound(_)
             | BrokerError::TooLongLived => "token-refused",
@@ -384,7 +389,9 @@ impl Broker {
             .await;
         let (holder, _) = match answer {
             Ok(Ok(Some(found))) => found,
-            Ok(Ok(None)) => return Err(BrokerError::Unauthenticated),
+            // Refused either way; an expired token is named as such (its unverified claim only
+            // picks the wording).
+            Ok(Ok(None)) => return Err(expired(token).unwrap_or(BrokerError::Unauthenticated)),
             Ok(Err(why)) => return Err(BrokerError::Unavailable(why)),
             Err(FlightError::Deadline | FlightError::Lost) => {
                 return Err(BrokerError::Unavailable(
@@ -393,6 +400,11 @@ impl Broker {
             }
         };
         let holder = holder?;
+        // The API server still accepts a token up to a minute past its expiry (its clock leeway);
+        // the broker does not.
+        if let Some(refused) = expired(token) {
+            return Err(refused);
+        }
         match token_lifetime(token) {
             Some(lifetime) if lifetime <= TOKEN_SECONDS as u64 + LIFETIME_SLACK => Ok(holder),
             _ => Err(BrokerError::TooLongLived),
@@ -569,7 +581,8 @@ fn holder(identity: &Identity) -> Result<TokenHolder, BrokerError> {
     })
 }
 
-/// Claims of a JWT the API server has already verified (read only after a successful review).
+/// Claims of a JWT: verified once the API server has accepted it; before that they only pick the
+/// wording of a refusal.
 #[derive(serde::Deserialize)]
 struct Claims {
     exp: Option<u64>,
@@ -594,6 +607,13 @@ fn token_expiry(token: &str) -> Option<SystemTime> {
     claims(token)
         .and_then(|c| c.exp)
         .map(|exp| UNIX_EPOCH + Duration::from_secs(exp))
+}
+
+/// `Expired` when the token's `exp` is now or past.
+fn expired(token: &str) -> Option<BrokerError> {
+    let exp = claims(token)?.exp?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs();
+    (exp <= now).then(|| BrokerError::Expired(now - exp))
 }
 
 fn is_container_name(name: &str) -> bool {
@@ -707,6 +727,20 @@ mod tests {
             b64(br#"{"alg":"ES256"}"#),
             b64(claims.to_string().as_bytes())
         )
+    }
+
+    #[test]
+    fn a_token_whose_exp_is_now_or_past_is_expired() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let at = |exp: u64| expired(&jwt(serde_json::json!({"iat": exp - 600, "exp": exp})));
+        assert!(matches!(at(now - 30), Some(BrokerError::Expired(s)) if (30..35).contains(&s)));
+        assert!(matches!(at(now), Some(BrokerError::Expired(_))));
+        assert_eq!(at(now + 60), None);
+        assert_eq!(expired(&jwt(serde_json::json!({"iat": 100}))), None);
+        assert_eq!(expired("not-a-jwt"), None);
     }
 
     #[test]
