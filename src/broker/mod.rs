@@ -681,7 +681,7 @@ async fn values(State(broker): State<Arc<Broker>>, request: Request) -> Response
             (StatusCode::OK, body).into_response()
         }
         Err(e) => {
-            tracing::info!(outcome = e.slug(), message = %e, duration_ms = seconds * 1e3, "broker");
+            tracing::info!(outcome = e.slug(), denial = %e, duration_ms = seconds * 1e3, "broker");
             metrics.broker(e.slug(), seconds);
             let body = ErrorBody {
                 error: e.slug().into(),
