@@ -129,8 +129,8 @@ impl<'a> EnvEditor<'a> {
         }
     }
 
-    /// Every alive item named `name`, in list order.
-    pub(super) fn all_named(&self, name: &str) -> Vec<Item> {
+    /// The alive items named `name`, in no particular order.
+    fn alive_named(&self, name: &str) -> impl Iterator<Item = Item> + '_ {
         let pod = self
             .pod_names
             .get(name)
@@ -143,9 +143,13 @@ impl<'a> EnvEditor<'a> {
             .into_iter()
             .flatten()
             .map(|&k| Item::Added(k));
-        let mut items: Vec<(usize, Item)> = pod
-            .chain(added)
-            .filter(|&item| !self.is_removed(item))
+        pod.chain(added).filter(|&item| !self.is_removed(item))
+    }
+
+    /// Every alive item named `name`, in list order.
+    pub(super) fn all_named(&self, name: &str) -> Vec<Item> {
+        let mut items: Vec<(usize, Item)> = self
+            .alive_named(name)
             .map(|item| (self.index(item), item))
             .collect();
         items.sort_unstable_by_key(|&(index, _)| index);
@@ -154,21 +158,7 @@ impl<'a> EnvEditor<'a> {
 
     /// The first alive item named `name`.
     pub(super) fn position(&self, name: &str) -> Option<Item> {
-        let pod = self
-            .pod_names
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&i| Item::Pod(i));
-        let added = self
-            .added_names
-            .get(name)
-            .into_iter()
-            .flatten()
-            .map(|&k| Item::Added(k));
-        pod.chain(added)
-            .filter(|&item| !self.is_removed(item))
-            .min_by_key(|&item| self.index(item))
+        self.alive_named(name).min_by_key(|&item| self.index(item))
     }
 
     fn comes_before(&self, item: Item, anchor: Anchor) -> bool {
