@@ -807,12 +807,22 @@ async fn broker_burst(
                     .json(&json!({"container": "spark-kubernetes-executor", "podUid": uid}))
                     .send()
                     .await;
+                // A failure's status and the broker's reason (never a value: it refused).
                 let outcome = match response {
                     Ok(r) if r.status().is_success() => {
                         let body: Value = r.json().await.unwrap_or_default();
-                        (0..3).all(|i| body["env"][format!("K{i}")] == format!("bench-k{i}"))
+                        let exact =
+                            (0..3).all(|i| body["env"][format!("K{i}")] == format!("bench-k{i}"));
+                        exact
+                            .then_some(())
+                            .ok_or_else(|| "other values".to_string())
                     }
-                    _ => false,
+                    Ok(r) => Err(format!(
+                        "{}: {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    )),
+                    Err(e) => Err(e.to_string()),
                 };
                 (sent.elapsed(), outcome)
             })
@@ -820,10 +830,14 @@ async fn broker_burst(
         .collect();
     let mut latencies = Vec::new();
     let mut delivered = 0;
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
     for task in tasks {
-        let (latency, ok) = task.await.unwrap();
+        let (latency, outcome) = task.await.unwrap();
         latencies.push(latency);
-        delivered += usize::from(ok);
+        match outcome {
+            Ok(()) => delivered += 1,
+            Err(why) => *failures.entry(why).or_default() += 1,
+        }
     }
     let wall = started.elapsed();
     let (cpu_after, rss, peak) = proc_usage(pid);
@@ -847,6 +861,9 @@ async fn broker_burst(
         created.len()
     );
     println!("| fetches answered with exactly the 3 values | {delivered} of {executors} |");
+    for (why, n) in &failures {
+        println!("| failed ({n}), first attempt (the wrapper retries a 503) | {why} |");
+    }
     println!(
         "| time to values p50 / p99 / max | {:.0} / {:.0} / {:.0} ms |",
         ms(percentile(&latencies, 0.50)),
