@@ -720,7 +720,8 @@ async fn broker_burst(
     let since = |(now, refused_now): (usize, usize), (before, refused_before): (usize, usize)| {
         (now - before, refused_now - refused_before)
     };
-    let (reviews, reviews_refused) = since(webhook_calls(k, "create", "tokenreviews"), reviews_before);
+    let (reviews, reviews_refused) =
+        since(webhook_calls(k, "create", "tokenreviews"), reviews_before);
     let (gets, gets_refused) = since(webhook_calls(k, "get", "pods"), gets_before);
     let driver_gets = owner_gets(k, &ns, &driver_name) - driver_gets_before;
     println!(

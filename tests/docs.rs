@@ -705,7 +705,12 @@ async fn start_up_warns_once_per_local_vault_config_that_names_no_delivery() {
     std::fs::write(&config, text).unwrap();
     let mut child = binary()
         .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
-        .args(["--admin-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--dev-cert-dir")
         .arg(tmp.path().join("certs"))
         .arg("--config")
@@ -728,7 +733,10 @@ async fn start_up_warns_once_per_local_vault_config_that_names_no_delivery() {
     let (started_tx, started_rx) = std::sync::mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if line.trim_start().starts_with("curl ") {
                 let _ = started_tx.send(());
             }
@@ -760,7 +768,10 @@ async fn start_up_warns_once_per_local_vault_config_that_names_no_delivery() {
             assert_eq!(l["level"], "WARN", "{l:?}");
             let message = l["message"].as_str().unwrap();
             assert!(message.contains("set delivery: runtime"), "{message}");
-            assert!(message.contains("delivery: materialize to keep it"), "{message}");
+            assert!(
+                message.contains("delivery: materialize to keep it"),
+                "{message}"
+            );
             &l["config"]
         })
         .collect();

@@ -400,7 +400,8 @@ fn crds_and_custom_resources_meet_the_real_schema_validation() {
 /// (the matchCondition) and succeeds; updates never depend on it.
 #[test]
 fn vaultconfigs_created_without_delivery_get_runtime_and_stored_ones_keep_theirs() {
-    let Some(k) = cluster("vaultconfigs_created_without_delivery_get_runtime_and_stored_ones_keep_theirs")
+    let Some(k) =
+        cluster("vaultconfigs_created_without_delivery_get_runtime_and_stored_ones_keep_theirs")
     else {
         return;
     };
@@ -480,8 +481,10 @@ fn vaultconfigs_created_without_delivery_get_runtime_and_stored_ones_keep_theirs
             .run()
             .ok();
     };
-    edit(json!([{"op": "test", "path": format!("/webhooks/{index}/name"), "value": ENTRY},
-                {"op": "remove", "path": format!("/webhooks/{index}")}]));
+    edit(
+        json!([{"op": "test", "path": format!("/webhooks/{index}/name"), "value": ENTRY},
+                {"op": "remove", "path": format!("/webhooks/{index}")}]),
+    );
     k.wait_until("the API server stops calling the entry", || {
         dry_run_delivery().is_none()
     });

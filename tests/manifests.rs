@@ -40,7 +40,10 @@ fn mutating(name: &str) -> Value {
         "secrets-webhook",
     );
     let webhooks = config["webhooks"].as_array().unwrap();
-    let names: Vec<&str> = webhooks.iter().map(|w| w["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = webhooks
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
     assert_eq!(
         names,
         ["pods.secrets.iomete.com", "vaultconfigs.secrets.iomete.com"],

@@ -77,7 +77,10 @@ async fn malformed_json_gets_http_200_and_an_invalid_review() {
     let client = https_client(&pki.ca_pem());
     let paths = ["/mutate", "/validate", "/default"];
     let bodies = ["{not json", "", "[]", "{\"kind\":\"AdmissionReview\"}"];
-    for (path, body) in paths.iter().flat_map(|p| bodies.iter().map(move |b| (p, b))) {
+    for (path, body) in paths
+        .iter()
+        .flat_map(|p| bodies.iter().map(move |b| (p, b)))
+    {
         let response = client
             .post(server.url(path))
             .header("content-type", "application/json")

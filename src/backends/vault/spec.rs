@@ -479,7 +479,10 @@ mod tests {
             Delivery::Materialize
         );
         let base = "{name: c, host: 'http://v', path: /v1/secret/data/x, resourceBundle: b, auth: {token: {file: /t}}";
-        assert_eq!(local(&format!("{base}}}")).delivery(), Delivery::Materialize);
+        assert_eq!(
+            local(&format!("{base}}}")).delivery(),
+            Delivery::Materialize
+        );
         assert_eq!(local(&format!("{base}}}")).delivery, None);
         assert_eq!(
             local(&format!("{base}, delivery: runtime}}")).delivery(),
