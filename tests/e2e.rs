@@ -963,6 +963,73 @@ fn the_webhook_service_account_holds_exactly_the_shipped_rbac() {
     assert_eq!(whoami["status"]["userInfo"]["username"], sa.as_str());
 }
 
+/// Requests the API server dispatched under `flow_schema`, from its own metrics.
+fn dispatched(k: &Cluster, flow_schema: &str) -> f64 {
+    let metrics = k.kubectl().args(["get", "--raw", "/metrics"]).run();
+    let series =
+        format!("apiserver_flowcontrol_dispatched_requests_total{{flow_schema=\"{flow_schema}\",");
+    metrics
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with(&series))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// In a burst, executor creates fill the seats of the `workload-low` priority level while they wait
+/// for the webhook; had the webhook's own calls shared that level, they would queue behind them
+/// (docs/install.md, "API Priority and Fairness"). The shipped FlowSchema gives them their own.
+#[test]
+fn the_webhooks_api_calls_have_their_own_priority_level() {
+    let Some(k) = cluster("the_webhooks_api_calls_have_their_own_priority_level") else {
+        return;
+    };
+    let _shared = k.shared();
+    let schema = k
+        .kubectl()
+        .args(["get", "flowschema", "secrets-webhook", "-o", "json"])
+        .run()
+        .json();
+    assert_eq!(
+        schema["spec"]["priorityLevelConfiguration"]["name"],
+        "secrets-webhook"
+    );
+    let dangling = schema["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Dangling"))
+        .map(|c| c["status"].clone());
+    assert_eq!(dangling, Some(json!("False")), "{schema}");
+    let level = k
+        .kubectl()
+        .args([
+            "get",
+            "prioritylevelconfiguration",
+            "secrets-webhook",
+            "-o",
+            "json",
+        ])
+        .run()
+        .json();
+    assert_eq!(level["spec"]["limited"]["lendablePercent"], 0, "{level}");
+
+    // A request as the webhook's ServiceAccount (its own kubeconfig) is dispatched there.
+    let before = dispatched(k, "secrets-webhook");
+    let kubeconfig = k.dir.join("webhook.kubeconfig");
+    for _ in 0..3 {
+        let run = k
+            .kubectl()
+            .args(["auth", "whoami", "-o", "name"])
+            .args(["--kubeconfig", &kubeconfig.to_string_lossy()])
+            .run();
+        assert!(run.success, "{}", run.stderr);
+    }
+    let after = dispatched(k, "secrets-webhook");
+    assert!(
+        after >= before + 3.0,
+        "the webhook's requests were not dispatched under its FlowSchema ({before} -> {after})"
+    );
+}
+
 /// A second mutating webhook, as another platform component would register: it adds the env var
 /// `ADDED_BY_E2E` to the first container (once). HTTPS on 127.0.0.1 with its own CA.
 struct EnvAdder {
