@@ -764,7 +764,9 @@ mod tests {
             name: "driver".into(),
             reason: "Kubernetes API gave no answer within 5 s".into(),
         };
-        assert!(matches!(DriverCheck::of(lookup), DriverCheck::Unavailable(m) if m.contains("driver")));
+        assert!(
+            matches!(DriverCheck::of(lookup), DriverCheck::Unavailable(m) if m.contains("driver"))
+        );
         let gone = IdentityError::OwnerNotFound {
             namespace: "spark".into(),
             name: "driver".into(),
