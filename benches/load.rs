@@ -362,6 +362,7 @@ fn write_config(dir: &Path, bao: &OpenBao) -> anyhow::Result<PathBuf> {
             "name": "vault-bench",
             "host": bao.url,
             "path": "/v1/secret/data/bench",
+            "delivery": "materialize",
             "resourceBundle": "bench-bundle",
             "auth": {"token": {"file": token}}
         }],

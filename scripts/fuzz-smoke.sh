@@ -7,7 +7,7 @@
 #
 # Needs: a Rust toolchain (stable works: RUSTC_BOOTSTRAP=1 unlocks the nightly-only flags
 # cargo-fuzz passes), a C++ compiler (libfuzzer-sys builds libFuzzer), network to crates.io the
-# first time. Installs cargo-fuzz if missing (about 1-2 minutes of compiling).
+# first time. Installs cargo-fuzz (pinned) the first time (about 1-2 minutes of compiling).
 set -euo pipefail
 
 cd "$(dirname "$0")/../fuzz"
@@ -17,10 +17,15 @@ export RUSTC_BOOTSTRAP=1
 # Fuzz builds use other flags than the main crate's: keep them out of its target dir.
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"
 
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "installing cargo-fuzz"
-    cargo install cargo-fuzz --locked
+# cargo-fuzz, pinned and installed once outside git, keyed by version (FUZZ_TOOLS moves it).
+version=0.13.2
+tools="${FUZZ_TOOLS:-$HOME/.cache/secrets-webhook/cargo-fuzz-$version}"
+if [ ! -x "$tools/bin/cargo-fuzz" ]; then
+    echo "installing cargo-fuzz $version"
+    # Built in cargo's own temporary directory, not the fuzz target dir.
+    env -u CARGO_TARGET_DIR cargo install cargo-fuzz --version "$version" --locked --root "$tools"
 fi
+export PATH="$tools/bin:$PATH"
 
 # Debug build without a sanitizer: the crate forbids `unsafe`, so AddressSanitizer adds little,
 # and a release ASan build of this dependency tree takes ~20 CPU-minutes; panics and invariant

@@ -310,8 +310,9 @@ fn patch_hint(ca_bundle: &str) -> String {
     };
     format!(
         "patch it into the webhook configurations with:\n  kubectl patch mutatingwebhookconfiguration secrets-webhook --type=json \
-         -p '[{}]'\n  kubectl patch validatingwebhookconfiguration secrets-webhook --type=json -p '[{},{}]'",
+         -p '[{},{}]'\n  kubectl patch validatingwebhookconfiguration secrets-webhook --type=json -p '[{},{}]'",
         op(0),
+        op(1),
         op(0),
         op(1)
     )

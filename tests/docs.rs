@@ -394,7 +394,7 @@ fn check_line(line: &Map<String, Value>, fields: &BTreeMap<String, (String, Stri
         other => panic!("decision {other:?}: {line:?}"),
     }
     if line.contains_key("kind") {
-        wanted.extend(required("SparkApplication admission lines"));
+        wanted.extend(required("SparkApplication and VaultConfig admission lines"));
     }
     for name in wanted {
         assert!(
@@ -545,6 +545,21 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
         run_as_allowed["response"]["allowed"], true,
         "{run_as_allowed}"
     );
+    // The defaulting webhook: a VaultConfig created without `delivery` gets runtime.
+    let vault_config = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "uid-vaultconfig", "operation": "CREATE", "name": "prod",
+            "namespace": "iomete-system",
+            "kind": {"group": "secrets.iomete.com", "version": "v1alpha1", "kind": "VaultConfig"},
+            "resource": {"group": "secrets.iomete.com", "version": "v1alpha1", "resource": "vaultconfigs"},
+            "userInfo": {"username": "platform-admin", "groups": ["system:authenticated"]},
+            "object": {"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+                "metadata": {"name": "prod", "namespace": "iomete-system"},
+                "spec": {"resourceBundle": "b", "host": "https://vault:8200", "path": "/v1/secret/data/p",
+                    "auth": {"token": {"secretRef": {"name": "t", "key": "token"}}}}},
+            "oldObject": null, "dryRun": false}});
+    let defaulted = post_to("/default", vault_config.to_string()).await;
+    assert_eq!(defaulted["response"]["allowed"], true, "{defaulted}");
+    assert!(defaulted["response"]["patch"].is_string(), "{defaulted}");
     // The management API writes audit lines: one for a caller without a token.
     let anonymous = client
         .get(format!(
@@ -636,6 +651,23 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
         run_as_denied["response"]["status"]["message"]
     );
     assert_eq!(by_uid("uid-app-bob")["decision"], "allowed");
+    let vault_line = by_uid("uid-vaultconfig");
+    assert_eq!(
+        (
+            &vault_line["kind"],
+            &vault_line["name"],
+            &vault_line["identity"],
+            &vault_line["decision"],
+            &vault_line["ops"]
+        ),
+        (
+            &json!("VaultConfig"),
+            &json!("prod"),
+            &json!("platform-admin"),
+            &json!("patched"),
+            &json!(1)
+        )
+    );
     assert!(
         lines
             .iter()
@@ -648,6 +680,106 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
             "no {event:?} line: {log}"
         );
     }
+}
+
+/// A local config file has no CREATE to default `delivery` at, and an upgrade must not switch it:
+/// an entry without `delivery` stays materialize, and start-up warns once for each such entry,
+/// naming it and the fix (docs/logging.md); entries that name it are not warned about.
+#[tokio::test]
+async fn start_up_warns_once_per_local_vault_config_that_names_no_delivery() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.yaml");
+    let entry = |name: &str, delivery: &str| {
+        format!(
+            "  - {{name: {name}, host: 'http://127.0.0.1:9', path: /v1/secret/data/p, \
+             resourceBundle: b, auth: {{token: {{file: /nonexistent}}}}{delivery}}}\n"
+        )
+    };
+    let text = format!(
+        "vaultConfigs:\n{}{}{}{}",
+        entry("unnamed-one", ""),
+        entry("named-runtime", ", delivery: runtime"),
+        entry("named-materialize", ", delivery: materialize"),
+        entry("unnamed-two", ""),
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = binary()
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--dev-cert-dir")
+        .arg(tmp.path().join("certs"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("SECRETS_WEBHOOK_LOG_FORMAT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    // Started: the banner's `curl` line is printed once both ports are bound. Stdout is read to
+    // its end (a closed pipe would fail the server's later prints).
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.trim_start().starts_with("curl ") {
+                let _ = started_tx.send(());
+            }
+        }
+    });
+    let started = started_rx.recv_timeout(Duration::from_secs(30)).is_ok();
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    let log = log.join().unwrap().join("\n");
+    assert!(started, "serve --dev did not start: {log}");
+    assert_eq!(status.code(), Some(0), "{log}");
+    let fields = documented_fields();
+    let lines = support::logs::parse_lines(&log);
+    for line in &lines {
+        check_line(line, &fields);
+    }
+    let warned: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Vault config does not name delivery"))
+        })
+        .map(|l| {
+            assert_eq!(l["level"], "WARN", "{l:?}");
+            let message = l["message"].as_str().unwrap();
+            assert!(message.contains("set delivery: runtime"), "{message}");
+            assert!(
+                message.contains("delivery: materialize to keep it"),
+                "{message}"
+            );
+            &l["config"]
+        })
+        .collect();
+    assert_eq!(
+        warned,
+        [&json!("unnamed-one"), &json!("unnamed-two")],
+        "{log}"
+    );
 }
 
 /// A copy of `examples/dev-config.yaml` pointing at `bao` (README's development OpenBao runs on

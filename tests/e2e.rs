@@ -392,6 +392,177 @@ fn crds_and_custom_resources_meet_the_real_schema_validation() {
         .ok();
 }
 
+/// VaultConfigs created without `spec.delivery` get `runtime` from the webhook's
+/// `vaultconfigs.secrets.iomete.com` entry (docs/decisions.md); a named delivery is kept; an object
+/// stored without the field (created while the entry was not registered, as before an upgrade)
+/// keeps it absent through `kubectl apply`, `patch` and `replace`. With the webhook stopped, a
+/// create without `delivery` is rejected (failurePolicy Fail) and one that names it is not sent
+/// (the matchCondition) and succeeds; updates never depend on it.
+#[test]
+fn vaultconfigs_created_without_delivery_get_runtime_and_stored_ones_keep_theirs() {
+    let Some(k) =
+        cluster("vaultconfigs_created_without_delivery_get_runtime_and_stored_ones_keep_theirs")
+    else {
+        return;
+    };
+    // Exclusive: the registration is edited and the webhook stopped.
+    let _exclusive = k.exclusive();
+    const ENTRY: &str = "vaultconfigs.secrets.iomete.com";
+    let object = |name: &str, delivery: Option<Value>| {
+        let mut spec = json!({"resourceBundle": "b", "host": "http://127.0.0.1:1",
+                              "path": "/v1/secret/data/x",
+                              "auth": {"token": {"secretRef": {"name": "s", "key": "t"}}}});
+        if let Some(delivery) = delivery {
+            spec["delivery"] = delivery;
+        }
+        json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+               "metadata": {"name": name, "namespace": NS}, "spec": spec})
+    };
+    let apply = |body: &Value| {
+        k.kubectl()
+            .args(["apply", "-o", "json", "-f", "-"])
+            .stdin(body.to_string())
+            .run()
+    };
+    let stored_delivery = |name: &str| {
+        let object = k.get("vaultconfig", NS, name).expect("stored");
+        object["spec"].get("delivery").cloned()
+    };
+    // What a create without `delivery` gets now, without storing anything.
+    let dry_run_delivery = || {
+        k.kubectl()
+            .args(["create", "--dry-run=server", "-o", "json", "-f", "-"])
+            .stdin(object(&unique("vc-probe"), None).to_string())
+            .run()
+            .json()["spec"]
+            .get("delivery")
+            .cloned()
+    };
+    let mut created = Vec::new();
+
+    // Absent: runtime, as the API returns it and as it is stored.
+    let absent = unique("vc-absent");
+    let returned = apply(&object(&absent, None)).json();
+    created.push(absent.clone());
+    assert_eq!(returned["spec"]["delivery"], "runtime", "{returned}");
+    assert_eq!(stored_delivery(&absent), Some(json!("runtime")));
+    // Named: kept, either value.
+    for delivery in ["materialize", "runtime"] {
+        let name = unique(&format!("vc-{delivery}"));
+        apply(&object(&name, Some(json!(delivery)))).ok();
+        created.push(name.clone());
+        assert_eq!(stored_delivery(&name), Some(json!(delivery)));
+    }
+    // A null is no value: the API server would store it as absent; it gets runtime too.
+    let null = unique("vc-null");
+    apply(&object(&null, Some(Value::Null))).ok();
+    created.push(null.clone());
+    assert_eq!(stored_delivery(&null), Some(json!("runtime")));
+    // An unknown value is the CRD's to reject, with its own message.
+    let error = apply(&object(&unique("vc-bogus"), Some(json!("bogus")))).err();
+    assert!(error.contains("spec.delivery"), "{error}");
+
+    // A config stored without the field, as every config was before it existed: created while the
+    // entry is not registered.
+    let registration = k
+        .get("mutatingwebhookconfiguration", "", "secrets-webhook")
+        .expect("the registration");
+    let index = registration["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|w| w["name"] == ENTRY)
+        .expect("the vaultconfigs entry is registered");
+    let entry = registration["webhooks"][index].clone();
+    let edit = |ops: Value| {
+        k.kubectl()
+            .args(["patch", "mutatingwebhookconfiguration", "secrets-webhook"])
+            .args(["--type=json", "-p", &ops.to_string()])
+            .run()
+            .ok();
+    };
+    edit(
+        json!([{"op": "test", "path": format!("/webhooks/{index}/name"), "value": ENTRY},
+                {"op": "remove", "path": format!("/webhooks/{index}")}]),
+    );
+    k.wait_until("the API server stops calling the entry", || {
+        dry_run_delivery().is_none()
+    });
+    let old = unique("vc-old");
+    apply(&object(&old, None)).ok();
+    created.push(old.clone());
+    edit(json!([{"op": "add", "path": "/webhooks/-", "value": entry}]));
+    k.wait_until("the API server calls the entry again", || {
+        dry_run_delivery() == Some(json!("runtime"))
+    });
+    assert_eq!(stored_delivery(&old), None);
+    // Updates that do not name it keep it absent: client-side apply, merge patch, replace.
+    let mut changed = object(&old, None);
+    changed["spec"]["host"] = json!("http://127.0.0.1:2");
+    apply(&changed).ok();
+    assert_eq!(stored_delivery(&old), None);
+    k.kubectl()
+        .ns(NS)
+        .args(["patch", "vaultconfig", &old, "--type=merge"])
+        .args(["-p", r#"{"spec":{"path":"/v1/secret/data/y"}}"#])
+        .run()
+        .ok();
+    let mut current = k.get("vaultconfig", NS, &old).unwrap();
+    assert_eq!(current["spec"]["path"], "/v1/secret/data/y");
+    assert_eq!(current["spec"].get("delivery"), None, "{current}");
+    current["spec"]["resourceBundle"] = json!("b2");
+    k.kubectl()
+        .args(["replace", "-f", "-"])
+        .stdin(current.to_string())
+        .run()
+        .ok();
+    assert_eq!(stored_delivery(&old), None);
+
+    // The webhook logged its decision for the create it patched.
+    let logged = k.webhook_log().lines().any(|line| {
+        serde_json::from_str::<Value>(line).is_ok_and(|l| {
+            l["message"] == "admission"
+                && l["kind"] == "VaultConfig"
+                && l["name"] == absent.as_str()
+                && l["decision"] == "patched"
+        })
+    });
+    assert!(logged, "no admission line for VaultConfig {absent}");
+
+    // The webhook down: a create without delivery fails closed; one naming it is not sent.
+    k.stop_webhook();
+    let down = unique("vc-down");
+    let error = apply(&object(&down, None)).err();
+    assert!(
+        error.contains(&format!("failed calling webhook \"{ENTRY}\"")),
+        "{error}"
+    );
+    assert!(k.get("vaultconfig", NS, &down).is_none());
+    let named = unique("vc-named-down");
+    apply(&object(&named, Some(json!("materialize")))).ok();
+    created.push(named.clone());
+    assert_eq!(stored_delivery(&named), Some(json!("materialize")));
+    // Updates are not registered: they do not need it.
+    k.kubectl()
+        .ns(NS)
+        .args(["patch", "vaultconfig", &old, "--type=merge"])
+        .args(["-p", r#"{"spec":{"host":"http://127.0.0.1:3"}}"#])
+        .run()
+        .ok();
+    let current = k.get("vaultconfig", NS, &old).unwrap();
+    assert_eq!(current["spec"]["host"], "http://127.0.0.1:3");
+    assert_eq!(current["spec"].get("delivery"), None, "{current}");
+    k.start_webhook();
+
+    for name in &created {
+        k.kubectl()
+            .ns(NS)
+            .args(["delete", "vaultconfig", name, "--wait=false"])
+            .run()
+            .ok();
+    }
+}
+
 #[test]
 fn pods_that_cannot_matter_never_reach_the_webhook() {
     let Some(k) = cluster("pods_that_cannot_matter_never_reach_the_webhook") else {
@@ -790,6 +961,73 @@ fn the_webhook_service_account_holds_exactly_the_shipped_rbac() {
         .run()
         .json();
     assert_eq!(whoami["status"]["userInfo"]["username"], sa.as_str());
+}
+
+/// Requests the API server dispatched under `flow_schema`, from its own metrics.
+fn dispatched(k: &Cluster, flow_schema: &str) -> f64 {
+    let metrics = k.kubectl().args(["get", "--raw", "/metrics"]).run();
+    let series =
+        format!("apiserver_flowcontrol_dispatched_requests_total{{flow_schema=\"{flow_schema}\",");
+    metrics
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with(&series))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// In a burst, executor creates fill the seats of the `workload-low` priority level while they wait
+/// for the webhook; had the webhook's own calls shared that level, they would queue behind them
+/// (docs/install.md, "API Priority and Fairness"). The shipped FlowSchema gives them their own.
+#[test]
+fn the_webhooks_api_calls_have_their_own_priority_level() {
+    let Some(k) = cluster("the_webhooks_api_calls_have_their_own_priority_level") else {
+        return;
+    };
+    let _shared = k.shared();
+    let schema = k
+        .kubectl()
+        .args(["get", "flowschema", "secrets-webhook", "-o", "json"])
+        .run()
+        .json();
+    assert_eq!(
+        schema["spec"]["priorityLevelConfiguration"]["name"],
+        "secrets-webhook"
+    );
+    let dangling = schema["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Dangling"))
+        .map(|c| c["status"].clone());
+    assert_eq!(dangling, Some(json!("False")), "{schema}");
+    let level = k
+        .kubectl()
+        .args([
+            "get",
+            "prioritylevelconfiguration",
+            "secrets-webhook",
+            "-o",
+            "json",
+        ])
+        .run()
+        .json();
+    assert_eq!(level["spec"]["limited"]["lendablePercent"], 0, "{level}");
+
+    // A request as the webhook's ServiceAccount (its own kubeconfig) is dispatched there.
+    let before = dispatched(k, "secrets-webhook");
+    let kubeconfig = k.dir.join("webhook.kubeconfig");
+    for _ in 0..3 {
+        let run = k
+            .kubectl()
+            .args(["auth", "whoami", "-o", "name"])
+            .args(["--kubeconfig", &kubeconfig.to_string_lossy()])
+            .run();
+        assert!(run.success, "{}", run.stderr);
+    }
+    let after = dispatched(k, "secrets-webhook");
+    assert!(
+        after >= before + 3.0,
+        "the webhook's requests were not dispatched under its FlowSchema ({before} -> {after})"
+    );
 }
 
 /// A second mutating webhook, as another platform component would register: it adds the env var

@@ -32,15 +32,34 @@ fn object(path: &str, kind: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("no {kind} {name} in {path}"))
 }
 
-fn webhook() -> Value {
+/// An entry of the MutatingWebhookConfiguration, by name.
+fn mutating(name: &str) -> Value {
     let config = object(
         "manifests/base/mutatingwebhookconfiguration.yaml",
         "MutatingWebhookConfiguration",
         "secrets-webhook",
     );
     let webhooks = config["webhooks"].as_array().unwrap();
-    assert_eq!(webhooks.len(), 1, "one webhook");
-    webhooks[0].clone()
+    let names: Vec<&str> = webhooks
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["pods.secrets.iomete.com", "vaultconfigs.secrets.iomete.com"],
+        "the pods entry stays first: the self-managed overlay's caBundle patch and `certs`'s hint \
+         address entries by index"
+    );
+    webhooks
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap_or_else(|| panic!("no webhook {name}"))
+        .clone()
+}
+
+/// The pods entry.
+fn webhook() -> Value {
+    mutating("pods.secrets.iomete.com")
 }
 
 fn deployment() -> Value {
@@ -84,6 +103,53 @@ fn webhook_registration_is_v1_fail_closed_reinvoked_and_pods_create_only() {
         1,
         "matchConditions are ANDed: one expression ORs the cases"
     );
+}
+
+#[test]
+fn vaultconfig_defaulting_is_create_only_fail_closed_and_side_effect_free() {
+    let hook = mutating("vaultconfigs.secrets.iomete.com");
+    assert_eq!(strings(&hook["admissionReviewVersions"]), ["v1"]);
+    assert_eq!(hook["sideEffects"], "None");
+    assert_eq!(hook["failurePolicy"], "Fail");
+    assert!(hook["timeoutSeconds"].as_u64().unwrap() <= 5);
+    assert!(hook.get("reinvocationPolicy").is_none_or(|p| p == "Never"));
+    let rules = hook["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    // CREATE only: an update that omits the field keeps what is stored.
+    assert_eq!(strings(&rules[0]["operations"]), ["CREATE"]);
+    assert_eq!(strings(&rules[0]["apiGroups"]), ["secrets.iomete.com"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["vaultconfigs"]);
+    let service = &hook["clientConfig"]["service"];
+    assert_eq!(service["name"], "secrets-webhook");
+    assert_eq!(service["path"], "/default");
+    assert_eq!(hook["matchConditions"].as_array().unwrap().len(), 1);
+}
+
+/// The API server sends a VaultConfig create only when its spec names no delivery: creates that
+/// name it (the management API's) never depend on the webhook being up.
+#[test]
+fn only_vaultconfigs_without_delivery_reach_the_defaulting_webhook() {
+    let hook = mutating("vaultconfigs.secrets.iomete.com");
+    let condition = hook["matchConditions"][0]["expression"].as_str().unwrap();
+    let sent = |spec: Option<Value>| {
+        let mut object = json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "VaultConfig",
+                                "metadata": {"name": "c", "namespace": "iomete-system"}});
+        if let Some(spec) = spec {
+            object["spec"] = spec;
+        }
+        let request = json!({"operation": "CREATE"});
+        cel_policy::holds(condition, &[("object", &object), ("request", &request)])
+    };
+    let spec = json!({"resourceBundle": "b", "host": "https://v:8200", "path": "/v1/secret/data/p",
+                      "auth": {"token": {"secretRef": {"name": "s", "key": "t"}}}});
+    assert!(sent(Some(spec.clone())));
+    for delivery in ["runtime", "materialize", "bogus"] {
+        let mut named = spec.clone();
+        named["delivery"] = json!(delivery);
+        assert!(!sent(Some(named)), "{delivery}");
+    }
+    // No spec: the CRD's schema rejects it (spec is required); the condition does not fail.
+    assert!(!sent(None));
 }
 
 #[test]

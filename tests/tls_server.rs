@@ -75,18 +75,23 @@ async fn malformed_json_gets_http_200_and_an_invalid_review() {
     let (_tmp, pki, _pair, dir) = setup();
     let server = TestServer::start(&dir, |_| {}).await;
     let client = https_client(&pki.ca_pem());
-    for body in ["{not json", "", "[]", "{\"kind\":\"AdmissionReview\"}"] {
+    let paths = ["/mutate", "/validate", "/default"];
+    let bodies = ["{not json", "", "[]", "{\"kind\":\"AdmissionReview\"}"];
+    for (path, body) in paths
+        .iter()
+        .flat_map(|p| bodies.iter().map(move |b| (p, b)))
+    {
         let response = client
-            .post(server.url("/mutate"))
+            .post(server.url(path))
             .header("content-type", "application/json")
-            .body(body)
+            .body(*body)
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200, "body {body:?}");
+        assert_eq!(response.status(), 200, "{path} body {body:?}");
         let review: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(review["kind"], "AdmissionReview", "body {body:?}");
-        assert_eq!(review["response"]["allowed"], false, "body {body:?}");
+        assert_eq!(review["kind"], "AdmissionReview", "{path} body {body:?}");
+        assert_eq!(review["response"]["allowed"], false, "{path} body {body:?}");
         assert!(
             !review["response"]["status"]["message"]
                 .as_str()

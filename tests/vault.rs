@@ -1125,7 +1125,7 @@ async fn definitive_failures_are_cached_for_the_negative_ttl_only() {
     let yaml = format!(
         r#"
 vaultConfigs:
-  - {{name: v, host: "{}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
+  - {{name: v, host: "{}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
 "#,
         bao.addr,
         bao.file("root", ROOT_TOKEN).display(),
@@ -1212,8 +1212,8 @@ async fn redirects_from_vault_are_not_followed() {
     let yaml = format!(
         r#"
 vaultConfigs:
-  - {{name: tok, host: "http://{redirector_addr}", path: /v1/secret/data/app, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
-  - {{name: role, host: "http://{redirector_addr}", path: /v1/secret/data/app, resourceBundle: b, auth: {{appRole: {{roleId: r, secretIdFile: "{}"}}}}}}
+  - {{name: tok, host: "http://{redirector_addr}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{token: {{file: "{}"}}}}}}
+  - {{name: role, host: "http://{redirector_addr}", path: /v1/secret/data/app, delivery: materialize, resourceBundle: b, auth: {{appRole: {{roleId: r, secretIdFile: "{}"}}}}}}
 "#,
         token.display(),
         secret_id.display(),

@@ -2,6 +2,7 @@
 //! needs (references, workload, identity, store keys, Vault deliveries, grants), then hands them to
 //! the pure planner, and turns the plan or the denial into a response.
 
+mod defaults;
 pub mod guard;
 mod update;
 

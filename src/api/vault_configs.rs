@@ -187,7 +187,7 @@ impl MemoryVaultConfigs {
                     .as_ref()
                     .and_then(|p| std::fs::read_to_string(p).ok()),
                 auth,
-                delivery: c.delivery,
+                delivery: c.delivery(),
             };
             configs.insert(
                 c.name.clone(),

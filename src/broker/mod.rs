@@ -195,6 +195,24 @@ impl BrokerError {
     }
 }
 
+/// Why an executor's driver check failed: for good, or because the driver could not be read.
+#[derive(Debug, PartialEq)]
+enum DriverCheck {
+    Refused(String),
+    Unavailable(String),
+}
+
+impl DriverCheck {
+    /// A driver the API did not return in time (or at all) is worth another attempt; a driver
+    /// that was read and does not vouch for the executor is not.
+    fn of(e: IdentityError) -> Self {
+        match e {
+            IdentityError::OwnerLookup { .. } => DriverCheck::Unavailable(e.to_string()),
+            e => DriverCheck::Refused(e.to_string()),
+        }
+    }
+}
+
 /// A reviewed token: whose it is, and until when it is valid.
 #[derive(Debug, Clone)]
 struct TokenHolder {
@@ -356,10 +374,16 @@ impl Broker {
         if let Some(driver) = &plan.driver {
             self.check_driver(&pod, namespace, driver, &stamped, &secrets, deadline)
                 .await
-                .map_err(|reason| BrokerError::Driver {
-                    namespace: namespace.into(),
-                    name: name.into(),
-                    reason,
+                .map_err(|refusal| match refusal {
+                    // The driver could not be read in time: the wrapper's next attempt may.
+                    DriverCheck::Unavailable(reason) => {
+                        BrokerError::Unavailable(format!("pod {namespace}/{name}: {reason}"))
+                    }
+                    DriverCheck::Refused(reason) => BrokerError::Driver {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        reason,
+                    },
                 })?;
         }
         self.authorize(&stamped.identity, &secrets, deadline)
@@ -422,7 +446,7 @@ impl Broker {
         stamped: &stamps::Stamped,
         secrets: &[&SecretObject],
         deadline: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), DriverCheck> {
         let resolver = identity::Resolver {
             trusted: &self.webhook.trusted,
             owners: self.webhook.owners.as_ref(),
@@ -432,31 +456,35 @@ impl Broker {
         let found = resolver
             .find_driver(executor, namespace, &driver.name, &driver.uid, deadline)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(DriverCheck::of)?;
         if found.metadata.uid.as_deref() != Some(driver.uid.as_str()) {
-            return Err(IdentityError::OwnerUid {
-                name: driver.name.clone(),
-                expected: driver.uid.clone(),
-                actual: found.metadata.uid.clone().unwrap_or_default(),
-            }
-            .to_string());
+            return Err(DriverCheck::Refused(
+                IdentityError::OwnerUid {
+                    name: driver.name.clone(),
+                    expected: driver.uid.clone(),
+                    actual: found.metadata.uid.clone().unwrap_or_default(),
+                }
+                .to_string(),
+            ));
         }
         let driver_stamps = resolver
             .driver_stamps(&found, namespace, &driver.name)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| DriverCheck::Refused(e.to_string()))?;
         if driver_stamps.identity != stamped.identity {
-            return Err(format!(
+            return Err(DriverCheck::Refused(format!(
                 "its driver {:?} runs for another identity than the executor was admitted for",
                 driver.name
-            ));
+            )));
         }
         for secret in secrets {
             if !driver_stamps.granted.contains(&secret.to_string()) {
-                return Err(IdentityError::NotInherited {
-                    reference: secret.to_string(),
-                    driver: driver.name.clone(),
-                }
-                .to_string());
+                return Err(DriverCheck::Refused(
+                    IdentityError::NotInherited {
+                        reference: secret.to_string(),
+                        driver: driver.name.clone(),
+                    }
+                    .to_string(),
+                ));
             }
         }
         Ok(())
@@ -727,6 +755,23 @@ mod tests {
             b64(br#"{"alg":"ES256"}"#),
             b64(claims.to_string().as_bytes())
         )
+    }
+
+    #[test]
+    fn a_driver_that_could_not_be_read_is_retried_one_that_refuses_is_final() {
+        let lookup = IdentityError::OwnerLookup {
+            namespace: "spark".into(),
+            name: "driver".into(),
+            reason: "Kubernetes API gave no answer within 5 s".into(),
+        };
+        assert!(
+            matches!(DriverCheck::of(lookup), DriverCheck::Unavailable(m) if m.contains("driver"))
+        );
+        let gone = IdentityError::OwnerNotFound {
+            namespace: "spark".into(),
+            name: "driver".into(),
+        };
+        assert!(matches!(DriverCheck::of(gone), DriverCheck::Refused(_)));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! HTTP handlers: `POST /mutate` and `POST /validate` on the TLS port, `/livez` `/readyz` `/metrics` on
+//! HTTP handlers: `POST /mutate`, `POST /validate` and `POST /default` on the TLS port, `/livez` `/readyz` `/metrics` on
 //! the admin port.
 
 use std::sync::Arc;
@@ -35,6 +35,7 @@ pub(crate) fn admission_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/mutate", post(mutate))
         .route("/validate", post(validate))
+        .route("/default", post(default))
         .with_state(state)
 }
 
@@ -113,10 +114,16 @@ async fn validate(State(app): State<Arc<AppState>>, request: Request) -> Respons
     admission(app, request, Endpoint::Validate).await
 }
 
+/// `POST /default`: VaultConfig CREATEs without `spec.delivery` get `runtime`, same contract.
+async fn default(State(app): State<Arc<AppState>>, request: Request) -> Response {
+    admission(app, request, Endpoint::Default).await
+}
+
 #[derive(Clone, Copy)]
 enum Endpoint {
     Mutate,
     Validate,
+    Default,
 }
 
 impl Endpoint {
@@ -124,6 +131,7 @@ impl Endpoint {
         match self {
             Endpoint::Mutate => webhook.review_bytes(body, timeout).await,
             Endpoint::Validate => webhook.validate_bytes(body, timeout).await,
+            Endpoint::Default => webhook.default_bytes(body),
         }
     }
 }

@@ -462,9 +462,15 @@ impl VaultBackend {
         for spec in specs {
             let target = spec::Target::from_local(spec)?;
             let conn = Conn::new(target, None, opts.clone())?;
+            if spec.delivery.is_none() {
+                // Absent stays materialize in the file (no CREATE to default it at); say so once.
+                tracing::warn!(config = %spec.name,
+                    "Vault config does not name delivery: materialize (values copied into a Secret); \
+                     set delivery: runtime, or delivery: materialize to keep it and silence this");
+            }
             let entry = Entry::Ready {
                 conn,
-                delivery: spec.delivery,
+                delivery: spec.delivery(),
                 spec: None,
             };
             if configs.insert(spec.name.clone(), entry).is_some() {

@@ -47,7 +47,8 @@ pub struct VaultConfigResourceSpec {
     pub auth: ClusterAuth,
     /// How values reach pods: `runtime` (fetched by the pod at start, never stored) or
     /// `materialize` (copied into a Secret of the pod's namespace). Absent: materialize, the
-    /// meaning every config had before the field existed (see [`Delivery::unset`]).
+    /// meaning every config had before the field existed (see [`Delivery::unset`]); a config
+    /// created without it gets runtime from the webhook's `/default` (admission::defaults).
     #[serde(default = "Delivery::unset")]
     pub delivery: Delivery,
 }
@@ -83,7 +84,8 @@ impl Delivery {
     /// before the field existed must keep working after an upgrade (a default of runtime would
     /// switch them to the wrapper and broker at once, and deny pods whose images are not in the
     /// entrypoint table). New configs get runtime from whatever writes them: the management API
-    /// and console ([`Delivery::default`]), the shipped examples and docs.
+    /// and console ([`Delivery::default`]), the shipped examples and docs, and for a VaultConfig
+    /// created without the field, the webhook at CREATE (admission::defaults).
     pub fn unset() -> Delivery {
         Delivery::Materialize
     }
@@ -182,9 +184,18 @@ pub struct VaultConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_cert_file: Option<PathBuf>,
     pub auth: LocalAuth,
-    /// `runtime` or `materialize`, as in the CRD; absent is materialize, as there.
-    #[serde(default = "Delivery::unset")]
-    pub delivery: Delivery,
+    /// `runtime` or `materialize`, as in the CRD. Absent is materialize, as there: the file has no
+    /// CREATE event to default it at, and an upgrade must not switch existing files. Start-up warns
+    /// about each config that does not name it (see [`VaultConfigSpec::delivery`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+impl VaultConfigSpec {
+    /// The delivery in force: the named one, else [`Delivery::unset`].
+    pub fn delivery(&self) -> Delivery {
+        self.delivery.unwrap_or_else(Delivery::unset)
+    }
 }
 
 /// Exactly one of `token` or `appRole`.
@@ -468,10 +479,18 @@ mod tests {
             Delivery::Materialize
         );
         let base = "{name: c, host: 'http://v', path: /v1/secret/data/x, resourceBundle: b, auth: {token: {file: /t}}";
-        assert_eq!(local(&format!("{base}}}")).delivery, Delivery::Materialize);
         assert_eq!(
-            local(&format!("{base}, delivery: runtime}}")).delivery,
+            local(&format!("{base}}}")).delivery(),
+            Delivery::Materialize
+        );
+        assert_eq!(local(&format!("{base}}}")).delivery, None);
+        assert_eq!(
+            local(&format!("{base}, delivery: runtime}}")).delivery(),
             Delivery::Runtime
+        );
+        assert_eq!(
+            local(&format!("{base}, delivery: materialize}}")).delivery(),
+            Delivery::Materialize
         );
         assert_eq!(Delivery::default(), Delivery::Runtime);
     }
