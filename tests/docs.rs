@@ -404,6 +404,28 @@ fn check_line(line: &Map<String, Value>, fields: &BTreeMap<String, (String, Stri
     }
 }
 
+/// Starts `command` (the binary) with its production log format and level, stdout piped, and its
+/// stderr (the JSON log) collected line by line until it exits.
+fn spawn_logged(
+    command: &mut Command,
+) -> (std::process::Child, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = command
+        .env_remove("RUST_LOG")
+        .env_remove("SECRETS_WEBHOOK_LOG_FORMAT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
+    (child, log)
+}
+
 /// README "Try it": `serve --dev` with the embedded default, the printed `curl` of
 /// `examples/review-spark-driver.json`; then the process's log, parsed line by line against
 /// `docs/logging.md`.
@@ -412,7 +434,8 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
     let fields = documented_fields();
     assert!(fields.len() > 10, "{fields:?}");
     let certs = tempfile::tempdir().unwrap();
-    let mut child = binary()
+    let mut command = binary();
+    command
         .args([
             "serve",
             "--dev",
@@ -425,20 +448,8 @@ async fn readme_try_it_serves_the_example_and_logs_by_the_documented_schema() {
         ])
         .arg("--dev-cert-dir")
         .arg(certs.path())
-        .env_remove("RUST_LOG")
-        .env_remove("SECRETS_WEBHOOK_LOG_FORMAT")
-        .env_remove("SECRETS_WEBHOOK_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
+        .env_remove("SECRETS_WEBHOOK_CONFIG");
+    let (mut child, log) = spawn_logged(&mut command);
     let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut banner = Vec::new();
     let mut lines = stdout.lines();
@@ -703,7 +714,8 @@ async fn start_up_warns_once_per_local_vault_config_that_names_no_delivery() {
         entry("unnamed-two", ""),
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = binary()
+    let mut command = binary();
+    command
         .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
         .args([
             "--admin-listen",
@@ -714,20 +726,8 @@ async fn start_up_warns_once_per_local_vault_config_that_names_no_delivery() {
         .arg("--dev-cert-dir")
         .arg(tmp.path().join("certs"))
         .arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .env_remove("SECRETS_WEBHOOK_LOG_FORMAT")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = std::thread::spawn(move || {
-        std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
+        .arg(&config);
+    let (mut child, log) = spawn_logged(&mut command);
     // Started: the banner's `curl` line is printed once both ports are bound. Stdout is read to
     // its end (a closed pipe would fail the server's later prints).
     let (started_tx, started_rx) = std::sync::mpsc::channel();
