@@ -266,6 +266,83 @@ async fn unloaded_bundles_fail_closed_until_listed() {
     assert!(secrets_webhook::authz::CheckUse::ready(&ras));
 }
 
+/// A check that arrives before the first listing waits for it (within its deadline) rather than
+/// denying at once: right after start, both the direct and the cached path answer from the bundles.
+#[tokio::test]
+async fn a_check_before_the_first_listing_waits_for_it() {
+    let api = FakeApiServer::start().await;
+    api.put(json!({"apiVersion": "secrets.iomete.com/v1alpha1", "kind": "ResourceBundle",
+        "metadata": {"name": "finance-bundle", "namespace": "iomete-system"},
+        "spec": {"domains": ["finance"],
+                 "grants": [{"subjects": [{"kind": "User", "name": "alice"}], "permissions": ["use"]}]}}));
+    let alice = Identity::new("alice", Vec::new());
+    let finance = Resource::Domain("finance".into());
+    // The watch task has not run yet (single-threaded test runtime): nothing is listed.
+    let ras = RasAuthorizer::in_cluster(api.client(), "iomete-system");
+    assert!(!ras.ready());
+    assert_eq!(
+        ras.check_use(&alice, &finance, soon()).await,
+        Decision::Allow
+    );
+    let cached = CachedAuthorizer::new(
+        RasAuthorizer::in_cluster(api.client(), "iomete-system"),
+        CacheSettings::default(),
+    );
+    assert!(!Authorizer::ready(&cached));
+    assert_eq!(
+        cached.check_use(&alice, &finance, soon()).await,
+        Decision::Allow
+    );
+}
+
+/// RBAC's reason and an authorizer's evaluation error name roles and bindings: they go to the log
+/// for admins (`SubjectAccessReview denied`), never into the denial; a bare denial logs no such line.
+#[tokio::test]
+async fn sar_reasons_and_evaluation_errors_are_logged_for_admins() {
+    support::logs::captured_logs();
+    let api = FakeApiServer::start().await;
+    api.set_sar_responder(|body| match body["spec"]["user"].as_str() {
+        Some("sar-log-reasoned") => {
+            SarAnswer::Deny("RBAC: role.rbac.authorization.k8s.io \"x\" not found".into())
+        }
+        Some("sar-log-failed") => SarAnswer::EvaluationError("authorizer webhook down".into()),
+        _ => SarAnswer::Deny(String::new()),
+    });
+    let sar = SarAuthorizer::new(api.client(), "iomete-system");
+    for user in ["sar-log-reasoned", "sar-log-failed", "sar-log-bare"] {
+        let d = sar
+            .check_use(&Identity::new(user, Vec::new()), &vault_prod(), soon())
+            .await;
+        let Decision::Deny(text) = d else {
+            panic!("{user} must be denied")
+        };
+        assert!(
+            !text.contains("not found") && !text.contains("webhook down"),
+            "{text}"
+        );
+    }
+    let lines = support::logs::parse_lines(&support::logs::captured_text());
+    let logged = |user: &str| {
+        lines
+            .iter()
+            .filter(|l| l["message"] == "SubjectAccessReview denied" && l["user"] == user)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let reasoned = logged("sar-log-reasoned");
+    assert_eq!(reasoned.len(), 1, "{reasoned:?}");
+    assert_eq!(
+        reasoned[0]["reason"],
+        "RBAC: role.rbac.authorization.k8s.io \"x\" not found"
+    );
+    assert_eq!(reasoned[0]["what"], "vault config \"vault-prod-finance\"");
+    let failed = logged("sar-log-failed");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["evaluation_error"], "authorizer webhook down");
+    let bare = logged("sar-log-bare");
+    assert!(bare.is_empty(), "nothing to tell admins: {bare:?}");
+}
+
 // ----- executors: the owner lookup through the real client -----
 
 fn finance_db() -> SecretObject {

@@ -86,20 +86,14 @@ pub trait Authorizer: Send + Sync {
     async fn check_use(&self, who: &Identity, what: &Resource, deadline: Instant) -> Decision;
 
     /// Whether `who` holds `permission` on `what` (the management API asks View and Update too).
-    /// Fails closed; an authorizer that only knows Use denies the others.
+    /// Fails closed. No default: each authorizer answers every permission itself.
     async fn decide(
         &self,
         who: &Identity,
         permission: Permission,
         what: &Resource,
         deadline: Instant,
-    ) -> Decision {
-        match permission {
-            Permission::Use => self.check_use(who, what, deadline).await,
-            _ => AuthzError::Unreachable(format!("this authorizer cannot decide {permission}"))
-                .into_decision(),
-        }
-    }
+    ) -> Decision;
 
     /// False while the authorizer cannot decide yet (e.g. bundles not listed); for `/readyz`.
     fn ready(&self) -> bool {

@@ -43,11 +43,6 @@ impl SarAuthorizer {
         }
     }
 
-    /// The review the webhook sends for one decision on Use.
-    pub fn review_for(&self, who: &Identity, what: &Resource) -> SubjectAccessReview {
-        self.review_for_permission(who, Permission::Use, what)
-    }
-
     /// The review the webhook sends for one decision on `permission`.
     pub fn review_for_permission(
         &self,
