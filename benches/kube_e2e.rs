@@ -6,7 +6,9 @@
 //! - Latency: the same 10-reference Spark driver pod created one at a time, alternately in the
 //!   data-plane namespace (the webhook is called and wires all 10) and in a namespace labelled
 //!   `secrets.iomete.com/webhook=disabled` (the registration's namespaceSelector skips it: the API
-//!   server does everything else the same). Warm: the first `KUBE_BENCH_WARMUP` pairs are dropped.
+//!   server does everything else the same), and in three namespaces with stand-in webhooks: one
+//!   that allows at once without a patch, and two that answer at once with the mutation ours made
+//!   (many operations, or two). Warm: the first `KUBE_BENCH_WARMUP` rounds are dropped.
 //! - Throughput: `KUBE_BENCH_PODS` pods per arm with `KUBE_BENCH_CONCURRENCY` creates in flight.
 //! - Burst: one driver with Vault references, then `KUBE_BENCH_EXECUTORS` executors created at
 //!   once by the driver's ServiceAccount (a TokenRequest token, as Spark's allocator would):
@@ -19,7 +21,7 @@
 //!   Vault reads per key, TokenReviews and pod GETs, the webhook's CPU time and RSS.
 //!   `KUBE_BENCH_ONLY=broker` runs only this part.
 //!
-//! Knobs: KUBE_BENCH_SAMPLES (latency pairs, default 300), KUBE_BENCH_WARMUP (30),
+//! Knobs: KUBE_BENCH_SAMPLES (latency rounds, default 300), KUBE_BENCH_WARMUP (30),
 //! KUBE_BENCH_PODS (300), KUBE_BENCH_CONCURRENCY (16), KUBE_BENCH_EXECUTORS (500).
 
 #[path = "../tests/support/kube_e2e.rs"]
@@ -154,7 +156,8 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
     // Ready: the webhook has seen the store and the bundle.
     let probe = driver_pod(NS, "bench-probe", annotations.clone());
     let until = Instant::now() + Duration::from_secs(30);
-    loop {
+    // The wired probe (a dry run through ours) is also what the replaying stand-ins answer with.
+    let wired: Value = loop {
         let dry = PostParams {
             dry_run: true,
             ..PostParams::default()
@@ -165,7 +168,7 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
                     .unwrap()
                     .contains("secretKeyRef") =>
             {
-                break;
+                break serde_json::to_value(pod).unwrap();
             }
             other => {
                 assert!(
@@ -175,59 +178,32 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-    }
+    };
 
-    // The floor: a webhook that answers "allowed" at once, on HTTP/2 and TLS like ours, called by
-    // the same API server for a third namespace. What any webhook costs the API server is the
-    // difference between it and "not called"; what ours adds on top, between ours and it.
-    let noop = noop_webhook().await;
-    let noop_ns = k.namespace("bench-noop");
-    k.kubectl()
-        .args([
-            "label",
-            "namespace",
-            &noop_ns,
-            "secrets.iomete.com/webhook=disabled",
-            "bench-noop=true",
-        ])
-        .run()
-        .ok();
-    k.apply(&format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: spark, namespace: {noop_ns}}}\n"
-    ));
-    k.apply(
-        &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-            "metadata": {"name": "bench-noop"},
-            "webhooks": [{"name": "noop.bench.test", "admissionReviewVersions": ["v1"],
-                "sideEffects": "None", "failurePolicy": "Fail", "timeoutSeconds": 10,
-                "clientConfig": {"url": noop.url, "caBundle": noop.ca_bundle},
-                "namespaceSelector": {"matchLabels": {"bench-noop": "true"}},
-                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
-                           "resources": ["pods"], "scope": "Namespaced"}]}]})
-        .to_string(),
-    );
-    let floor = Api::<Pod>::namespaced(admin.clone(), &noop_ns);
-    let until = Instant::now() + Duration::from_secs(30);
-    while noop.calls() == 0 {
-        assert!(
-            Instant::now() < until,
-            "the API server never called the no-op webhook"
-        );
-        let pod = driver_pod(&noop_ns, &unique("noop-probe"), json!({}));
-        let _ = floor.create(&PostParams::default(), &pod).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    cleanup(&floor).await;
+    // The floors: stand-in webhooks on HTTP/2 and TLS like ours, called by the same API server,
+    // each for a namespace of its own. `allow` answers "allowed" at once, without a patch: what the
+    // API server spends to call *any* webhook. `replay` answers at once with the mutation ours made
+    // to the probe (its spec and annotations), as a JSON Patch computed from the incoming pod:
+    // what the API server spends to apply and store *this* mutation, whoever computes it. `whole`
+    // makes the same mutation in two operations (replace the spec, the annotations): whether the
+    // number of operations matters.
+    let allow = stand_in(k, &admin, "allow", Answer::Allow).await;
+    let replay = stand_in(k, &admin, "replay", Answer::Diff(Arc::new(wired.clone()))).await;
+    let whole = stand_in(k, &admin, "whole", Answer::Whole(Arc::new(wired))).await;
 
     // Latency, alternating arms.
     let mut lat_with = Vec::new();
     let mut lat_without = Vec::new();
     let mut lat_noop = Vec::new();
+    let mut lat_replay = Vec::new();
+    let mut lat_whole = Vec::new();
     for i in 0..(samples + warmup) {
         for (api, ns, out) in [
             (&with, NS, &mut lat_with),
             (&without, plain_ns.as_str(), &mut lat_without),
-            (&floor, noop_ns.as_str(), &mut lat_noop),
+            (&allow.api, allow.namespace.as_str(), &mut lat_noop),
+            (&replay.api, replay.namespace.as_str(), &mut lat_replay),
+            (&whole.api, whole.namespace.as_str(), &mut lat_whole),
         ] {
             let pod = driver_pod(ns, &format!("lat-{i}"), annotations.clone());
             let started = Instant::now();
@@ -236,15 +212,19 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
             if i >= warmup {
                 out.push(took);
             }
-            if ns == NS {
+            if ns == NS || ns == replay.namespace || ns == whole.namespace {
                 let text = serde_json::to_string(&created).unwrap();
-                assert_eq!(text.matches("secretKeyRef").count(), 10, "not wired");
+                assert_eq!(
+                    text.matches("secretKeyRef").count(),
+                    10,
+                    "not wired in {ns}"
+                );
             }
         }
     }
-    cleanup(&with).await;
-    cleanup(&without).await;
-    cleanup(&floor).await;
+    for api in [&with, &without, &allow.api, &replay.api, &whole.api] {
+        cleanup(api).await;
+    }
 
     // Throughput, one arm after the other, twice (with, without, with, without).
     let mut rate_with = Vec::new();
@@ -275,6 +255,7 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
     };
     let ((p50w, p99w), (p50o, p99o), (p50n, p99n)) =
         (p(&mut lat_with), p(&mut lat_without), p(&mut lat_noop));
+    let ((p50r, p99r), (p50a, p99a)) = (p(&mut lat_replay), p(&mut lat_whole));
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (tw, to) = (mean(&rate_with), mean(&rate_without));
     println!(
@@ -302,21 +283,138 @@ async fn run(k: &'static Cluster, bao_bin: &std::path::Path) {
         "| throughput ({concurrency} in flight, {pods_per_arm} pods x 2 rounds) | {tw:.0} pods/s | | {to:.0} pods/s | ratio {:.2} | | |",
         tw / to
     );
-    let _ = k
-        .kubectl()
-        .args(["delete", "mutatingwebhookconfiguration", "bench-noop"])
-        .run();
+    println!(
+        "\nThe same mutation without our work: stand-ins that answer at once with the patch ours made to the probe.\n"
+    );
+    println!(
+        "| | ours | replayed, many operations | replayed, two operations | ours beyond the replay |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| p50 latency | {p50w:.2} ms | {p50r:.2} ms | {p50a:.2} ms | {:+.2} ms |",
+        p50w - p50r
+    );
+    println!(
+        "| p99 latency | {p99w:.2} ms | {p99r:.2} ms | {p99a:.2} ms | {:+.2} ms |",
+        p99w - p99r
+    );
+    println!(
+        "| patch operations per pod | | {} | 2 | |",
+        replay.ops.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    for name in ["allow", "replay", "whole"] {
+        let _ = k
+            .kubectl()
+            .args([
+                "delete",
+                "mutatingwebhookconfiguration",
+                &format!("bench-{name}"),
+            ])
+            .run();
+    }
 
     burst(k, &admin, bao_bin, executors, concurrency).await;
     broker_burst(k, &admin, bao_bin, executors).await;
 }
 
-/// A mutating webhook that allows every review at once, without a patch: TLS (rustls, a fresh
+/// What a stand-in webhook answers.
+enum Answer {
+    /// "allowed", no patch.
+    Allow,
+    /// "allowed", with a JSON Patch from the incoming pod to one with this pod's spec and
+    /// annotations (`json_patch::diff`: many small operations, like ours).
+    Diff(Arc<Value>),
+    /// The same end state in two operations: replace the spec, set the annotations.
+    Whole(Arc<Value>),
+}
+
+impl Answer {
+    fn patch(&self, object: &Value) -> Option<Value> {
+        let wired = match self {
+            Answer::Allow => return None,
+            Answer::Diff(wired) | Answer::Whole(wired) => wired,
+        };
+        Some(match self {
+            Answer::Whole(_) => json!([
+                {"op": "replace", "path": "/spec", "value": wired["spec"]},
+                {"op": "add", "path": "/metadata/annotations", "value": wired["metadata"]["annotations"]},
+            ]),
+            _ => {
+                let mut target = object.clone();
+                target["spec"] = wired["spec"].clone();
+                target["metadata"]["annotations"] = wired["metadata"]["annotations"].clone();
+                serde_json::to_value(json_patch::diff(object, &target)).unwrap()
+            }
+        })
+    }
+}
+
+/// A stand-in webhook registered for a namespace of its own (labelled so that ours skips it).
+struct StandIn {
+    api: Api<Pod>,
+    namespace: String,
+    /// Patch operations in its last answer.
+    ops: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn stand_in(
+    k: &'static Cluster,
+    admin: &kube::Client,
+    name: &str,
+    answer: Answer,
+) -> StandIn {
+    let webhook = noop_webhook(answer).await;
+    let namespace = k.namespace(&format!("bench-{name}"));
+    k.kubectl()
+        .args([
+            "label",
+            "namespace",
+            &namespace,
+            "secrets.iomete.com/webhook=disabled",
+            &format!("bench-{name}=true"),
+        ])
+        .run()
+        .ok();
+    k.apply(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: spark, namespace: {namespace}}}\n"
+    ));
+    k.apply(
+        &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": format!("bench-{name}")},
+            "webhooks": [{"name": format!("{name}.bench.test"), "admissionReviewVersions": ["v1"],
+                "sideEffects": "None", "failurePolicy": "Fail", "timeoutSeconds": 10,
+                "clientConfig": {"url": webhook.url, "caBundle": webhook.ca_bundle},
+                "namespaceSelector": {"matchLabels": {format!("bench-{name}"): "true"}},
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                           "resources": ["pods"], "scope": "Namespaced"}]}]})
+        .to_string(),
+    );
+    let api = Api::<Pod>::namespaced(admin.clone(), &namespace);
+    let until = Instant::now() + Duration::from_secs(30);
+    while webhook.calls() == 0 {
+        assert!(
+            Instant::now() < until,
+            "the API server never called the {name} stand-in"
+        );
+        let pod = driver_pod(&namespace, &unique("probe"), json!({}));
+        let _ = api.create(&PostParams::default(), &pod).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cleanup(&api).await;
+    StandIn {
+        api,
+        namespace,
+        ops: webhook.ops,
+    }
+}
+
+/// A mutating webhook that answers every review at once with `Answer`: TLS (rustls, a fresh
 /// self-signed certificate for 127.0.0.1) and HTTP/2 or HTTP/1.1 as the API server offers, like ours.
 struct Noop {
     url: String,
     ca_bundle: String,
     calls: Arc<std::sync::atomic::AtomicUsize>,
+    ops: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Noop {
@@ -325,7 +423,7 @@ impl Noop {
     }
 }
 
-async fn noop_webhook() -> Noop {
+async fn noop_webhook(answer: Answer) -> Noop {
     use base64::Engine as _;
     use http_body_util::BodyExt as _;
 
@@ -347,24 +445,38 @@ async fn noop_webhook() -> Noop {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}/mutate", listener.local_addr().unwrap());
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = calls.clone();
+    let ops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (counter, op_count, answer) = (calls.clone(), ops.clone(), Arc::new(answer));
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
-            let counter = counter.clone();
+            let (counter, op_count, answer) = (counter.clone(), op_count.clone(), answer.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let handle = move |request: hyper::Request<hyper::body::Incoming>| {
-                    let counter = counter.clone();
+                    let (counter, op_count, answer) =
+                        (counter.clone(), op_count.clone(), answer.clone());
                     async move {
                         let body = request.into_body().collect().await?.to_bytes();
                         let review: Value = serde_json::from_slice(&body).unwrap_or_default();
                         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let response = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                            "response": {"uid": review["request"]["uid"], "allowed": true}});
+                        let mut response =
+                            json!({"uid": review["request"]["uid"], "allowed": true});
+                        if let Some(patch) = answer.patch(&review["request"]["object"]) {
+                            op_count.store(
+                                patch.as_array().map_or(0, Vec::len),
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            response["patchType"] = json!("JSONPatch");
+                            response["patch"] = json!(
+                                base64::engine::general_purpose::STANDARD.encode(patch.to_string())
+                            );
+                        }
+                        let response = json!({"apiVersion": "admission.k8s.io/v1",
+                            "kind": "AdmissionReview", "response": response});
                         Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
                             hyper::body::Bytes::from(response.to_string()),
                         )))
@@ -385,6 +497,7 @@ async fn noop_webhook() -> Noop {
         url,
         ca_bundle: base64::engine::general_purpose::STANDARD.encode(cert.pem()),
         calls,
+        ops,
     }
 }
 
