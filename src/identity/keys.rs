@@ -292,6 +292,77 @@ mod tests {
     }
 
     #[test]
+    fn signatures_from_unknown_keys_are_told_from_malformed_ones() {
+        let ring = KeyRing::new(K1, None).unwrap();
+        let mac = ring.sign(b"m").split_once('.').unwrap().1.to_string();
+        // A key id is 16 hex digits: only such an id is an unknown key (a rotation's leftover);
+        // anything else is malformed.
+        let unknown = "0123456789abcdef";
+        assert_eq!(
+            ring.verify(&format!("{unknown}.{mac}"), b"m"),
+            Err(SignatureError::UnknownKey(unknown.into()))
+        );
+        for id in ["0123456789abcdeZ", "abcd", "zz", ""] {
+            assert_eq!(
+                ring.verify(&format!("{id}.{mac}"), b"m"),
+                Err(SignatureError::Malformed),
+                "{id}"
+            );
+        }
+    }
+
+    #[test]
+    fn local_keys_are_the_configured_ones_or_a_generated_one() {
+        let config = SigningKeysConfig {
+            current: String::from_utf8(K2.to_vec()).unwrap(),
+            previous: Some(String::from_utf8(K1.to_vec()).unwrap()),
+        };
+        let expected = KeyRing::new(K2, Some(K1)).unwrap();
+        let ring = Keys::local(Some(&config)).unwrap().get().unwrap();
+        assert_eq!(ring.current_id(), expected.current_id());
+        assert_eq!(ring.previous_id(), expected.previous_id());
+        let generated = Keys::local(None).unwrap().get().unwrap();
+        assert_eq!(generated.previous_id(), None);
+        assert_ne!(generated.current_id(), expected.current_id());
+        assert!(
+            Keys::local(Some(&SigningKeysConfig {
+                current: "short".into(),
+                previous: None
+            }))
+            .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_key_file_is_an_error_not_an_absent_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CURRENT_FILE), K1).unwrap();
+        assert_eq!(load_dir(dir.path()).await.unwrap().previous_id(), None);
+        // `previous` that cannot be read (here a directory) must not be taken as "no previous
+        // key": the load fails and the keys in force stay.
+        std::fs::create_dir(dir.path().join(PREVIOUS_FILE)).unwrap();
+        assert!(matches!(
+            load_dir(dir.path()).await,
+            Err(KeyError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn a_key_ring_debugs_as_its_ids_never_its_keys() {
+        let ring = KeyRing::new(K2, Some(K1)).unwrap();
+        let shown = format!("{ring:?}");
+        let ids = format!(
+            "KeyRing {{ current: {:?}, previous: Some({:?}) }}",
+            ring.current_id(),
+            ring.previous_id().unwrap()
+        );
+        assert_eq!(shown, ids);
+        for key in [K1, K2] {
+            assert!(!shown.contains(std::str::from_utf8(&key[..16]).unwrap()));
+        }
+    }
+
+    #[test]
     fn previous_key_verifies_current_key_signs() {
         let old = KeyRing::new(K1, None).unwrap();
         let signed_before = old.sign(b"message");
@@ -354,11 +425,38 @@ mod tests {
 
     #[tokio::test]
     async fn directory_keys_load_reload_and_fail_closed() {
+        // The production log, to tell "not ready" from "keeping the keys in force" (the test
+        // runtime has one thread, so the watch task logs to this subscriber).
+        #[derive(Clone, Default)]
+        struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let sink = buffer.clone();
+        let _log = tracing::subscriber::set_default(crate::server::logs::json_subscriber(
+            tracing_subscriber::EnvFilter::new("info"),
+            move || sink.clone(),
+        ));
+        let logged = || String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+
         let dir = tempfile::tempdir().unwrap();
         let keys = Keys::empty();
         let task = watch_dir(keys.clone(), dir.path().into(), Duration::from_millis(20));
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert!(!keys.ready(), "no key file: not ready");
+        assert!(
+            logged().contains("no signing key: not ready"),
+            "{}",
+            logged()
+        );
+        assert!(!logged().contains("keeping the keys in force"));
 
         std::fs::write(dir.path().join(CURRENT_FILE), K1).unwrap();
         let until = std::time::Instant::now() + Duration::from_secs(5);
@@ -372,6 +470,12 @@ mod tests {
         std::fs::write(dir.path().join(CURRENT_FILE), b"short").unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(keys.get().unwrap().current_id(), first);
+        assert!(
+            logged().contains("keeping the keys in force"),
+            "{}",
+            logged()
+        );
+        assert_eq!(logged().matches("no signing key").count(), 1);
 
         // A rotation is picked up.
         std::fs::write(dir.path().join(CURRENT_FILE), K2).unwrap();

@@ -270,6 +270,14 @@ async fn executor_inherits_its_drivers_stamps() {
         r.may_inherit(&secret(SourceType::Kubernetes, "global", "x"), &naming)
             .is_ok()
     );
+    // Only the global store is free: another domain's store, or a Vault config that happens to be
+    // called `global`, needs the driver's grant like any other reference.
+    for other in [
+        secret(SourceType::Kubernetes, "marketing", "x"),
+        secret(SourceType::Vault, "global", "x"),
+    ] {
+        assert!(r.may_inherit(&other, &naming).is_err(), "{other}");
+    }
     let more = secret(SourceType::Vault, "vault-prod-finance", "s3_secret");
     assert_eq!(
         r.may_inherit(&more, &naming).unwrap_err().to_string(),
@@ -406,6 +414,20 @@ async fn executor_rules_deny_with_clear_messages() {
         .await
         .unwrap_err();
     assert_eq!(e, IdentityError::NoOwner);
+
+    // A controller owner that is not a core/v1 Pod, even with the driver's name and uid: both the
+    // kind and the API version must match.
+    for (api_version, kind) in [("v1", "ReplicaSet"), ("apps/v1", "Pod")] {
+        let mut foreign = executor.clone();
+        for owner in foreign.metadata.owner_references.iter_mut().flatten() {
+            owner.api_version = api_version.into();
+            owner.kind = kind.into();
+        }
+        let e = resolve_exec(&driver_sa(), &foreign, driver(), &keys)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, IdentityError::OwnerNotPod { .. }), "{e}");
+    }
 }
 
 /// Attack: `kubectl create token <driver SA>` stands in for any driver of that account.
@@ -569,4 +591,11 @@ fn audit_annotations_name_identity_and_decision() {
 fn long_warnings_are_cut() {
     let w = short("é".repeat(100));
     assert!(w.len() <= MAX_WARNING && w.ends_with("..."));
+    // As long as the limit allows: at the limit a warning is whole, one byte over it is cut to
+    // the limit (the ellipsis included).
+    let exact = "w".repeat(MAX_WARNING);
+    assert_eq!(short(exact.clone()), exact);
+    let cut = short("w".repeat(MAX_WARNING + 1));
+    assert_eq!(cut.len(), MAX_WARNING);
+    assert_eq!(cut, format!("{}...", "w".repeat(MAX_WARNING - 3)));
 }

@@ -105,11 +105,6 @@ impl TrustedControllers {
         self.matching(username, groups).next().is_some()
     }
 
-    /// Annotations naming the user a pod runs for (ignored from untrusted requesters).
-    pub fn user_annotations(&self) -> &BTreeSet<String> {
-        &self.user_annotations
-    }
-
     /// Annotations naming that user's groups (ignored from untrusted requesters).
     pub fn groups_annotations(&self) -> &BTreeSet<String> {
         &self.groups_annotations
