@@ -51,3 +51,37 @@ impl StoreIndex for LocalStores {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_files_stores_answer_like_the_secrets_would() {
+        let config: StoresConfig = serde_json::from_value(serde_json::json!({
+            "global": ["shared_token"],
+            "domains": {"finance": ["db_password", "api_key"], "empty": []}
+        }))
+        .unwrap();
+        let naming = Naming::default();
+        let stores = LocalStores::new(&config, &naming);
+        assert!(stores.ready(), "fixed at start: ready at once");
+        let global = naming.global_store.as_str();
+        let finance = naming.store_for("finance");
+        for (store, key, expected) in [
+            (global, "shared_token", StoreCheck::Present),
+            (global, "db_password", StoreCheck::MissingKey),
+            (finance.as_str(), "db_password", StoreCheck::Present),
+            (finance.as_str(), "api_key", StoreCheck::Present),
+            (finance.as_str(), "shared_token", StoreCheck::MissingKey),
+            ("iomete-secret-store-empty", "x", StoreCheck::MissingKey),
+            (
+                "iomete-secret-store-marketing",
+                "db_password",
+                StoreCheck::MissingStore,
+            ),
+        ] {
+            assert_eq!(stores.check(store, key), expected, "{store}/{key}");
+        }
+    }
+}
