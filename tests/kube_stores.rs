@@ -155,6 +155,15 @@ async fn relists_after_410_expired_and_drops_stores_deleted_meanwhile() {
             .count()
     };
     assert_eq!(lists(), 1);
+    assert_eq!(
+        watch.stores(),
+        ["iomete-secret-store", "iomete-secret-store-finance"]
+    );
+    assert_eq!(
+        watch.keys("iomete-secret-store-finance"),
+        Some(vec!["api_key".to_string(), "db_password".to_string()])
+    );
+    assert_eq!(watch.keys("iomete-secret-store-hr"), None);
     // Keep the watcher away while the store is deleted and the history is compacted, so the
     // deletion is only visible through a relist.
     api.inject(Fault::status("GET", "/api/v1/namespaces", 500).watches_only());
@@ -178,6 +187,14 @@ async fn relists_after_410_expired_and_drops_stores_deleted_meanwhile() {
         StoreCheck::MissingStore
     );
     assert!(watch.ready(), "stays ready across the relist");
+    assert_eq!(
+        watch.stores(),
+        ["iomete-secret-store", "iomete-secret-store-hr"]
+    );
+    assert_eq!(
+        watch.keys("iomete-secret-store-hr"),
+        Some(vec!["payroll".to_string()])
+    );
 }
 
 #[tokio::test]
